@@ -1,1 +1,1 @@
-"""placeholder"""
+"""DETR model library: plain PyTorch, no Ray or MLflow."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Jobs: the `detr` command line and its entry points (train, evaluate, label, promote, ...)."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Ray Data pipelines: image stores, annotation formats, validation, augmentation, batching."""
