@@ -1,1 +1,35 @@
-"""DETR model library: plain PyTorch, no Ray or MLflow."""
+"""raydetr's model library: DETR in plain PyTorch (no Ray, no MLflow).
+
+The pieces, one module each: `config` (DETRConfig and presets), `backbone`,
+`position_encoding`, `transformer`, `model` (DETR and `build_model`), `matcher`
+(HungarianMatcher), `criterion` (SetCriterion, the losses), `postprocess`
+(PostProcess: detections in pixels), `batching` (pad_images), `checkpoint` (our
+format) and `official` (the official release layout).
+"""
+from .batching import image_sizes_from_mask, pad_images
+from .checkpoint import load_checkpoint, save_checkpoint
+from .coco_categories import COCO_CATEGORIES
+from .config import PRESETS, DETRConfig
+from .criterion import SetCriterion, loss_weights
+from .matcher import HungarianMatcher
+from .model import DETR, build_model
+from .official import from_official, official_state_dict
+from .postprocess import PostProcess
+
+__all__ = [
+    "COCO_CATEGORIES",
+    "DETR",
+    "DETRConfig",
+    "HungarianMatcher",
+    "PRESETS",
+    "PostProcess",
+    "SetCriterion",
+    "build_model",
+    "from_official",
+    "image_sizes_from_mask",
+    "load_checkpoint",
+    "loss_weights",
+    "official_state_dict",
+    "pad_images",
+    "save_checkpoint",
+]

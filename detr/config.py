@@ -1,0 +1,154 @@
+"""`DETRConfig`: the one place where the model's hyper-parameters and their defaults live.
+
+The defaults are the paper's (Carion et al. 2020, and the official implementation's
+`main.py`): ResNet-50, sine positional encoding, a 6+6-layer post-norm transformer of
+width 256 with 8 heads, 100 object queries, auxiliary decoding losses, Hungarian
+matching costs class 1 / L1 5 / GIoU 2 and the same loss weights, no-object weight 0.1.
+
+`num_classes` follows the official rule: it is the **largest category id + 1**, not
+the number of categories. COCO's ids run to 90, so COCO uses 91; a dataset whose
+only category has id 1 uses 2. The classifier has `num_classes + 1` outputs, the
+last being "no object".
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+"""Output channels of each supported backbone's last stage."""
+
+BOTTLENECK_BACKBONES = frozenset({"resnet50", "resnet101"})
+"""Backbones built from bottleneck blocks: the only ones torchvision can dilate (DC5)."""
+
+POSITION_EMBEDDINGS = ("sine", "learned")
+
+
+@dataclass(frozen=True)
+class DETRConfig:
+    """Hyper-parameters of a DETR model, its matcher and its losses."""
+
+    num_classes: int = 91
+    """Largest category id + 1 (COCO: 91). The class head has num_classes + 1 logits."""
+
+    # Backbone
+    backbone: str = "resnet50"
+    dilation: bool = False
+    """Dilate the last ResNet stage instead of striding (the paper's DC5 models)."""
+    train_backbone: bool = True
+    """Train stages 2-4 of the backbone (the stem and stage 1 always stay frozen)."""
+    backbone_weights: str | None = None
+    """Optional path to a torchvision ResNet state dict (e.g. ImageNet weights) loaded at build time."""
+    padding_invariant: bool = True
+    """Compute each image of a padded batch exactly as if it were alone (see `backbone.py`);
+    False reproduces the official implementation, whose features near padding depend on it."""
+
+    # Positional encoding and transformer
+    position_embedding: str = "sine"
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    pre_norm: bool = False
+    num_queries: int = 100
+    aux_loss: bool = True
+    """Supervise every decoder layer (losses suffixed `_0`, `_1`, ...), as the paper does."""
+
+    # Hungarian matcher costs
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+
+    # Loss weights
+    ce_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    eos_coef: float = 0.1
+    """Relative classification weight of the no-object class."""
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ValueError("invalid DETRConfig: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        problems = []
+        if self.backbone not in RESNET_CHANNELS:
+            problems.append(f"backbone {self.backbone!r} is not one of {sorted(RESNET_CHANNELS)}")
+        elif self.dilation and self.backbone not in BOTTLENECK_BACKBONES:
+            problems.append(
+                f"dilation (DC5) needs a bottleneck backbone ({sorted(BOTTLENECK_BACKBONES)}); "
+                f"{self.backbone} uses basic blocks, which torchvision cannot dilate"
+            )
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            problems.append(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
+        if self.num_classes < 1:
+            problems.append(f"num_classes must be >= 1 (largest category id + 1), got {self.num_classes}")
+        for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.enc_layers < 0:
+            problems.append(f"enc_layers must be >= 0, got {self.enc_layers}")
+        if self.nheads >= 1 and self.hidden_dim % self.nheads:
+            problems.append(f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
+        if self.hidden_dim % 2:
+            problems.append(f"hidden_dim must be even for the 2-D positional encoding, got {self.hidden_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
+            problems.append("the matcher costs cannot all be 0")
+        return problems
+
+    @property
+    def backbone_channels(self) -> int:
+        return RESNET_CHANNELS[self.backbone]
+
+    def replace(self, **changes: Any) -> "DETRConfig":
+        """A copy with some fields changed (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form, safe for JSON, YAML, MLflow params and `torch.load(weights_only=True)`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "DETRConfig":
+        """Build from a mapping; unknown keys are an error naming them (typos must not pass silently)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DETRConfig field(s): {unknown}; known fields: {sorted(known)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "DETRConfig":
+        """One of the named presets (see `PRESETS`), optionally with fields overridden."""
+        try:
+            base = PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}") from None
+        return base.replace(**overrides) if overrides else base
+
+
+PRESETS: dict[str, DETRConfig] = {
+    "detr_r50": DETRConfig(),
+    "detr_r50_dc5": DETRConfig(dilation=True),
+    "detr_r101": DETRConfig(backbone="resnet101"),
+    "detr_r101_dc5": DETRConfig(backbone="resnet101", dilation=True),
+    # Small enough to train and test on 2 CPU cores with 64-128 px images.
+    "tiny": DETRConfig(
+        backbone="resnet18",
+        hidden_dim=64,
+        nheads=4,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=128,
+        num_queries=10,
+    ),
+}
+"""Named configurations: the paper's four COCO models and `tiny` for tests."""
+
+__all__ = ["DETRConfig", "PRESETS", "RESNET_CHANNELS", "BOTTLENECK_BACKBONES"]

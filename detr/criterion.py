@@ -1,0 +1,169 @@
+"""The set-prediction loss: Hungarian matching, then per-pair class and box losses.
+
+Loss names are the official implementation's, so users recognise them:
+`loss_ce` (weighted cross-entropy, the no-object class down-weighted by
+`eos_coef`), `loss_bbox` (L1 on normalised cxcywh boxes), `loss_giou`
+(1 - generalised IoU), and the logged-only `class_error` and `cardinality_error`;
+with auxiliary losses, every decoder layer but the last adds the same terms with
+the suffix `_0`, `_1`, ...
+
+Normalisation is global across distributed workers: box losses are divided by
+the number of target boxes averaged over workers (as in the official code), and
+the cross-entropy by the sum of class weights averaged over workers (the official
+code uses each worker's own sum, which differs when workers see different numbers
+of objects). With DDP averaging gradients, N workers with 1/N of the batch each
+then compute exactly the loss and gradients of one worker with the whole batch.
+In a single process both are identical to the official definitions.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from .config import DETRConfig
+from .distributed import all_reduce_mean
+from .matcher import HungarianMatcher, MatchIndices
+
+DEFAULT_LOSSES = ("labels", "boxes", "cardinality")
+
+
+def loss_weights(config: DETRConfig) -> dict[str, float]:
+    """Weight of each loss term in the total loss, including the auxiliary `_i` copies."""
+    base = {"loss_ce": config.ce_loss_coef, "loss_bbox": config.bbox_loss_coef, "loss_giou": config.giou_loss_coef}
+    weights = dict(base)
+    if config.aux_loss:
+        for i in range(config.dec_layers - 1):
+            weights.update({f"{k}_{i}": v for k, v in base.items()})
+    return weights
+
+
+def _src_permutation(indices: MatchIndices) -> tuple[Tensor, Tensor]:
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, src_idx
+
+
+class SetCriterion(nn.Module):
+    """Computes DETR's losses for a batch; `total` combines them with `weight_dict`."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: Mapping[str, float],
+        eos_coef: float = 0.1,
+        losses: Sequence[str] = DEFAULT_LOSSES,
+    ) -> None:
+        super().__init__()
+        unknown = set(losses) - set(DEFAULT_LOSSES)
+        if unknown:
+            raise ValueError(f"unknown loss(es) {sorted(unknown)}; available: {DEFAULT_LOSSES}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.eos_coef = eos_coef
+        self.losses = tuple(losses)
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    @classmethod
+    def from_config(cls, config: DETRConfig) -> "SetCriterion":
+        matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou)
+        return cls(config.num_classes, matcher, loss_weights(config), config.eos_coef)
+
+    # -- individual losses -------------------------------------------------------------
+    def loss_labels(
+        self, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices, norms: dict, log: bool = True
+    ) -> dict[str, Tensor]:
+        logits = outputs["pred_logits"]
+        idx = _src_permutation(indices)
+        matched_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).long()
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[idx] = matched_classes
+        ce_sum = F.cross_entropy(
+            logits.transpose(1, 2).float(), target_classes, self.empty_weight, reduction="sum"
+        )
+        losses = {"loss_ce": ce_sum / norms["ce_weight"]}
+        if log:
+            if matched_classes.numel() == 0:
+                losses["class_error"] = torch.zeros((), device=logits.device)
+            else:
+                correct = (logits[idx].argmax(-1) == matched_classes).float().mean()
+                losses["class_error"] = 100.0 - 100.0 * correct
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(
+        self, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices, norms: dict
+    ) -> dict[str, Tensor]:
+        """Mean absolute error of the number of non-"no object" predictions (logged, not trained)."""
+        logits = outputs["pred_logits"]
+        target_counts = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device, dtype=torch.float)
+        predicted_counts = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        return {"cardinality_error": F.l1_loss(predicted_counts, target_counts)}
+
+    def loss_boxes(
+        self, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices, norms: dict
+    ) -> dict[str, Tensor]:
+        idx = _src_permutation(indices)
+        src_boxes = outputs["pred_boxes"][idx].float()
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0).to(src_boxes)
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="sum")
+        loss_giou = generalized_box_iou_loss(
+            box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), reduction="sum"
+        )
+        return {"loss_bbox": loss_bbox / norms["num_boxes"], "loss_giou": loss_giou / norms["num_boxes"]}
+
+    # -- the whole loss ----------------------------------------------------------------
+    def _normalisers(self, outputs: Mapping, targets: Sequence[Mapping]) -> dict:
+        """Global (all-worker) normalisers of the box and class losses."""
+        logits = outputs["pred_logits"]
+        batch, queries = logits.shape[:2]
+        counts = [len(t["labels"]) for t in targets]
+        matched = sum(min(queries, n) for n in counts)
+        ce_weight = matched + self.eos_coef * (batch * queries - matched)
+        local = torch.tensor([float(sum(counts)), float(ce_weight)], device=logits.device)
+        num_boxes, ce_weight = all_reduce_mean(local).tolist()
+        return {"num_boxes": max(num_boxes, 1.0), "ce_weight": max(ce_weight, 1e-6)}
+
+    def _check_targets(self, outputs: Mapping, targets: Sequence[Mapping]) -> None:
+        if len(targets) != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]} images")
+        for i, t in enumerate(targets):
+            labels = t["labels"]
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"target {i} has label {int(labels.max())}: labels must be in [0, num_classes={self.num_classes}) "
+                    "(num_classes is the largest category id + 1)"
+                )
+
+    def get_loss(self, name: str, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices,
+                 norms: dict, **kwargs) -> dict[str, Tensor]:
+        return getattr(self, f"loss_{name}")(outputs, targets, indices, norms, **kwargs)
+
+    def forward(self, outputs: Mapping, targets: Sequence[Mapping]) -> dict[str, Tensor]:
+        """Unweighted loss terms for `outputs` of the model and per-image `targets`
+        ("labels" [N] int64, "boxes" [N,4] normalised cxcywh)."""
+        self._check_targets(outputs, targets)
+        norms = self._normalisers(outputs, targets)
+        losses: dict[str, Tensor] = {}
+        last = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        indices = self.matcher(last, targets)
+        for name in self.losses:
+            losses.update(self.get_loss(name, last, targets, indices, norms))
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_indices = self.matcher(aux, targets)
+            for name in self.losses:
+                kwargs = {"log": False} if name == "labels" else {}
+                terms = self.get_loss(name, aux, targets, aux_indices, norms, **kwargs)
+                losses.update({f"{k}_{i}": v for k, v in terms.items()})
+        return losses
+
+    def total(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """The training objective: the weighted sum of the loss terms that have a weight."""
+        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)

@@ -1,0 +1,185 @@
+"""Loading (and writing) checkpoints in the official DETR release layout.
+
+An official checkpoint is a dict whose `"model"` entry is the state dict of
+facebookresearch/detr's model (checkpoints saved by its `main.py` also carry
+`"args"`, an `argparse.Namespace`, and optimiser state). Everything the shapes
+reveal is inferred from them: backbone depth, hidden size, encoder and decoder
+layer counts, feed-forward width, query count, class count, pre-norm (a final
+encoder LayerNorm exists) and learned positional encodings (row/column
+embeddings exist). What the shapes cannot reveal comes from `"args"` when the
+file has it, else from the paper's defaults: 8 attention heads, no dilation
+(DC5 checkpoints have exactly the keys of their base model, so pass
+`dilation=True` for them).
+
+Files are read with `torch.load(weights_only=True)`; the only class allowed
+besides tensors and containers is `argparse.Namespace`, a plain attribute bag.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .config import DETRConfig
+from .model import DETR
+
+_RESNET_BY_BLOCKS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+}
+# Official name prefix -> our name prefix. Everything else has the same name in both.
+_KEY_MAP = (
+    ("backbone.0.body.", "backbone.body."),
+    ("backbone.1.", "position_encoding."),
+)
+# Fields that official `args` may carry and that shapes cannot reveal.
+_ARGS_FIELDS = ("nheads", "dilation", "dropout", "aux_loss", "set_cost_class", "set_cost_bbox",
+                "set_cost_giou", "bbox_loss_coef", "giou_loss_coef", "eos_coef")
+
+
+def read_official_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an official checkpoint file without executing pickled code."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{path}: cannot be read as a weights-only DETR checkpoint ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    return obj
+
+
+def _state_dict_of(checkpoint: Mapping[str, Any], where: str) -> dict[str, Tensor]:
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, Mapping) or "query_embed.weight" not in state:
+        if isinstance(state, Mapping) and any(k.startswith("detr.") for k in state):
+            raise ValueError(
+                f"{where}: this is a panoptic (segmentation) DETR checkpoint; raydetr loads the detection "
+                "layout here (keys such as 'query_embed.weight', 'class_embed.weight')"
+            )
+        raise ValueError(
+            f"{where}: not an official DETR checkpoint: expected a dict with a 'model' state dict "
+            "holding 'query_embed.weight', 'class_embed.weight', 'backbone.0.body.*', 'transformer.*'"
+        )
+    return dict(state)
+
+
+def _args_of(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    args = checkpoint.get("args")
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, Mapping):
+        return {}
+    return {k: args[k] for k in _ARGS_FIELDS if k in args}
+
+
+def _layer_count(state: Mapping[str, Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
+    """The `DETRConfig` an official state dict was built with; `fields` fill in or override."""
+    blocks = tuple(_layer_count(state, f"backbone.0.body.layer{i}.") for i in range(1, 5))
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state
+    backbone = _RESNET_BY_BLOCKS.get((blocks, bottleneck))
+    if backbone is None:
+        raise ValueError(f"unsupported backbone: {blocks} blocks per stage (bottleneck={bottleneck})")
+    queries, hidden = state["query_embed.weight"].shape
+    enc_layers = _layer_count(state, "transformer.encoder.layers.")
+    dec_layers = _layer_count(state, "transformer.decoder.layers.")
+    ffn_key = "transformer.decoder.layers.0.linear1.weight"
+    inferred = dict(
+        backbone=backbone,
+        hidden_dim=int(hidden),
+        num_queries=int(queries),
+        enc_layers=enc_layers,
+        dec_layers=dec_layers,
+        dim_feedforward=int(state[ffn_key].shape[0]),
+        pre_norm="transformer.encoder.norm.weight" in state,
+        position_embedding="learned" if "backbone.1.row_embed.weight" in state else "sine",
+        num_classes=int(state["class_embed.weight"].shape[0]) - 1,
+    )
+    inferred.update(fields)
+    return DETRConfig(**inferred)
+
+
+def to_raydetr_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename official state-dict keys to this library's module names."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for official, ours in _KEY_MAP:
+            if key.startswith(official):
+                key = ours + key[len(official):]
+                break
+        out[key] = value
+    return out
+
+
+def official_state_dict(model: DETR) -> dict[str, Tensor]:
+    """The model's weights under the official key names (for tools built on the official repository)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        for official, ours in _KEY_MAP:
+            if key.startswith(ours):
+                key = official + key[len(ours):]
+                break
+        out[key] = value.detach().cpu()
+    return out
+
+
+def from_official(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    dilation: bool | None = None,
+    num_classes: int | None = None,
+    **overrides: Any,
+) -> DETR:
+    """Build a DETR from an official checkpoint (a path, or the already loaded dict).
+
+    `dilation`: True for the DC5 checkpoints (their keys equal the base model's);
+    None takes it from the file's `args` when present, else False.
+    `num_classes`: when it differs from the checkpoint's, the class head is freshly
+    initialised and everything else is loaded (the usual fine-tuning recipe).
+    `overrides`: any other `DETRConfig` field the file cannot tell, e.g. `nheads`
+    (default 8, the paper's) or `dropout` and loss settings for further training.
+    The model treats padding as the official code does (`padding_invariant=False`)
+    unless `padding_invariant=True` is passed, which makes each image of a batch
+    come out exactly as it does alone.
+    Returns the model in eval mode.
+    """
+    where = str(checkpoint) if not isinstance(checkpoint, Mapping) else "checkpoint dict"
+    raw = read_official_file(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
+    state = _state_dict_of(raw, where)
+    # The official model's treatment of padding, unless asked otherwise (see backbone.py).
+    fields = {"padding_invariant": False, **_args_of(raw)}
+    if dilation is not None:
+        fields["dilation"] = dilation
+    fields.update(overrides)
+    config = infer_config(state, **fields)
+    weights = to_raydetr_keys(state)
+    if num_classes is not None and num_classes != config.num_classes:
+        config = config.replace(num_classes=num_classes)
+        weights = {k: v for k, v in weights.items() if not k.startswith("class_embed.")}
+    model = DETR(config)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: weights do not fit the inferred model {config}: {exc}") from exc
+    missing = [k for k in missing if not (k.startswith("class_embed.") and num_classes is not None)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: weights do not fit the inferred model {config}: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    return model.eval()

@@ -1,0 +1,63 @@
+"""From raw model outputs to detections in pixel coordinates.
+
+Scores are the softmax probabilities without the no-object class; each query's
+label is its most probable real class; boxes go from normalised (cx, cy, w, h)
+to absolute (x0, y0, x1, y1) in each image's target size, given as (height,
+width). Without options every query is returned, as in the official code (COCO
+evaluation wants them all); `score_threshold` and `top_k` trim the list for
+labelling and display.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+Detections = dict[str, Tensor]
+"""Per image: "scores" [N] float, "labels" [N] int64, "boxes" [N,4] float xyxy in pixels."""
+
+
+def _as_size_tensor(target_sizes: Tensor | Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    sizes = torch.as_tensor(target_sizes, device=device)
+    if sizes.ndim != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"target_sizes must be [B, 2] (height, width) pairs, got shape {tuple(sizes.shape)}")
+    return sizes
+
+
+class PostProcess(nn.Module):
+    """Turns `pred_logits`/`pred_boxes` into per-image scores, labels and pixel xyxy boxes."""
+
+    def __init__(self, score_threshold: float | None = None, top_k: int | None = None) -> None:
+        super().__init__()
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.score_threshold = score_threshold
+        self.top_k = top_k
+
+    @torch.no_grad()
+    def forward(self, outputs: Mapping[str, Tensor], target_sizes: Tensor | Sequence[Sequence[int]]) -> list[Detections]:
+        """`target_sizes`: [B, 2] of (height, width), the size to express boxes in for each image
+        (the original image size for evaluation)."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        sizes = _as_size_tensor(target_sizes, logits.device)
+        if len(sizes) != len(logits):
+            raise ValueError(f"{len(sizes)} target sizes for a batch of {len(logits)} images")
+        prob = F.softmax(logits.float(), -1)
+        scores, labels = prob[..., :-1].max(-1)
+        img_h, img_w = sizes.unbind(1)
+        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(prob)
+        boxes = box_convert(boxes.float(), "cxcywh", "xyxy") * scale[:, None, :]
+        return [self._select(s, l, b) for s, l, b in zip(scores, labels, boxes)]
+
+    def _select(self, scores: Tensor, labels: Tensor, boxes: Tensor) -> Detections:
+        if self.top_k is not None or self.score_threshold is not None:
+            order = scores.argsort(descending=True)
+            if self.top_k is not None:
+                order = order[: self.top_k]
+            if self.score_threshold is not None:
+                order = order[scores[order] > self.score_threshold]
+            scores, labels, boxes = scores[order], labels[order], boxes[order]
+        return {"scores": scores, "labels": labels, "boxes": boxes}
