@@ -1,0 +1,48 @@
+"""DETRConfig: the paper's defaults, presets, validation and serialisation."""
+import pytest
+
+from detr import PRESETS, DETRConfig
+
+
+def test_defaults_are_the_papers():
+    c = DETRConfig()
+    assert (c.backbone, c.dilation, c.position_embedding) == ("resnet50", False, "sine")
+    assert (c.hidden_dim, c.nheads, c.enc_layers, c.dec_layers, c.dim_feedforward) == (256, 8, 6, 6, 2048)
+    assert (c.dropout, c.pre_norm, c.num_queries, c.aux_loss) == (0.1, False, 100, True)
+    assert (c.set_cost_class, c.set_cost_bbox, c.set_cost_giou) == (1, 5, 2)
+    assert (c.ce_loss_coef, c.bbox_loss_coef, c.giou_loss_coef, c.eos_coef) == (1, 5, 2, 0.1)
+    assert c.num_classes == 91  # COCO: largest category id (90) + 1
+
+
+def test_presets():
+    assert PRESETS["detr_r50"] == DETRConfig()
+    assert PRESETS["detr_r50_dc5"] == DETRConfig(dilation=True)
+    assert PRESETS["detr_r101"].backbone == "resnet101" and not PRESETS["detr_r101"].dilation
+    assert PRESETS["detr_r101_dc5"].backbone == "resnet101" and PRESETS["detr_r101_dc5"].dilation
+    tiny = DETRConfig.preset("tiny", num_classes=4)
+    assert tiny.backbone == "resnet18" and tiny.hidden_dim <= 64 and tiny.num_classes == 4
+    with pytest.raises(ValueError, match="unknown preset"):
+        DETRConfig.preset("detr_r200")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"backbone": "resnet18", "dilation": True}, "dilation"),
+        ({"hidden_dim": 250, "nheads": 8}, "divisible"),
+        ({"num_classes": 0}, "largest category id"),
+        ({"position_embedding": "rope"}, "position_embedding"),
+        ({"backbone": "vgg16"}, "backbone"),
+        ({"set_cost_class": 0, "set_cost_bbox": 0, "set_cost_giou": 0}, "costs"),
+    ],
+)
+def test_invalid_configs_are_rejected_with_a_reason(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DETRConfig(**fields)
+
+
+def test_dict_round_trip_and_unknown_keys():
+    c = DETRConfig.preset("tiny", pre_norm=True, num_classes=7)
+    assert DETRConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="hiden_dim"):
+        DETRConfig.from_dict({**c.to_dict(), "hiden_dim": 3})
