@@ -1,0 +1,105 @@
+"""One training step and batched prediction, in plain PyTorch.
+
+These are the inner loops every caller shares: the Ray Train worker, the
+benchmarks and the tests. A training step takes one or more micro-batches
+(gradient accumulation), runs them under optional autocast, back-propagates the
+weighted loss, clips the global gradient norm and steps the optimiser; with DDP
+the gradients are synchronised only on the last micro-batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .criterion import SetCriterion
+from .optim import clip_gradients
+from .postprocess import Detections, PostProcess
+
+Batch = tuple[Tensor, Tensor, Sequence[Mapping[str, Tensor]]]
+"""(images [B,3,H,W], mask [B,H,W], targets) as the data pipeline's collate function produces."""
+
+
+def move_batch(batch: Batch, device: torch.device) -> Batch:
+    images, mask, targets = batch
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]
+    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(
+    model: nn.Module,
+    criterion: SetCriterion,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[Batch],
+    clip_max_norm: float = 0.1,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """One optimiser step over `micro_batches`; returns the mean of every loss term, `loss` and `grad_norm`.
+
+    Raises FloatingPointError (naming the terms) when the loss is not finite, rather
+    than letting NaN weights spread into checkpoints.
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    device = next(model.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    n = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        images, mask, targets = move_batch(batch, device)
+        sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(device, autocast_dtype):
+                outputs = model(images, mask)
+            losses = criterion(outputs, targets)
+            total = criterion.total(losses)
+            if not math.isfinite(total.item()):
+                terms = {k: round(v.item(), 4) for k, v in losses.items()}
+                raise FloatingPointError(f"loss is {total.item()}; terms: {terms}")
+            (total / n).backward()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.item() / n
+        sums["loss"] = sums.get("loss", 0.0) + total.item() / n
+    sums["grad_norm"] = float(clip_gradients(model, clip_max_norm))
+    optimizer.step()
+    return sums
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    postprocess: PostProcess | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[int, Detections]:
+    """Detections for every image of `batches`, in the original image's pixels, keyed by image id.
+
+    Each target must carry "image_id" and "orig_size" (height, width), as the data
+    pipeline's evaluation batches do.
+    """
+    postprocess = postprocess or PostProcess()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: dict[int, Detections] = {}
+    try:
+        for batch in batches:
+            images, mask, targets = move_batch(batch, device)
+            with _autocast(device, autocast_dtype):
+                outputs = model(images, mask)
+            sizes = torch.stack([torch.as_tensor(t["orig_size"], device=device) for t in targets])
+            for t, det in zip(targets, postprocess(outputs, sizes)):
+                results[int(t["image_id"])] = {k: v.cpu() for k, v in det.items()}
+    finally:
+        model.train(was_training)
+    return results
