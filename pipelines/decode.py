@@ -201,3 +201,31 @@ def orient_boxes(
             boxes = F.rotate(boxes, angle=float(op[3:]), expand=True)
     # Rotations by multiples of 90 degrees are exact up to float rounding of cos/sin.
     return np.round(boxes.as_subclass(torch.Tensor).numpy().astype(np.float64), 4)
+
+
+def probe_image(data: bytes, name: str = "") -> tuple[tuple[int, int], int]:
+    """((height, width) as stored, EXIF orientation) from the header only, without decoding pixels.
+
+    Raises PipelineError(zero_byte | not_an_image | decode_error) like `decode_image`.
+    """
+    label = name or "<bytes>"
+    if not data:
+        raise E.PipelineError(E.ZERO_BYTE, f"{label}: file is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        try:
+            orientation = int(img.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+        except Exception:
+            orientation = 1
+    except UnidentifiedImageError:
+        reason = E.DECODE_ERROR if data.startswith(_IMAGE_SIGNATURES) else E.NOT_AN_IMAGE
+        raise E.PipelineError(reason, f"{label}: cannot read the image header") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise E.PipelineError(E.DECODE_ERROR, f"{label}: {type(exc).__name__}: {exc}") from None
+    return (height, width), (orientation if orientation in range(1, 9) else 1)
+
+
+def display_size(stored_size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(height, width) after applying the EXIF orientation (5..8 swap the axes)."""
+    return (stored_size[1], stored_size[0]) if orientation in (5, 6, 7, 8) else tuple(stored_size)
