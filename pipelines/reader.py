@@ -16,7 +16,7 @@ from pipelines.records import records_table
 from pipelines.sources.base import Source, iter_unit_records
 from pipelines.sources.parquet import shard_files, shards_to_records
 
-ROWS_PER_BLOCK = 64
+ROWS_PER_BLOCK = 16
 
 
 def _read_units(batch: pa.Table, rows_per_block: int) -> Iterator[pa.Table]:
@@ -37,12 +37,16 @@ def read_source(source: Source, rows_per_block: int = ROWS_PER_BLOCK):
 
     if source.kind == "parquet":
         files = shard_files(source.path)
-        return ray.data.read_parquet(files).map_batches(shards_to_records, batch_format="pyarrow", batch_size=rows_per_block)
-    if not source.units:
+        ds = ray.data.read_parquet(files).map_batches(shards_to_records, batch_format="pyarrow")
+    elif not source.units:
         return ray.data.from_arrow(records_table([]))
-    units = ray.data.from_items(
-        [{"unit": pickle.dumps(u)} for u in source.units], override_num_blocks=len(source.units)
-    )
-    return units.map_batches(
-        _read_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"rows_per_block": rows_per_block}
-    )
+    else:
+        units = ray.data.from_items(
+            [{"unit": pickle.dumps(u)} for u in source.units], override_num_blocks=len(source.units)
+        )
+        ds = units.map_batches(
+            _read_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"rows_per_block": rows_per_block}
+        )
+    # Ray merges a task's small outputs into large blocks; small blocks of records are what
+    # spreads decoding and augmentation over many parallel tasks (streaming, no shuffle).
+    return ds.repartition(target_num_rows_per_block=rows_per_block)

@@ -159,7 +159,7 @@ def apply_transform(
     `size` (h, w). With `seed`, torch's global generator is forked so the caller's
     random state is untouched.
     """
-    img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+    img = tv_tensors.Image(torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1))
     h, w = img.shape[-2:]
     boxes = tv_tensors.BoundingBoxes(
         torch.as_tensor(np.asarray(boxes_xywh, dtype=np.float32).reshape(-1, 4)), format="XYWH", canvas_size=(h, w)
