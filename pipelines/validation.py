@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from typing import Collection
 
 import numpy as np
-import torch
-from torchvision.ops import box_convert, clip_boxes_to_image
 
 from pipelines import errors as E
 
@@ -46,6 +44,9 @@ def check_annotations(
     known_categories: Collection[int] | None,
 ) -> CheckedAnnotations:
     """Validate and clip one image's annotations; see the module docstring for the rules."""
+    import torch
+    from torchvision.ops import box_convert, clip_boxes_to_image
+
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     n = len(boxes)
     category_ids = np.asarray(category_ids, dtype=np.int64).reshape(-1)
