@@ -35,7 +35,8 @@ def collate_samples(
     """Samples (see pipelines.samples) -> images float32 [B,3,H,W] normalised and zero-padded
     bottom/right, mask bool [B,H,W] True on padding, and one target dict per image."""
     rows = _rows(batch)
-    images = [normalize_image(torch.as_tensor(np.asarray(r["image"])), tuple(mean), tuple(std)) for r in rows]
+    images = [normalize_image(torch.from_numpy(np.require(r["image"], requirements=["C", "W"])), tuple(mean), tuple(std))
+              for r in rows]
     padded, mask = pad_images(images, size_divisibility=size_divisibility)
     targets = []
     for r in rows:
