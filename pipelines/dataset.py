@@ -56,6 +56,9 @@ def _prepare_batch(
     limits: DecodeLimits,
     collector: ErrorCollector | None,
 ) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # one Ray CPU per task: intra-op threads would only oversubscribe the cores
     transform = _cached_transform(config, train)
     execution = current_execution_index()
     samples, errors, summary = [], [], RunSummary()
