@@ -15,11 +15,13 @@ import contextlib
 import copy
 import io
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
 
 from .postprocess import Detections
 
@@ -82,3 +84,35 @@ def evaluate_coco(
             p = precision[:, :, k, 0, -1]
             per_class[int(cat_id)] = float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
     return {**stats, "per_class": per_class, "num_images": len(image_ids)}
+
+
+def coco_ground_truth(targets: Sequence[Mapping[str, Any]], categories: Sequence[Mapping[str, Any]] | None = None
+                      ) -> dict[str, Any]:
+    """A COCO ground-truth dict rebuilt from evaluation targets (as the data pipeline makes them).
+
+    Each target holds "image_id", "orig_size" (h, w), "size" (h, w after the evaluation
+    resize), "labels", normalised cxcywh "boxes" and "area" at "size"; boxes and areas
+    are mapped back to the original image's pixels. Duplicate image ids (a target seen
+    twice) are kept once. Categories default to the labels present.
+    """
+    images, annotations, seen = [], [], set()
+    for t in targets:
+        image_id = int(t["image_id"])
+        if image_id in seen:
+            continue
+        seen.add(image_id)
+        oh, ow = (int(v) for v in torch.as_tensor(t["orig_size"]).tolist())
+        sh, sw = (int(v) for v in torch.as_tensor(t.get("size", t["orig_size"])).tolist())
+        images.append({"id": image_id, "height": oh, "width": ow})
+        boxes = torch.as_tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4)
+        boxes = box_convert(boxes * torch.tensor([ow, oh, ow, oh], dtype=torch.float64), "cxcywh", "xywh")
+        areas = torch.as_tensor(t.get("area", boxes[:, 2] * boxes[:, 3]), dtype=torch.float64).reshape(-1)
+        scale = (oh * ow) / max(sh * sw, 1)
+        crowd = torch.as_tensor(t.get("iscrowd", torch.zeros(len(boxes))), dtype=torch.int64).reshape(-1)
+        for box, label, area, iscrowd in zip(boxes.tolist(), torch.as_tensor(t["labels"]).tolist(),
+                                            (areas * scale).tolist(), crowd.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                "bbox": box, "area": area, "iscrowd": int(iscrowd)})
+    if categories is None:
+        categories = [{"id": c, "name": str(c)} for c in sorted({a["category_id"] for a in annotations})]
+    return {"images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}

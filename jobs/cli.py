@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-dataset": ("jobs.make_dataset", "generate a synthetic COCO dataset of shapes"),
     "ingest": ("jobs.ingest", "validate a source and write sharded Parquet with an errors table"),
     "convert": ("jobs.convert", "convert YOLO or Pascal VOC annotations to COCO JSON"),
+    "train": ("jobs.train", "train DETR on a Ray cluster (Ray Train), tracked in MLflow"),
 }
 
 

@@ -6,6 +6,8 @@ import tempfile
 
 import pytest
 
+pytest_plugins = ("mlflow_fixtures",)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -22,9 +24,10 @@ def ray_cluster():
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="raytest-")
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
+        head_node_args={"num_cpus": 2, "include_dashboard": False},
     )
-    cluster.add_node(num_cpus=1)
+    # Logical CPUs: 2 per node, so two training workers and Ray Data's tasks fit together.
+    cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
     try:

@@ -84,3 +84,18 @@ def test_predict_keys_by_image_id_and_scales_to_the_original_size():
     assert sorted(results) == [1, 2] and results[1]["boxes"].shape == (3, 4)
     assert results[1]["boxes"][:, 2].max() <= 160 + 1e-3 and results[2]["boxes"][:, 3].max() <= 72 + 1e-3
     assert model.training is False
+
+
+def test_ground_truth_rebuilt_from_evaluation_targets_matches_the_original():
+    from detr.evaluation import coco_ground_truth
+
+    # Image 1 was 80x100 (h, w), evaluated at 160x200: the box 10,10,30x20 is normalised by the resized size.
+    target = {"image_id": torch.tensor(1), "orig_size": torch.tensor([80, 100]), "size": torch.tensor([160, 200]),
+              "labels": torch.tensor([1]), "boxes": torch.tensor([[0.25, 0.25, 0.3, 0.25]]),
+              "area": torch.tensor([2400.0]), "iscrowd": torch.tensor([0])}
+    gt = coco_ground_truth([target, target], categories=GT["categories"])
+    assert gt["images"] == [{"id": 1, "height": 80, "width": 100}]
+    (ann,) = gt["annotations"]
+    assert ann["bbox"] == pytest.approx([10, 10, 30, 20]) and ann["area"] == pytest.approx(600)
+    result = evaluate_coco(gt, {1: det([10, 10, 40, 30], 0.9, 1)})
+    assert result["AP"] == pytest.approx(1.0)

@@ -1,0 +1,93 @@
+"""Where a model comes from: one resolver for every job's `--model` / `init_from` argument.
+
+Accepted forms:
+
+- a raydetr checkpoint file (`model.pt` from training, or `detr checkpoint` output);
+- an official DETR checkpoint file (facebookresearch/detr release layout);
+- a registered model in MLflow: `models:/NAME@ALIAS` or `models:/NAME/VERSION`;
+- an MLflow logged model (`models:/m-...`) or run artifact (`runs:/RUN_ID/model`).
+
+MLflow models are downloaded once into a local cache folder and their raydetr
+checkpoint (logged as the pyfunc's `checkpoint` artifact) is used; the registry's
+name, version and run id travel along so outputs can say which model made them.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A local checkpoint file plus the identity of the model it came from."""
+
+    checkpoint: str
+    name: str
+    version: str = ""
+    run_id: str = ""
+    uri: str = ""
+
+
+def is_mlflow_uri(spec: str) -> bool:
+    return spec.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+
+
+def _find_checkpoint(directory: Path) -> Path:
+    """The raydetr checkpoint inside a downloaded pyfunc model folder."""
+    candidates = sorted(p for p in directory.rglob("*") if p.is_file() and p.parent.name == "artifacts")
+    if not candidates:
+        candidates = sorted(directory.rglob("model.pt"))
+    if not candidates:
+        raise FileNotFoundError(f"{directory}: no raydetr checkpoint artifact in this MLflow model")
+    return candidates[0]
+
+
+def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | None = None) -> ResolvedModel:
+    """Turn a model argument into a local checkpoint path (downloading MLflow models)."""
+    if not is_mlflow_uri(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model {spec!r}: no such file, and not an MLflow URI (models:/..., runs:/...)")
+        return ResolvedModel(checkpoint=str(path.resolve()), name=path.stem, uri=str(path.resolve()))
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    name, version, run_id = spec, "", ""
+    if match := _ALIAS_URI.match(spec):
+        mv = client.get_model_version_by_alias(match["name"], match["alias"])
+        name, version, run_id = mv.name, str(mv.version), mv.run_id or ""
+    elif match := _VERSION_URI.match(spec):
+        mv = client.get_model_version(match["name"], match["version"])
+        name, version, run_id = mv.name, str(mv.version), mv.run_id or ""
+    elif spec.startswith("runs:/"):
+        run_id = spec.split("/")[1]
+    target = Path(cache_dir or tempfile.mkdtemp(prefix="raydetr-model-"))
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target / key),
+                                                      tracking_uri=uri))
+    checkpoint = local if local.is_file() else _find_checkpoint(local)
+    return ResolvedModel(checkpoint=str(checkpoint), name=name, version=version, run_id=run_id, uri=spec)
+
+
+def load_resolved(model: ResolvedModel):
+    """(DETR model in eval mode, metadata) from a resolved model: ours or the official layout."""
+    from detr.checkpoint import is_raydetr_checkpoint, load_checkpoint
+    from detr.coco_categories import coco_category_list
+    from detr.official import from_official, read_official_file
+
+    raw = read_official_file(model.checkpoint)
+    if is_raydetr_checkpoint(raw):
+        return load_checkpoint(raw)
+    detector = from_official(raw)
+    categories = coco_category_list() if detector.config.num_classes == 91 else None
+    return detector, {"categories": categories, "source": "official"}

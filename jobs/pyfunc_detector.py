@@ -1,0 +1,63 @@
+"""The MLflow pyfunc model of a raydetr detector (an MLflow "model from code" file).
+
+`mlflow.pyfunc.load_model(uri).predict(df)` takes a DataFrame with, per row, an
+image as a file path or URI (column `path`) or as encoded bytes (column `image`),
+and returns one row per input row: `boxes` (xyxy in the image's pixels),
+`scores`, `labels` (category ids), `label_names`, `width`, `height`, and
+`error` (empty, or why the image could not be read: the other rows still come
+back). Params: `score_threshold` (default 0.5) and `top_k` (default 100).
+MLflow executes this file when it loads the model; the weights, categories and
+preprocessing come from the raydetr checkpoint logged with it as an artifact.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+
+class DetectorPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pipelines.inference import Detector
+
+        self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from pipelines.decode import decode_image
+        from pipelines.errors import PipelineError
+        from pipelines.storage import read_bytes
+
+        params = params or {}
+        threshold = float(params.get("score_threshold", 0.5))
+        top_k = int(params.get("top_k", 100))
+        rows = []
+        for _, row in model_input.iterrows():
+            out = {"boxes": [], "scores": [], "labels": [], "label_names": [], "width": 0, "height": 0, "error": ""}
+            path = row.get("path") if "path" in row else None
+            data = row.get("image") if "image" in row else None
+            try:
+                if data is None or (isinstance(data, float) and pd.isna(data)):
+                    if not isinstance(path, str) or not path:
+                        raise ValueError("row has neither an `image` (bytes) nor a `path`")
+                    data = read_bytes(path)
+                decoded = decode_image(bytes(data), path if isinstance(path, str) else "")
+                det = self.detector.detect([decoded.array])[0]
+                keep = det["scores"] > threshold
+                order = det["scores"][keep].argsort(descending=True)[:top_k]
+                labels = det["labels"][keep][order].tolist()
+                out.update(
+                    boxes=det["boxes"][keep][order].tolist(),
+                    scores=det["scores"][keep][order].tolist(),
+                    labels=labels,
+                    label_names=[self.detector.label_name(label) for label in labels],
+                    width=decoded.width,
+                    height=decoded.height,
+                )
+            except (PipelineError, OSError, ValueError) as exc:
+                out["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(out)
+        return pd.DataFrame(rows, columns=["boxes", "scores", "labels", "label_names", "width", "height", "error"])
+
+
+mlflow.models.set_model(DetectorPyfunc())

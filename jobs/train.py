@@ -1,0 +1,268 @@
+"""Train DETR on a Ray cluster with Ray Train, tracked in MLflow.
+
+    detr train --config train.yaml [--set schedule.epochs=50 --set scaling.num_workers=4 ...]
+    python -m jobs.train --config train.yaml        # the same, as a Ray job entry point
+
+The driver checks the MLflow store (a store that is down fails the job at once),
+builds the streaming train/val datasets with the data pipeline, resolves
+`init_from` weights (official DETR checkpoint, raydetr checkpoint or MLflow
+model), starts a `TorchTrainer` (DDP over gloo on CPU, NCCL on GPU), and when
+training ends logs the best checkpoint as an MLflow pyfunc model (registered as
+a new version when `tracking.registered_model` is set) with images of its
+detections. Re-running with the same `storage.path` and `storage.run_name`
+resumes from the latest checkpoint and continues the same MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.cli import module_main
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or TOML job config (see jobs/train_config.py)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set schedule.epochs=10 (repeatable)")
+    parser.add_argument("--init-from", help="start from these weights: official or raydetr checkpoint, "
+                        "or an MLflow model URI (models:/name@alias, runs:/id/model)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    checkpoint_dir: str
+    metrics: dict[str, Any]
+    model_uri: str | None
+    registered_version: str | None
+    storage_path: str
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="warning",
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+
+
+def _run_name(config) -> str:
+    return config.storage.run_name or f"detr-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _mlflow_run(config, tracking_uri: str, run_dir: str):
+    """Continue the run recorded in the storage folder (a resumed job), or start one."""
+    from jobs.tracking import TrackedRun
+    from pipelines import storage
+
+    marker = storage.join(run_dir, "mlflow_run.json")
+    if storage.exists(marker):
+        recorded = json.loads(storage.read_text(marker))
+        if recorded.get("tracking_uri") == tracking_uri:
+            run = TrackedRun(tracking_uri, recorded["run_id"])
+            run.resume()
+            return run, True
+    run = TrackedRun.start(tracking_uri, config.tracking.experiment, config.tracking.run_name or os.path.basename(run_dir),
+                           tags={"raydetr.job": "train"})
+    storage.write_bytes_atomic(marker, json.dumps({"run_id": run.run_id, "tracking_uri": tracking_uri}).encode())
+    return run, False
+
+
+def _init_state(spec: str | None, model_config, tracking_uri: str) -> dict | None:
+    """Weights to start from, with the class head dropped when the class count differs."""
+    if not spec:
+        return None
+    from jobs.model_sources import load_resolved, resolve_model
+
+    model, _ = load_resolved(resolve_model(spec, tracking_uri))
+    state = model.state_dict()
+    if model.config.num_classes != model_config.num_classes:
+        state = {k: v for k, v in state.items() if not k.startswith("class_embed.")}
+    return state
+
+
+def _use_gpu(config) -> bool:
+    import ray
+
+    if config.scaling.use_gpu is not None:
+        return config.scaling.use_gpu
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _best_checkpoint(result):
+    """The checkpoint with the best validation AP, else the latest."""
+    best = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get("val_AP") == m.get("val_AP")]
+    if best:
+        return max(best, key=lambda cm: cm[1]["val_AP"])
+    return result.checkpoint, result.metrics or {}
+
+
+def _log_detection_images(run, detector_checkpoint: str, val_source: str | None, val_images: str | None,
+                          count: int, directory: str) -> None:
+    """PNG previews of the final model's detections on the first validation images."""
+    if not val_source or count <= 0:
+        return
+    from pipelines.decode import decode_image
+    from pipelines.drawing import draw_detections
+    from pipelines.inference import Detector
+    from pipelines.loading import read_record_bytes
+    from pipelines.sources import open_source
+
+    detector = Detector.from_checkpoint(detector_checkpoint)
+    source = open_source(val_source, images=val_images)
+    written = 0
+    for record in source.iter_records():
+        if written >= count:
+            break
+        try:
+            decoded = decode_image(read_record_bytes(record), str(record.get("key", "")))
+        except Exception:  # noqa: BLE001 - a preview is best effort; bad images are in the errors table
+            continue
+        detections = detector.detect([decoded.array])[0]
+        path = os.path.join(directory, f"detections_{written:02d}.png")
+        draw_detections(decoded.array, detections, detector.label_name).save(path)
+        run.log_artifact(path, "detections")
+        written += 1
+
+
+def train(config, *, address: str | None = None, pid_dir: str | None = None) -> TrainResult:
+    """Run a training job end to end; returns where everything went."""
+    import ray
+    import yaml
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.config_files import flatten, to_plain
+    from jobs.mlflow_model import log_detector_model
+    from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
+    from jobs.train_loop import MODEL_FILE, train_loop_per_worker
+    from pipelines import storage
+    from pipelines.dataset import build_detection_dataset
+    from pipelines.inference import transforms_to_metadata
+    from pipelines.sources import open_source
+    from pipelines.transforms import TransformsConfig
+
+    config = config.resolved()
+    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    ensure_tracking_available(tracking_uri)
+    _ensure_ray(address)
+
+    transforms = TransformsConfig.preset(config.data.transforms)
+    window = config.data.batch_size * 8 if config.data.aspect_ratio_grouping else 0
+    train_data = build_detection_dataset(open_source(config.data.train, images=config.data.train_images),
+                                         train=True, transforms=transforms, seed=config.schedule.seed,
+                                         group_aspect_ratio_window=window)
+    datasets = {"train": train_data.dataset}
+    val_data = None
+    if config.data.val:
+        val_data = build_detection_dataset(open_source(config.data.val, images=config.data.val_images),
+                                           train=False, transforms=transforms, seed=config.schedule.seed)
+        datasets["val"] = val_data.dataset
+    categories = train_data.categories or []
+    num_classes = max((int(c["id"]) for c in categories), default=0) + 1
+    model_config = config.model_config(num_classes=max(num_classes, 2))
+
+    run_name = _run_name(config)
+    run_dir = storage.join(config.storage.path, run_name)
+    run, resumed = _mlflow_run(config, tracking_uri, run_dir)
+    print(f"MLflow run {run.run_id} ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
+    plain = to_plain(config)
+    run.log_params({**{f"job.{k}": v for k, v in flatten(plain).items()},
+                    **{f"model.{k}": v for k, v in model_config.to_dict().items()}})
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = os.path.join(tmp, "train_config.yaml")
+        with open(config_path, "w") as f:
+            yaml.safe_dump({**plain, "model": {**plain["model"], **model_config.to_dict()}}, f, sort_keys=False)
+        run.log_artifact(config_path)
+
+    metadata = {
+        "categories": [dict(c) for c in categories],
+        "transforms": transforms_to_metadata(transforms),
+        "train_source": config.data.train,
+        "mlflow_run_id": run.run_id,
+    }
+    loop_config = {
+        "job": plain,
+        "model_config": model_config.to_dict(),
+        "metadata": metadata,
+        "tracking_uri": tracking_uri,
+        "run_id": run.run_id,
+        "init_state": _init_state(config.init_from, model_config, tracking_uri),
+        "pid_dir": pid_dir,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=_use_gpu(config),
+                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=config.storage.path,
+            failure_config=FailureConfig(max_failures=config.storage.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.storage.keep_checkpoints,
+                                               checkpoint_score_attribute="val_AP", checkpoint_score_order="max"),
+            # Plain prints in workers (pycocotools' summary is silenced with redirect_stdout).
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        run.finish("FAILED")
+        raise
+
+    checkpoint, best_metrics = _best_checkpoint(result)
+    errors = (train_data.errors.errors() if train_data.errors else []) + (
+        val_data.errors.errors() if val_data and val_data.errors else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        local = checkpoint.to_directory(os.path.join(tmp, "best"))
+        model_path = os.path.join(local, MODEL_FILE)
+        if errors:
+            from pipelines.errors import write_errors_table
+
+            table = write_errors_table(errors, storage.join(run_dir, "errors.parquet"))
+            run.log_artifact(write_errors_table(errors, os.path.join(tmp, "errors.parquet")), "data")
+            print(f"{len(errors)} bad records quarantined in {table}", flush=True)
+        tags = {"raydetr.train_run_id": run.run_id, "raydetr.train_source": config.data.train,
+                **{f"raydetr.{k}": v for k, v in best_metrics.items() if k.startswith("val_") and v == v}}
+        info = log_detector_model(tracking_uri, run.run_id, model_path,
+                                  registered_model_name=config.tracking.registered_model, tags=tags)
+        _log_detection_images(run, model_path, config.data.val, config.data.val_images,
+                              config.schedule.log_images, tmp)
+    run.finish()
+    version = getattr(info, "registered_model_version", None)
+    return TrainResult(run.run_id, tracking_uri, checkpoint.path, dict(best_metrics), info.model_uri,
+                       str(version) if version is not None else None, run_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.train_config import load_train_config
+
+    config = load_train_config(args.config, args.overrides)
+    if args.init_from:
+        config = dataclasses.replace(config, init_from=args.init_from)
+    result = train(config, address=args.address)
+    ap = result.metrics.get("val_AP")
+    print(f"training finished: MLflow run {result.run_id}; best checkpoint {result.checkpoint_dir}")
+    if ap is not None and ap == ap:
+        print(f"validation AP {ap:.4f}, AP50 {result.metrics.get('val_AP50', float('nan')):.4f}")
+    print(f"model: {result.model_uri}" + (f" (registered version {result.registered_version})"
+                                          if result.registered_version else ""))
+    print(f"see it: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(module_main(sys.modules[__name__]))

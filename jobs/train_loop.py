@@ -1,0 +1,307 @@
+"""What each Ray Train worker runs: the DETR training loop with checkpoints, validation and MLflow.
+
+Per epoch every worker iterates its shard of the training dataset (batches from
+the data pipeline's collate function), runs `detr.engine.train_step` under DDP,
+and at the end of the epoch:
+
+1. validates when due: every worker predicts on its shard of the validation set,
+   rank 0 gathers all predictions and ground truth and computes COCO AP once;
+2. rank 0 writes a checkpoint (model in raydetr's format + optimiser, scheduler,
+   epoch, step and RNG states) and every worker calls `ray.train.report`, so Ray
+   keeps the best checkpoints by validation AP and restarts a failed worker group
+   from the latest one;
+3. rank 0 logs the epoch's metrics to the job's MLflow run. A resumed run never
+   logs a step twice: it starts after the last step MLflow already holds.
+
+Workers stay in lock step even when their shards differ in length: before each
+step they agree (one all-reduce) to stop as soon as any of them runs out.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from detr import SetCriterion, build_model, save_checkpoint
+from detr.checkpoint import unwrap_model
+from detr.config import DETRConfig
+from detr.engine import predict, train_step
+from detr.evaluation import coco_ground_truth, evaluate_coco
+from detr.optim import build_lr_scheduler, build_optimizer
+from jobs.config_files import build_dataclass
+from jobs.train_config import TrainJobConfig
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+VAL_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100")
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random states in a form `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_have_batch(has_batch: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1 if has_batch else 0], device=device)
+    if _distributed():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _sum_across_workers(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if _distributed():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather_to_rank0(obj: Any, world_size: int, rank: int) -> list[Any] | None:
+    if not _distributed():
+        return [obj]
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+class EpochMetrics:
+    """Running averages of the step metrics, flushed every `every` steps into logged rows."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.window: dict[str, float] = {}
+        self.window_steps = 0
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+            self.totals[k] = self.totals.get(k, 0.0) + v
+        self.window_steps += 1
+        self.steps += 1
+        if self.window_steps == self.every:
+            self.rows.append((step, {f"train_{k}": v / self.window_steps for k, v in self.window.items()}))
+            self.window, self.window_steps = {}, 0
+
+    def epoch_means(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.totals.items()}
+
+
+class Trainer:
+    """State of one worker's training run (built from the train_loop_config dict)."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.job: TrainJobConfig = build_dataclass(TrainJobConfig, loop_config["job"])
+        self.model_config = DETRConfig.from_dict(loop_config["model_config"])
+        self.metadata: dict[str, Any] = loop_config["metadata"]
+        self.tracking_uri: str | None = loop_config.get("tracking_uri")
+        self.run_id: str | None = loop_config.get("run_id")
+        self.pid_dir: str | None = loop_config.get("pid_dir")
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        threads = self.job.scaling.torch_threads or self.job.scaling.cpus_per_worker
+        torch.set_num_threads(max(1, threads))
+        self.device = ray.train.torch.get_device()
+        seed = self.job.schedule.seed + self.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+        model = build_model(self.model_config)
+        if loop_config.get("init_state") is not None:
+            missing, unexpected = model.load_state_dict(loop_config["init_state"], strict=False)
+            if unexpected or any(not k.startswith("class_embed.") for k in missing):
+                raise ValueError(f"init_from weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        self.model = ray.train.torch.prepare_model(model)
+        self.criterion = SetCriterion.from_config(self.model_config).to(self.device)
+        self.optimizer = build_optimizer(unwrap_model(self.model), self.job.optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer, self.job.optimizer)
+        self.start_epoch = 0
+        self.global_step = 0
+        self._restore(ray.train.get_checkpoint())
+        self.autocast = torch.bfloat16 if (self.job.schedule.bf16 and self.device.type == "cuda") else None
+        self.run = None
+        self.logged_until = {"step": -1, "epoch": -1}
+        if self.rank == 0 and self.run_id and self.tracking_uri:
+            from jobs.tracking import TrackedRun
+
+            self.run = TrackedRun(self.tracking_uri, self.run_id)
+            self.logged_until = {"step": self.run.last_step("train_loss"), "epoch": self.run.last_step("epoch")}
+        if self.pid_dir:  # lets tests and operators find (and kill) a worker process
+            os.makedirs(self.pid_dir, exist_ok=True)
+            with open(os.path.join(self.pid_dir, f"rank{self.rank}.pid"), "w") as f:
+                f.write(str(os.getpid()))
+
+    # -- checkpoints ---------------------------------------------------------------
+    def _restore(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as directory:
+            model_ckpt = torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=True)
+            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        unwrap_model(self.model).load_state_dict(model_ckpt["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        _set_rng_state(state["rng"][min(self.rank, len(state["rng"]) - 1)])
+
+    def _write_checkpoint(self, directory: str, epoch: int, metrics: dict[str, float], rng: list) -> None:
+        metadata = {**self.metadata, "epoch": epoch, "global_step": self.global_step,
+                    "metrics": {k: float(v) for k, v in metrics.items()}}
+        save_checkpoint(unwrap_model(self.model), os.path.join(directory, MODEL_FILE), metadata=metadata)
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "global_step": self.global_step,
+            "rng": rng,
+        }
+        torch.save(state, os.path.join(directory, STATE_FILE))
+
+    # -- the loop ------------------------------------------------------------------
+    def _batches(self, shard, batch_size: int) -> Iterator:
+        from pipelines.collate import DetectionCollate
+
+        return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=DetectionCollate(), drop_last=False))
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        batches = self._batches(shard, self.job.data.batch_size)
+        accum = self.job.schedule.grad_accum_steps
+        cap = self.job.schedule.max_steps_per_epoch
+        self.model.train()
+        self.criterion.train()
+        metrics = EpochMetrics(self.job.schedule.log_every_steps)
+        images = 0
+        data_time = step_time = 0.0
+        steps = 0
+        start = time.perf_counter()
+        while cap is None or steps < cap:
+            t0 = time.perf_counter()
+            micro = []
+            for _ in range(accum):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                micro.append(batch)
+            data_time += time.perf_counter() - t0
+            if not _all_have_batch(len(micro) == accum, self.device):
+                break
+            t1 = time.perf_counter()
+            step_metrics = train_step(self.model, self.criterion, self.optimizer, micro,
+                                      self.job.optimizer.clip_max_norm, self.autocast)
+            step_time += time.perf_counter() - t1
+            images += sum(len(b[2]) for b in micro)
+            steps += 1
+            self.global_step += 1
+            metrics.add(self.global_step, step_metrics)
+        elapsed = time.perf_counter() - start
+        total_images, total_time = _sum_across_workers([images, elapsed], self.device)
+        epoch_metrics = {f"epoch_train_{k}": v for k, v in metrics.epoch_means().items()}
+        epoch_metrics.update({
+            "epoch": float(epoch),
+            "train_steps": float(steps),
+            "train_images": total_images,
+            "train_images_per_s": total_images / max(total_time / self.world_size, 1e-9),
+            "train_data_time_frac": data_time / max(elapsed, 1e-9),
+            "train_step_time_frac": step_time / max(elapsed, 1e-9),
+        })
+        for group in self.optimizer.param_groups:
+            epoch_metrics[f"lr_{group.get('name', 'group')}"] = group["lr"]
+        self._step_rows = metrics.rows
+        return epoch_metrics
+
+    def validate(self) -> dict[str, float]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("val")
+        batches = self._batches(shard, self.job.data.eval_batch_size)
+        targets: list[dict] = []
+
+        def keeping_targets():
+            for batch in batches:
+                targets.extend(batch[2])
+                yield batch
+
+        detections = predict(unwrap_model(self.model), keeping_targets(), autocast_dtype=self.autocast)
+        gathered = _gather_to_rank0((detections, targets), self.world_size, self.rank)
+        result = {f"val_{name}": float("nan") for name in VAL_STATS}
+        if self.rank == 0:
+            all_detections: dict[int, Any] = {}
+            all_targets: list[dict] = []
+            for dets, tgts in gathered:
+                all_detections.update(dets)
+                all_targets.extend(tgts)
+            ground_truth = coco_ground_truth(all_targets, self.metadata.get("categories"))
+            stats = evaluate_coco(ground_truth, all_detections, image_ids=[im["id"] for im in ground_truth["images"]])
+            result = {f"val_{name}": stats[name] for name in VAL_STATS}
+            result["val_images"] = float(len(ground_truth["images"]))
+        return result
+
+    def fit(self) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        epochs = self.job.schedule.epochs
+        has_val = self.job.data.val is not None
+        for epoch in range(self.start_epoch, epochs):
+            metrics = self.train_epoch(epoch)
+            self.scheduler.step()
+            due = (epoch + 1) % self.job.schedule.eval_every == 0 or epoch + 1 == epochs
+            if has_val and due:
+                metrics.update(self.validate())
+            else:
+                metrics["val_AP"] = float("nan")  # ranks below any real AP in Ray's checkpoint order
+            self._log(epoch, metrics)
+            rng = _gather_to_rank0(_rng_state(), self.world_size, self.rank)
+            with tempfile.TemporaryDirectory() as directory:
+                checkpoint = None
+                if self.rank == 0:
+                    self._write_checkpoint(directory, epoch, metrics, rng)
+                    checkpoint = Checkpoint.from_directory(directory)
+                ray.train.report(metrics, checkpoint=checkpoint)
+
+    def _log(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Rank 0 logs the epoch to MLflow, skipping whatever a previous attempt already logged."""
+        if self.run is None:
+            return
+        rows = [(step, row) for step, row in self._step_rows if step > self.logged_until["step"]]
+        if epoch > self.logged_until["epoch"]:
+            clean = {k: v for k, v in metrics.items() if v == v}  # NaN: not validated this epoch
+            rows.append((epoch, clean))
+        self.run.log_metric_history(rows)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point given to `TorchTrainer`."""
+    Trainer(loop_config).fit()

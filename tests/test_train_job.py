@@ -1,0 +1,190 @@
+"""The training job on a real 2-node Ray cluster with a real MLflow server (SQLite backend).
+
+Two workers train `tiny` for a few steps; params, metrics, artifacts and the
+model land in MLflow; the checkpoint restores; a worker killed mid-run is
+replaced and the job resumes from its checkpoint with one continuous MLflow
+history; and two workers with half a batch each compute the loss and gradients
+of one worker with the whole batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from pipelines.synthetic import SyntheticConfig, write_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    config = SyntheticConfig(images=32, classes=3, min_image_size=64, max_image_size=96, max_object_size=40,
+                             val_fraction=0.25, seed=3)
+    return write_dataset(str(out), config)
+
+
+def job_config(shapes, tmp_path, tracking_uri, **schedule):
+    from jobs.train_config import load_train_config
+
+    overrides = [
+        f"data.train={shapes['train']}", f"data.val={shapes['val']}", "data.transforms=small", "data.batch_size=2",
+        "model.preset=tiny", "model.num_queries=8", "scaling.num_workers=2",
+        f"storage.path={tmp_path / 'ray_results'}", "storage.run_name=tiny-run", f"tracking.uri={tracking_uri}",
+        "tracking.experiment=test-train", "schedule.log_every_steps=1",
+    ] + [f"schedule.{k}={v}" for k, v in schedule.items()]
+    return load_train_config(None, overrides)
+
+
+def metric_steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
+        ray_cluster, mlflow_server, shapes, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from detr import load_checkpoint
+    from jobs.train import train
+
+    config = job_config(shapes, tmp_path, mlflow_server, epochs=2, max_steps_per_epoch=2, log_images=2)
+    config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, registered_model="shapes-tiny"))
+    result = train(config)
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["job.data.train"] == shapes["train"] and params["model.hidden_dim"] == "64"
+    assert params["model.num_classes"] == "4" and params["job.scaling.num_workers"] == "2"
+    assert metric_steps(client, result.run_id, "epoch") == [0, 1]
+    assert metric_steps(client, result.run_id, "train_loss") == [1, 2, 3, 4]  # 2 epochs x 2 steps
+    for key in ("train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_class_error", "lr_transformer",
+                "lr_backbone", "train_images_per_s", "val_AP", "val_AP50", "val_AP75"):
+        assert client.get_metric_history(result.run_id, key), key
+    assert run.data.metrics["train_images"] == 8  # 2 steps x 2 workers x 2 images
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert "train_config.yaml" in artifacts
+    assert len(client.list_artifacts(result.run_id, "detections")) == 2
+    assert result.registered_version == "1"
+    version = client.get_model_version("shapes-tiny", "1")
+    assert version.run_id == result.run_id and version.tags["raydetr.train_run_id"] == result.run_id
+
+    model, metadata = load_checkpoint(Path(result.checkpoint_dir) / "model.pt")
+    assert model.config.num_queries == 8 and model.config.num_classes == 4
+    assert [c["id"] for c in metadata["categories"]] == [1, 2, 3]
+    assert metadata["mlflow_run_id"] == result.run_id
+
+    # Re-running the same job for one more epoch resumes its checkpoint and MLflow run.
+    longer = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, epochs=3))
+    resumed = train(longer)
+    assert resumed.run_id == result.run_id
+    assert metric_steps(client, result.run_id, "epoch") == [0, 1, 2]
+    assert metric_steps(client, result.run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(
+        ray_cluster, mlflow_server, shapes, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.train import train
+
+    config = job_config(shapes, tmp_path, mlflow_server, epochs=3, max_steps_per_epoch=3, log_images=0,
+                        eval_every=3)
+    config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, run_name="killed", max_failures=2))
+    pid_dir = tmp_path / "pids"
+    run_dir = tmp_path / "ray_results" / "killed"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = train(config, pid_dir=str(pid_dir))
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed_pid = None
+    deadline = time.time() + 240
+    while thread.is_alive() and time.time() < deadline and killed_pid is None:
+        pid_file = pid_dir / "rank1.pid"
+        if pid_file.exists() and list(run_dir.glob("checkpoint_*")):  # epoch 0 committed, epoch 1 running
+            killed_pid = int(pid_file.read_text())
+            os.kill(killed_pid, signal.SIGKILL)
+        time.sleep(0.2)
+    thread.join(timeout=300)
+    assert killed_pid is not None, "never found a worker to kill"
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert int((pid_dir / "rank1.pid").read_text()) != killed_pid  # a new worker took over
+
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert metric_steps(client, result.run_id, "epoch") == [0, 1, 2]
+    steps = metric_steps(client, result.run_id, "train_loss")
+    assert steps == list(range(1, 10))  # one continuous history: 3 epochs x 3 steps, none twice
+    assert len(client.get_metric_history(result.run_id, "val_AP")) == 1  # validated once, at the end
+
+
+def _equivalence_worker(config):
+    import ray.train
+    import ray.train.torch
+
+    from detr import SetCriterion, build_model, pad_images
+    from detr.checkpoint import unwrap_model
+
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    images, targets = config["images"], config["targets"]
+    per = len(images) // world
+    torch.manual_seed(0)
+    model = ray.train.torch.prepare_model(build_model("tiny", num_classes=5, dropout=0.0).train())
+    criterion = SetCriterion.from_config(unwrap_model(model).config)
+    losses = criterion(model(*pad_images(images[rank * per:(rank + 1) * per])), targets[rank * per:(rank + 1) * per])
+    total = criterion.total(losses)
+    total.backward()
+    grads = {n: p.grad for n, p in unwrap_model(model).named_parameters() if p.grad is not None}
+    torch.save({"total": total.detach(), "grads": grads}, os.path.join(config["out"], f"rank{rank}.pt"))
+
+
+def test_two_workers_with_half_batches_match_one_worker_with_the_whole_batch(ray_cluster, tmp_path):
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from detr import SetCriterion, build_model, pad_images
+
+    g = torch.Generator().manual_seed(5)
+    images = [torch.randn(3, h, w, generator=g) for h, w in [(64, 80), (72, 64), (80, 72), (64, 64)]]
+    counts = [3, 0, 1, 2]
+    targets = [{"labels": torch.randint(1, 5, (n,), generator=g),
+                "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25,
+                                    torch.rand(n, 2, generator=g) * 0.3 + 0.1], 1)} for n in counts]
+    torch.manual_seed(0)
+    single = build_model("tiny", num_classes=5, dropout=0.0).train()
+    criterion = SetCriterion.from_config(single.config)
+    total = criterion.total(criterion(single(*pad_images(images)), targets))
+    total.backward()
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out = tmp_path / "equivalence"
+    out.mkdir()
+    TorchTrainer(
+        _equivalence_worker,
+        train_loop_config={"images": images, "targets": targets, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="equivalence", storage_path=str(tmp_path / "ray_results")),
+    ).fit()
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.stack([r["total"] for r in ranks]).mean().item() == pytest.approx(total.item(), rel=1e-5)
+    for name, param in single.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(ranks[0]["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
