@@ -60,7 +60,8 @@ def evaluate_coco(
     detections: Mapping[int, Detections],
     image_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """COCO bbox metrics: the 12 stats by name (0..1), `per_class` AP by category id, `num_images`.
+    """COCO bbox metrics: the 12 stats by name (0..1), `per_class` AP by category id, `pr_curves`
+    (per category, precision at the 101 COCO recall points, IoU 0.5), `num_images`.
 
     `image_ids` limits evaluation to those images (default: the images detections
     were given for); images without detections still count their ground truth.
@@ -70,6 +71,7 @@ def evaluate_coco(
     results = coco_results({i: detections[i] for i in image_ids if i in detections})
     stats = {name: 0.0 for name in STAT_NAMES}
     per_class: dict[int, float] = {}
+    pr_curves: dict[int, list[float]] = {}
     if image_ids and results:
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco.loadRes(results)
@@ -79,11 +81,12 @@ def evaluate_coco(
             evaluator.accumulate()
             evaluator.summarize()
         stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
-        precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+        precision = evaluator.eval["precision"]  # [IoU T, recall R, class K, area A, max dets M]
         for k, cat_id in enumerate(evaluator.params.catIds):
             p = precision[:, :, k, 0, -1]
             per_class[int(cat_id)] = float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
-    return {**stats, "per_class": per_class, "num_images": len(image_ids)}
+            pr_curves[int(cat_id)] = [max(float(v), 0.0) for v in precision[0, :, k, 0, -1]]  # IoU 0.5
+    return {**stats, "per_class": per_class, "pr_curves": pr_curves, "num_images": len(image_ids)}
 
 
 def coco_ground_truth(targets: Sequence[Mapping[str, Any]], categories: Sequence[Mapping[str, Any]] | None = None

@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("jobs.ingest", "validate a source and write sharded Parquet with an errors table"),
     "convert": ("jobs.convert", "convert YOLO or Pascal VOC annotations to COCO JSON"),
     "train": ("jobs.train", "train DETR on a Ray cluster (Ray Train), tracked in MLflow"),
+    "evaluate": ("jobs.evaluate", "COCO metrics of a model on a labelled dataset, logged to MLflow"),
+    "promote": ("jobs.promote", "move a registry alias to a version only if it beats the current holder"),
+    "rollback": ("jobs.rollback", "point a registry alias back at its previous holder"),
 }
 
 
@@ -38,13 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that mean "the input or the environment is wrong": shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, LookupError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2
-    return int(args._module.run(args) or 0)
+    return _run(args._module, args, f"detr {args.command}")
+
+
+def _run(module: ModuleType, args: argparse.Namespace, prog: str) -> int:
+    from jobs.tracking import TrackingUnavailableError
+
+    try:
+        return int(module.run(args) or 0)
+    except (*USER_ERRORS, TrackingUnavailableError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def module_main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
@@ -52,7 +69,7 @@ def module_main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.__doc__)
     module.configure_parser(parser)
     args = parser.parse_args(argv)
-    return int(module.run(args) or 0)
+    return _run(module, args, parser.prog)
 
 
 if __name__ == "__main__":

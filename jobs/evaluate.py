@@ -1,0 +1,265 @@
+"""Evaluate a detector on a labelled dataset: COCO box metrics with pycocotools, logged to MLflow.
+
+    detr evaluate --model models:/shapes@champion --data data/val.json
+    python -m jobs.evaluate --model run/model.pt --data s3://bucket/coco/val.json --concurrency 4
+
+Inference is distributed with Ray Data: model actors (one model load each)
+consume evaluation batches that the data pipeline decodes, validates and resizes
+with the model's own evaluation transform. The twelve standard COCO numbers and
+per-class AP go to an MLflow run of their own, tagged with the model (name,
+version, run) and the dataset's content digest, with a per-class table and a
+precision-recall plot as artifacts. An evaluation of the same registered model
+version on data with the same digest is reused instead of recomputed (unless
+`--force`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.cli import module_main
+
+EVAL_EXPERIMENT = "raydetr-evaluations"
+TAG_JOB = "raydetr.job"
+TAG_DIGEST = "raydetr.dataset_digest"
+TAG_MODEL_NAME = "raydetr.model_name"
+TAG_MODEL_VERSION = "raydetr.model_version"
+TAG_MODEL_URI = "raydetr.model_uri"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint file, official DETR file, or MLflow model URI")
+    parser.add_argument("--data", required=True, help="labelled source: COCO JSON, YOLO/VOC folder, Parquet")
+    parser.add_argument("--images", help="image folder of a COCO JSON when it is not the JSON's folder")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=1, help="model actors (each loads the model once)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--experiment", default=EVAL_EXPERIMENT)
+    parser.add_argument("--no-mlflow", action="store_true", help="print the metrics without logging them")
+    parser.add_argument("--force", action="store_true", help="recompute even if a matching evaluation exists")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    per_class: dict[int, float]
+    digest: str
+    images: int
+    run_id: str | None = None
+    reused: bool = False
+    categories: list[dict] = field(default_factory=list)
+
+
+class EvalPredictor:
+    """Ray Data actor: loads the model once, turns evaluation sample batches into detections."""
+
+    def __init__(self, checkpoint: str, mean: tuple, std: tuple, threads: int = 1) -> None:
+        import torch
+
+        from detr import PostProcess
+        from jobs.model_sources import ResolvedModel, load_resolved
+
+        torch.set_num_threads(threads)
+        self.model, _ = load_resolved(ResolvedModel(checkpoint=checkpoint, name=""))
+        self.model.eval()
+        self.postprocess = PostProcess()
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        import torch
+
+        from pipelines.collate import collate_samples
+
+        images, mask, targets = collate_samples(batch, self.mean, self.std)
+        with torch.inference_mode():
+            outputs = self.model(images, mask)
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        detections = self.postprocess(outputs, sizes)
+        return {
+            "image_id": np.asarray([int(t["image_id"]) for t in targets], dtype=np.int64),
+            "det_boxes": [d["boxes"].numpy() for d in detections],
+            "det_scores": [d["scores"].numpy() for d in detections],
+            "det_labels": [d["labels"].numpy() for d in detections],
+            "gt_boxes": [t["boxes"].numpy() for t in targets],
+            "gt_labels": [t["labels"].numpy() for t in targets],
+            "area": [t["area"].numpy() for t in targets],
+            "iscrowd": [t["iscrowd"].numpy() for t in targets],
+            "orig_size": np.stack([t["orig_size"].numpy() for t in targets]),
+            "size": np.stack([t["size"].numpy() for t in targets]),
+        }
+
+
+def find_evaluation(tracking_uri: str, model_name: str, version: str, digest: str):
+    """The latest finished evaluation run of this model version on data with this digest, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    query = (f"tags.`{TAG_JOB}` = 'evaluate' and tags.`{TAG_MODEL_NAME}` = '{model_name}' and "
+             f"tags.`{TAG_MODEL_VERSION}` = '{version}' and tags.`{TAG_DIGEST}` = '{digest}' and "
+             "attributes.status = 'FINISHED'")
+    runs = client.search_runs(experiments, query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _plot_pr_curves(pr_curves: dict[int, list[float]], names: dict[int, str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    recall = np.linspace(0, 1, 101)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for cat_id, precision in sorted(pr_curves.items()):
+        ax.plot(recall, precision, label=names.get(cat_id, str(cat_id)))
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall per class (IoU 0.5)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize="small", loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result: EvalResult, stats: dict) -> str:
+    from jobs.tracking import TrackedRun
+
+    tags = {TAG_JOB: "evaluate", TAG_DIGEST: result.digest, TAG_MODEL_URI: model.uri, TAG_MODEL_NAME: model.name,
+            TAG_MODEL_VERSION: model.version, "raydetr.model_run_id": model.run_id, "raydetr.data_source": data}
+    run = TrackedRun.start(tracking_uri, experiment, f"eval-{model.name}-v{model.version or 'file'}", tags=tags)
+    run.log_params({"model": model.uri, "data": data, "dataset_digest": result.digest, "images": result.images})
+    names = {int(c["id"]): str(c["name"]) for c in result.categories}
+    per_class_metrics = {f"AP_class/{names.get(k, k)}": v for k, v in result.per_class.items() if v == v}
+    run.log_metrics({**result.metrics, **per_class_metrics}, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = os.path.join(tmp, "per_class_ap.csv")
+        with open(table, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["category_id", "name", "AP"])
+            for cat_id, ap in sorted(result.per_class.items()):
+                writer.writerow([cat_id, names.get(cat_id, ""), f"{ap:.6f}"])
+        run.log_artifact(table)
+        plot = os.path.join(tmp, "precision_recall.png")
+        _plot_pr_curves(stats["pr_curves"], names, plot)
+        run.log_artifact(plot)
+    run.finish()
+    if model.version:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri).set_model_version_tag(
+            model.name, model.version, f"raydetr.eval.{result.digest[:12]}.AP", f"{result.metrics['AP']:.6f}")
+    return run.run_id
+
+
+def evaluate(
+    model_spec: str,
+    data: str,
+    *,
+    images: str | None = None,
+    batch_size: int = 4,
+    concurrency: int = 1,
+    tracking_uri: str | None = None,
+    experiment: str = EVAL_EXPERIMENT,
+    log_to_mlflow: bool = True,
+    reuse: bool = True,
+    address: str | None = None,
+) -> EvalResult:
+    """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
+    import ray
+
+    from detr.evaluation import STAT_NAMES, coco_ground_truth, evaluate_coco
+    from jobs.model_sources import load_resolved, resolve_model
+    from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
+    from pipelines.dataset import build_detection_dataset
+    from pipelines.digest import dataset_digest
+    from pipelines.inference import transforms_from_metadata
+    from pipelines.sources import open_source
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if log_to_mlflow or model_spec.startswith(("models:/", "runs:/")):
+        ensure_tracking_available(uri)
+    model = resolve_model(model_spec, uri)
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="warning")
+    source = open_source(data, images=images)
+    digest = dataset_digest(source)
+    if reuse and log_to_mlflow and model.version:
+        previous = find_evaluation(uri, model.name, model.version, digest.digest)
+        if previous is not None:
+            metrics = {k: previous.data.metrics[k] for k in STAT_NAMES if k in previous.data.metrics}
+            return EvalResult(metrics, {}, digest.digest, digest.images, previous.info.run_id, reused=True,
+                              categories=source.categories or [])
+
+    _, metadata = load_resolved(model)
+    transforms = transforms_from_metadata(metadata.get("transforms"))
+    dataset = build_detection_dataset(source, train=False, transforms=transforms, seed=0, shuffle=False)
+    predictions = dataset.dataset.map_batches(
+        EvalPredictor,
+        fn_constructor_kwargs={"checkpoint": model.checkpoint, "mean": transforms.mean, "std": transforms.std},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_cpus=1,
+    )
+    detections, targets = {}, []
+    for row in predictions.iter_rows():
+        image_id = int(row["image_id"])
+        detections[image_id] = {"boxes": row["det_boxes"], "scores": row["det_scores"], "labels": row["det_labels"]}
+        targets.append({"image_id": image_id, "orig_size": row["orig_size"], "size": row["size"],
+                        "boxes": row["gt_boxes"], "labels": row["gt_labels"], "area": row["area"],
+                        "iscrowd": row["iscrowd"]})
+    import numpy as np
+    import torch
+
+    detections = {k: {n: torch.from_numpy(np.array(v)) for n, v in d.items()} for k, d in detections.items()}
+    categories = source.categories or metadata.get("categories") or []
+    ground_truth = coco_ground_truth(targets, categories)
+    stats = evaluate_coco(ground_truth, detections, image_ids=[im["id"] for im in ground_truth["images"]])
+    metrics = {name: float(stats[name]) for name in STAT_NAMES}
+    result = EvalResult(metrics, stats["per_class"], digest.digest, len(ground_truth["images"]),
+                        categories=list(categories))
+    if dataset.errors is not None:
+        rejected = dataset.errors.errors()
+        if rejected:
+            print(f"{len(rejected)} records rejected by validation (not evaluated): "
+                  f"{dataset.errors.summary().format()}", flush=True)
+    if log_to_mlflow:
+        result.run_id = _log_evaluation(uri, experiment, model, data, result, stats)
+    return result
+
+
+def format_result(result: EvalResult) -> str:
+    names = {int(c["id"]): str(c["name"]) for c in result.categories}
+    lines = [f"dataset digest {result.digest} ({result.images} images)"
+             + (f"; reused evaluation run {result.run_id}" if result.reused else "")]
+    lines += [f"  {name:<10} {value:7.4f}" for name, value in result.metrics.items()]
+    if result.per_class:
+        lines.append("  per-class AP:")
+        lines += [f"    {names.get(k, str(k)):<20} {v:7.4f}" for k, v in sorted(result.per_class.items())]
+    if result.run_id and not result.reused:
+        lines.append(f"MLflow run {result.run_id}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate(args.model, args.data, images=args.images, batch_size=args.batch_size,
+                      concurrency=args.concurrency, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                      log_to_mlflow=not args.no_mlflow, reuse=not args.force, address=args.address)
+    print(format_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(module_main(sys.modules[__name__]))
