@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jobs.evaluate", "COCO metrics of a model on a labelled dataset, logged to MLflow"),
     "promote": ("jobs.promote", "move a registry alias to a version only if it beats the current holder"),
     "rollback": ("jobs.rollback", "point a registry alias back at its previous holder"),
+    "submit": ("jobs.submit", "submit a job (train, label, evaluate, ...) to a Ray cluster"),
+    "jobs": ("jobs.job_control", "list, inspect, follow or stop submitted jobs"),
 }
 
 
@@ -45,9 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, LookupError)
 
 
+def split_passthrough(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Arguments before the first `--` are ours; those after it belong to a submitted job."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    own, passthrough = split_passthrough(argv)
+    args = parser.parse_args(own)
+    args.passthrough = passthrough
+    if passthrough and not getattr(getattr(args, "_module", None), "ACCEPTS_PASSTHROUGH", False):
+        parser.error(f"unexpected arguments after --: {' '.join(passthrough)}")
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2
@@ -68,7 +83,9 @@ def module_main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     """Run one job module as a program (`python -m jobs.train ...`)."""
     parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.__doc__)
     module.configure_parser(parser)
-    args = parser.parse_args(argv)
+    own, passthrough = split_passthrough(argv)
+    args = parser.parse_args(own)
+    args.passthrough = passthrough
     return _run(module, args, parser.prog)
 
 
