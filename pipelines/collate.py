@@ -42,13 +42,13 @@ def collate_samples(
     for r in rows:
         targets.append(
             {
-                "labels": torch.as_tensor(np.asarray(r["labels"], dtype=np.int64).reshape(-1)),
-                "boxes": torch.as_tensor(np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4)),
+                "labels": torch.tensor(np.asarray(r["labels"], dtype=np.int64).reshape(-1)),
+                "boxes": torch.tensor(np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4)),
                 "image_id": torch.as_tensor(int(r["image_id"]), dtype=torch.int64),
-                "orig_size": torch.as_tensor(np.asarray(r["orig_size"], dtype=np.int64).reshape(2)),
-                "size": torch.as_tensor(np.asarray(r["size"], dtype=np.int64).reshape(2)),
-                "area": torch.as_tensor(np.asarray(r["area"], dtype=np.float32).reshape(-1)),
-                "iscrowd": torch.as_tensor(np.asarray(r["iscrowd"], dtype=np.int64).reshape(-1)),
+                "orig_size": torch.tensor(np.asarray(r["orig_size"], dtype=np.int64).reshape(2)),
+                "size": torch.tensor(np.asarray(r["size"], dtype=np.int64).reshape(2)),
+                "area": torch.tensor(np.asarray(r["area"], dtype=np.float32).reshape(-1)),
+                "iscrowd": torch.tensor(np.asarray(r["iscrowd"], dtype=np.int64).reshape(-1)),
             }
         )
     return padded, mask, targets

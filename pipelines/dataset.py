@@ -30,6 +30,9 @@ from pipelines.sources import Source, open_source
 from pipelines.transforms import TransformsConfig, build_transform
 
 
+STREAMED_KINDS = ("archive", "parquet")
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_transform(config: TransformsConfig, train: bool):
     return build_transform(config, train)
@@ -128,7 +131,7 @@ def build_detection_dataset(
     """Build the streaming sample dataset for training (`train=True`) or evaluation.
 
     `shuffle` (default: `train`) randomises block order per epoch, reproducibly
-    under `seed`; add `local_shuffle_buffer_size`/`local_shuffle_seed` in
+    under `seed` (not for archives and shards, which stream); add `local_shuffle_buffer_size`/`local_shuffle_seed` in
     `iter_torch_batches` to mix rows within a window. `group_aspect_ratio_window`
     > 0 sorts windows of that many samples by aspect ratio (use a multiple of the
     batch size) to cut padding. `seed=None` draws augmentations unseeded.
@@ -141,7 +144,10 @@ def build_detection_dataset(
     if collector is not None and src.planning_errors:
         collector.report(0, RunSummary(rejected=Counter(e.reason for e in src.planning_errors)), src.planning_errors)
     ds = src.read(rows_per_block=rows_per_block)
-    if shuffle if shuffle is not None else train:
+    if (shuffle if shuffle is not None else train) and src.kind not in STREAMED_KINDS:
+        # Block order is shuffled per epoch for planned sources, whose records carry no bytes.
+        # Streamed sources (archives, shards) would be held whole by this all-to-all step:
+        # mix them with iter_torch_batches(local_shuffle_buffer_size=..., local_shuffle_seed=...).
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     ds = ds.map_batches(
         _prepare_batch,
