@@ -104,16 +104,18 @@ def coco_ground_truth(targets: Sequence[Mapping[str, Any]], categories: Sequence
         if image_id in seen:
             continue
         seen.add(image_id)
-        oh, ow = (int(v) for v in torch.as_tensor(t["orig_size"]).tolist())
-        sh, sw = (int(v) for v in torch.as_tensor(t.get("size", t["orig_size"])).tolist())
+        oh, ow = (int(v) for v in np.asarray(t["orig_size"]).reshape(2).tolist())
+        sh, sw = (int(v) for v in np.asarray(t.get("size", t["orig_size"])).reshape(2).tolist())
         images.append({"id": image_id, "height": oh, "width": ow})
-        boxes = torch.as_tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4)
+        boxes = torch.tensor(np.asarray(t["boxes"], dtype=np.float64).reshape(-1, 4))
         boxes = box_convert(boxes * torch.tensor([ow, oh, ow, oh], dtype=torch.float64), "cxcywh", "xywh")
-        areas = torch.as_tensor(t.get("area", boxes[:, 2] * boxes[:, 3]), dtype=torch.float64).reshape(-1)
+        default_area = (boxes[:, 2] * boxes[:, 3]).numpy()
+        areas = np.asarray(t.get("area", default_area), dtype=np.float64).reshape(-1)
         scale = (oh * ow) / max(sh * sw, 1)
-        crowd = torch.as_tensor(t.get("iscrowd", torch.zeros(len(boxes))), dtype=torch.int64).reshape(-1)
-        for box, label, area, iscrowd in zip(boxes.tolist(), torch.as_tensor(t["labels"]).tolist(),
-                                            (areas * scale).tolist(), crowd.tolist()):
+        crowd = np.asarray(t.get("iscrowd", np.zeros(len(boxes))), dtype=np.int64).reshape(-1)
+        labels = np.asarray(t["labels"], dtype=np.int64).reshape(-1)
+        for box, label, area, iscrowd in zip(boxes.tolist(), labels.tolist(), (areas * scale).tolist(),
+                                            crowd.tolist()):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
                                 "bbox": box, "area": area, "iscrowd": int(iscrowd)})
     if categories is None:

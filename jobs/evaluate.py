@@ -178,6 +178,7 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     from detr.evaluation import STAT_NAMES, coco_ground_truth, evaluate_coco
     from jobs.model_sources import load_resolved, resolve_model
@@ -210,7 +211,7 @@ def evaluate(
         fn_constructor_kwargs={"checkpoint": model.checkpoint, "mean": transforms.mean, "std": transforms.std},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ActorPoolStrategy(size=concurrency),
         num_cpus=1,
     )
     detections, targets = {}, []

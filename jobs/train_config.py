@@ -66,6 +66,8 @@ class ScheduleSection:
     """Training-loss metrics are averaged over this many steps before they are logged."""
     log_images: int = 4
     """Validation images with drawn detections logged as MLflow artifacts at the end."""
+    time_budget_minutes: float | None = None
+    """Stop after the first epoch that ends past this many minutes of training (then validate)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.eval_every < 1 or self.grad_accum_steps < 1 or self.log_every_steps < 1:

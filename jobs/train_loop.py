@@ -145,6 +145,7 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, self.job.optimizer)
         self.start_epoch = 0
         self.global_step = 0
+        self.train_seconds = 0.0
         self._restore(ray.train.get_checkpoint())
         self.autocast = torch.bfloat16 if (self.job.schedule.bf16 and self.device.type == "cuda") else None
         self.run = None
@@ -171,6 +172,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         _set_rng_state(state["rng"][min(self.rank, len(state["rng"]) - 1)])
 
     def _write_checkpoint(self, directory: str, epoch: int, metrics: dict[str, float], rng: list) -> None:
@@ -182,6 +184,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch + 1,
             "global_step": self.global_step,
+            "train_seconds": self.train_seconds,
             "rng": rng,
         }
         torch.save(state, os.path.join(directory, STATE_FILE))
@@ -227,12 +230,15 @@ class Trainer:
             metrics.add(self.global_step, step_metrics)
         elapsed = time.perf_counter() - start
         total_images, total_time = _sum_across_workers([images, elapsed], self.device)
+        # Every worker takes the same (mean) duration, so they agree on when the time budget is spent.
+        mean_seconds = total_time / self.world_size
         epoch_metrics = {f"epoch_train_{k}": v for k, v in metrics.epoch_means().items()}
         epoch_metrics.update({
             "epoch": float(epoch),
             "train_steps": float(steps),
             "train_images": total_images,
-            "train_images_per_s": total_images / max(total_time / self.world_size, 1e-9),
+            "train_images_per_s": total_images / max(mean_seconds, 1e-9),
+            "train_seconds": mean_seconds,
             "train_data_time_frac": data_time / max(elapsed, 1e-9),
             "train_step_time_frac": step_time / max(elapsed, 1e-9),
         })
@@ -274,10 +280,14 @@ class Trainer:
 
         epochs = self.job.schedule.epochs
         has_val = self.job.data.val is not None
+        budget = self.job.schedule.time_budget_minutes
         for epoch in range(self.start_epoch, epochs):
             metrics = self.train_epoch(epoch)
             self.scheduler.step()
-            due = (epoch + 1) % self.job.schedule.eval_every == 0 or epoch + 1 == epochs
+            self.train_seconds += metrics["train_seconds"]
+            out_of_time = budget is not None and self.train_seconds >= budget * 60
+            last = epoch + 1 == epochs or out_of_time
+            due = (epoch + 1) % self.job.schedule.eval_every == 0 or last
             if has_val and due:
                 metrics.update(self.validate())
             else:
@@ -290,6 +300,8 @@ class Trainer:
                     self._write_checkpoint(directory, epoch, metrics, rng)
                     checkpoint = Checkpoint.from_directory(directory)
                 ray.train.report(metrics, checkpoint=checkpoint)
+            if out_of_time:
+                break
 
     def _log(self, epoch: int, metrics: dict[str, float]) -> None:
         """Rank 0 logs the epoch to MLflow, skipping whatever a previous attempt already logged."""
