@@ -55,8 +55,15 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
     from detr import load_checkpoint
     from jobs.train import train
 
+    # Fine-tune from a COCO-sized checkpoint in the official release layout: the class head is replaced.
+    from detr import build_model, official_state_dict
+
+    torch.manual_seed(1)
+    official = build_model("tiny", num_classes=91, num_queries=8)
+    torch.save({"model": official_state_dict(official)}, tmp_path / "official.pth")
     config = job_config(shapes, tmp_path, mlflow_server, epochs=2, max_steps_per_epoch=2, log_images=2)
-    config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, registered_model="shapes-tiny"))
+    config = dataclasses.replace(config, init_from=str(tmp_path / "official.pth"),
+                                 tracking=dataclasses.replace(config.tracking, registered_model="shapes-tiny"))
     result = train(config)
 
     client = MlflowClient(mlflow_server)
@@ -80,6 +87,9 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
 
     model, metadata = load_checkpoint(Path(result.checkpoint_dir) / "model.pt")
     assert model.config.num_queries == 8 and model.config.num_classes == 4
+    # The stem never trains, so it still holds the initial weights; the class head was rebuilt for 3 ids.
+    assert torch.equal(model.backbone.body.conv1.weight, official.backbone.body.conv1.weight)
+    assert model.class_embed.weight.shape == (5, 64)
     assert [c["id"] for c in metadata["categories"]] == [1, 2, 3]
     assert metadata["mlflow_run_id"] == result.run_id
 
@@ -188,3 +198,19 @@ def test_two_workers_with_half_batches_match_one_worker_with_the_whole_batch(ray
     for name, param in single.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(ranks[0]["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_tracking_server_that_is_down_fails_the_job_at_once(shapes, tmp_path):
+    import socket
+
+    from jobs.tracking import TrackingUnavailableError
+    from jobs.train import train
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = job_config(shapes, tmp_path, f"http://127.0.0.1:{port}", epochs=1)
+    start = time.time()
+    with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port}.*not reachable"):
+        train(config)
+    assert time.time() - start < 15
