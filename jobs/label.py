@@ -33,7 +33,9 @@ from jobs.cli import module_main
 from pipelines.labelling.options import LabelOptions
 
 if TYPE_CHECKING:
+    from jobs.model_sources import ResolvedModel
     from pipelines.labelling.writer import RunCounts
+    from pipelines.transforms import TransformsConfig
 
 DEFAULTS = LabelOptions()
 
@@ -89,18 +91,35 @@ class LabelResult:
         return (self.counts.labelled + self.counts.errors) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _model_identity(spec: str, tracking_uri: str | None):
-    """(resolved model, checkpoint bytes, its sha256) for any --model form."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """A --model resolved to checkpoint bytes (for the actors), its identity, preprocessing and classes."""
+
+    resolved: ResolvedModel
+    checkpoint: bytes
+    sha256: str
+    transforms: TransformsConfig
+    categories: list | None
+
+    def identity(self) -> dict:
+        r = self.resolved
+        return {"uri": r.uri, "name": r.name, "version": r.version, "run_id": r.run_id, "sha256": self.sha256}
+
+
+def load_model(spec: str, tracking_uri: str | None) -> LoadedModel:
+    """Resolve any --model form (downloading MLflow models) and read what the driver needs from it."""
     from jobs.model_sources import is_mlflow_uri, resolve_model
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from pipelines import storage
+    from pipelines.inference import Detector
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_mlflow_uri(spec):
         ensure_tracking_available(uri)
     resolved = resolve_model(spec, uri)
     data = storage.read_bytes(resolved.checkpoint)
-    return resolved, data, hashlib.sha256(data).hexdigest()
+    detector = Detector.from_checkpoint(resolved.checkpoint)  # checks the file; the actors load their own
+    return LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories)
 
 
 def _gpus_per_actor(configured: float | None) -> float:
@@ -115,66 +134,53 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
           kind: str | None = None, images: str | None = None, coco_json: str | None = None,
           tracking_uri: str | None = None, address: str | None = None) -> LabelResult:
     """Label `input_path` with `model` into `output` (resuming what is there); see the module docstring."""
+    import ray
+
     from pipelines.cluster import connect
-    from pipelines.inference import Detector
     from pipelines.labelling.coco_export import write_coco_results
-    from pipelines.labelling.manifest import check_compatible, new_manifest
+    from pipelines.labelling.manifest import ManifestRun
     from pipelines.labelling.options import parse_classes
     from pipelines.labelling.output import LabelOutput
-    from pipelines.labelling.pipeline import build_label_dataset
+    from pipelines.labelling.pipeline import build_label_dataset, check_cluster_fits
     from pipelines.labelling.writer import ChunkWriter, ModelIdentity
     from pipelines.sources import open_source
 
-    resolved, checkpoint, sha256 = _model_identity(model, tracking_uri)
-    detector = Detector.from_checkpoint(resolved.checkpoint)
-    transforms, categories = detector.transforms, detector.categories
-    del detector  # the actors load their own; the driver only needed the preprocessing and class names
-    options = dataclasses.replace(options, classes=parse_classes(classes, categories)) if classes else options
+    loaded = load_model(model, tracking_uri)
+    options = dataclasses.replace(options, classes=parse_classes(classes, loaded.categories)) if classes else options
     source = open_source(input_path, kind, images=images)
+    connect(address)
+    gpus = _gpus_per_actor(options.gpus_per_actor)
+    check_cluster_fits(options, gpus, ray.cluster_resources())
 
     out = LabelOutput(output)
-    identity = {"uri": resolved.uri, "name": resolved.name, "version": resolved.version,
-                "run_id": resolved.run_id, "sha256": sha256}
-    manifest = out.read_manifest()
-    check_compatible(manifest, identity, options.row_settings(), output)
-    manifest = manifest or new_manifest(identity, options.row_settings())
+    label_run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    manifest = ManifestRun.start(out, loaded.identity(), options.row_settings(), label_run=label_run,
+                                 input=input_path, model_uri=loaded.resolved.uri)
     removed = out.remove_temporaries()
     committed = out.scan()
-    label_run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    run_entry = {"label_run": label_run, "input": input_path, "model_uri": resolved.uri, "status": "running",
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    manifest["runs"].append(run_entry)
-    manifest["status"] = "running"
-    out.write_manifest(manifest)
 
-    connect(address)
     start = time.perf_counter()
-    dataset = build_label_dataset(source, checkpoint, transforms, options, committed.keys.sorted_array(),
-                                  _gpus_per_actor(options.gpus_per_actor))
-    writer = ChunkWriter(out, committed, ModelIdentity(resolved.name, resolved.version, resolved.run_id), label_run,
-                         rows_per_file=options.rows_per_file, commit_seconds=options.commit_seconds,
-                         draw=options.draw)
+    dataset = build_label_dataset(source, loaded.checkpoint, loaded.transforms, options,
+                                  committed.keys.sorted_array(), gpus)
+    r = loaded.resolved
+    writer = ChunkWriter(out, committed, ModelIdentity(r.name, r.version, r.run_id), label_run,
+                         rows_per_file=options.rows_per_file, commit_seconds=options.commit_seconds, draw=options.draw)
     writer.add_errors(source.planning_errors)
     for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         writer.add(results)
     writer.flush()
     seconds = time.perf_counter() - start
 
-    counts = writer.counts
-    totals = {"images_labelled": committed.labelled + counts.labelled, "errors": committed.errors + counts.errors,
-              "detections": committed.detections + counts.detections, "parts": writer.next_part,
-              "duplicates_ignored": committed.duplicates_ignored}
-    result = LabelResult(output, counts, totals, seconds, label_run, removed)
+    c = writer.counts
+    result = LabelResult(output, c, {}, seconds, label_run, removed)
     if coco_json:
         result.coco_json, result.coco_detections = coco_json, write_coco_results(out, coco_json)
-    run_entry.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     seconds=round(seconds, 3), images_per_s=round(result.images_per_s, 3),
-                     labelled=counts.labelled, errors=counts.errors, detections=counts.detections,
-                     parts=counts.parts, rejected=dict(counts.rejected), removed_temporaries=removed,
-                     already_done=committed.labelled + committed.errors)
-    manifest.update(status="complete", totals=totals)
-    out.write_manifest(manifest)
-    result.manifest = manifest
+    result.totals = manifest.finish(
+        committed, writer.next_part, labelled=c.labelled, errors=c.errors, detections=c.detections, parts=c.parts,
+        rejected=dict(c.rejected), duplicates_dropped=c.duplicates_dropped, removed_temporaries=removed,
+        already_done=committed.labelled + committed.errors, seconds=round(seconds, 3),
+        images_per_s=round(result.images_per_s, 3))
+    result.manifest = manifest.manifest
     return result
 
 

@@ -192,3 +192,14 @@ def test_prepare_skips_committed_keys_decodes_resizes_and_orders_by_shape():
     expected = EvalPreprocessing(transforms).resize(decode_image(wide, "wide.png").array).numpy()
     np.testing.assert_array_equal(pixels_array(wide_row["pixels"], wide_row["input_height"],
                                                wide_row["input_width"]), expected)
+
+
+def test_layouts_the_cluster_cannot_run_are_refused_with_a_way_out():
+    from pipelines.labelling.pipeline import check_cluster_fits
+
+    check_cluster_fits(LabelOptions(concurrency=2), 0.0, {"CPU": 4.0})
+    check_cluster_fits(LabelOptions(concurrency=2, cpus_per_actor=0.5), 0.0, {"CPU": 2.0})
+    with pytest.raises(ValueError, match="leave no CPU for reading.*--cpus-per-actor 0.5"):
+        check_cluster_fits(LabelOptions(concurrency=2), 0.0, {"CPU": 2.0})
+    with pytest.raises(ValueError, match="need 4 GPUs; the cluster has 2"):
+        check_cluster_fits(LabelOptions(concurrency=4), 1.0, {"CPU": 32.0, "GPU": 2.0})

@@ -18,8 +18,25 @@ from pipelines.labelling.prepare import prepare_batch
 from pipelines.sources import Source
 from pipelines.transforms import TransformsConfig
 
+TASK_CPUS = 1.0  # what one read or prepare task reserves (Ray Data's default)
 GROUP_WINDOW_BATCHES = 4  # a prepare task orders this many actor batches' worth of images by shape
 ROWS_PER_READ_BLOCK = 16
+
+
+def check_cluster_fits(options: LabelOptions, gpus_per_actor: float, resources: dict) -> None:
+    """Refuse a layout the cluster cannot run: actors that leave no CPU for the read and decode tasks
+    would wait for them forever. Raises ValueError with the numbers and a way out."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    actor_cpus = options.concurrency * options.cpus_per_actor
+    if gpus_per_actor and options.concurrency * gpus_per_actor > gpus:
+        raise ValueError(f"{options.concurrency} actors x {gpus_per_actor:g} GPUs need {options.concurrency * gpus_per_actor:g}"
+                         f" GPUs; the cluster has {gpus:g}: lower --concurrency or --gpus-per-actor")
+    if actor_cpus + TASK_CPUS > cpus:
+        raise ValueError(
+            f"{options.concurrency} actors x {options.cpus_per_actor:g} CPUs leave no CPU for reading and decoding "
+            f"on a cluster of {cpus:g} CPUs; lower --concurrency, or reserve less per actor (e.g. "
+            f"--cpus-per-actor {max(0.25, (cpus - TASK_CPUS) / options.concurrency):g}: each actor still runs "
+            f"one torch thread)")
 
 
 def build_label_dataset(source: Source, checkpoint: bytes, transforms: TransformsConfig, options: LabelOptions,
