@@ -203,3 +203,15 @@ def test_layouts_the_cluster_cannot_run_are_refused_with_a_way_out():
         check_cluster_fits(LabelOptions(concurrency=2), 0.0, {"CPU": 2.0})
     with pytest.raises(ValueError, match="need 4 GPUs; the cluster has 2"):
         check_cluster_fits(LabelOptions(concurrency=4), 1.0, {"CPU": 32.0, "GPU": 2.0})
+
+
+def test_a_glob_of_archives_is_read_as_archives(tmp_path):
+    from messy_data import write_unsafe_tar
+    from pipelines.sources import detect_kind, open_source
+
+    for name in ("a.tar", "b.tar"):
+        write_unsafe_tar(str(tmp_path / name))
+    pattern = str(tmp_path / "*.tar")
+    assert detect_kind(pattern) == "archive"
+    keys = [r["key"] for r in open_source(pattern).iter_records() if not r["error_reason"]]
+    assert keys == [f"{tmp_path}/{a}!{m}" for a in ("a.tar", "b.tar") for m in ("a/one.png", "two.jpg")]
