@@ -1,9 +1,9 @@
 """Label images with a detector: any source in, a resumable Parquet dataset of detections out.
 
-    detr label --model models:/detr-r50-coco@champion --input s3://bucket/archive/2026/*.tar \
-        --output s3://bucket/labels/2026 --concurrency 4 --batch-size 8 --score-threshold 0.5
-    detr label --model run/model.pt --input photos/ --output labels/ --classes person,car \
-        --coco-json labels/coco_results.json --draw 20
+    detr label --model models:/detr-r50-coco@champion --input 's3://bucket/archive/2026/*.tar'
+               --output s3://bucket/labels/2026 --concurrency 4 --batch-size 8 --score-threshold 0.5
+    detr label --model run/model.pt --input photos/ --output labels/ --classes person,car
+               --coco-json labels/coco_results.json --draw 20
 
 MODEL is a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION), an MLflow run
 (runs:/ID/model), one of our checkpoints or an official DETR checkpoint (COCO

@@ -94,6 +94,14 @@ def test_writer_commits_each_key_once_in_atomic_parts_and_resumes(tmp_path):
     assert sorted(out.read(ERRORS)["image"].to_pylist()) == ["x", "y"]
 
 
+def test_writer_commits_when_commit_seconds_have_passed(tmp_path):
+    out = LabelOutput(str(tmp_path / "out"))
+    writer = ChunkWriter(out, out.scan(), MODEL, "run-1", rows_per_file=1000, commit_seconds=0.0, draw=0)
+    writer.add(results(["a"]))
+    writer.add(results(["b"], errors=["x"]))
+    assert [n for n, _ in out.parts(LABELS)] == [0, 1] and [n for n, _ in out.parts(ERRORS)] == [1]
+
+
 def test_readers_defend_against_a_key_in_two_parts(tmp_path):
     out = LabelOutput(str(tmp_path / "out"))
     writer = writer_for(out, rows_per_file=1)

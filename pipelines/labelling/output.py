@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.errors import errors_schema
 from pipelines.labelling.key_digests import KeyDigestSet, key_digests
+from pipelines.labelling.schema import LABEL_SCHEMA
 
 LABELS = "labels"
 ERRORS = "errors"
@@ -110,8 +111,6 @@ class LabelOutput:
         tables = list(self.iter_rows(kind, columns))
         if tables:
             return pa.concat_tables(tables)
-        from pipelines.labelling.schema import LABEL_SCHEMA
-
         schema = LABEL_SCHEMA if kind == LABELS else errors_schema()
         return schema.empty_table() if columns is None else schema.empty_table().select(
             list(dict.fromkeys([KEY_COLUMN[kind], *columns])))

@@ -13,7 +13,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,19 +53,20 @@ def preview_name(key: str, image_id: int) -> str:
 
 
 class ChunkWriter:
+    """Buffers result rows and commits them as numbered parts of `output`; never commits a key twice."""
+
     def __init__(self, output: LabelOutput, committed: Committed, model: ModelIdentity, label_run: str, *,
-                 rows_per_file: int, commit_seconds: float, draw: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 rows_per_file: int, commit_seconds: float, draw: int) -> None:
         self.output, self.model, self.label_run = output, model, label_run
         self.keys = committed.keys
         self.next_part = committed.next_part
         self.previews_left = max(0, draw - committed.previews)
-        self.rows_per_file, self.commit_seconds, self.clock = rows_per_file, commit_seconds, clock
+        self.rows_per_file, self.commit_seconds = rows_per_file, commit_seconds
         self.counts = RunCounts()
         self._labels: list[pa.Table] = []
         self._errors: list[pa.Table] = []
         self._buffered = 0
-        self._last_commit = clock()
+        self._last_commit = time.monotonic()
 
     def _only_new(self, table: pa.Table, key: str) -> pa.Table:
         new = self.keys.add_new(key_digests(table[key].to_pylist()))
@@ -89,7 +90,7 @@ class ChunkWriter:
                                        "reason": errors["error_reason"], "detail": errors["error_detail"]}))
         self._buffered += results.num_rows
         if self._buffered >= self.rows_per_file or (
-                self._buffered and self.clock() - self._last_commit >= self.commit_seconds):
+                self._buffered and time.monotonic() - self._last_commit >= self.commit_seconds):
             self.flush()
 
     def add_errors(self, records: Iterable[ErrorRecord]) -> None:
@@ -122,4 +123,4 @@ class ChunkWriter:
             self.next_part += 1
             self.counts.parts += 1
         self._labels, self._errors, self._buffered = [], [], 0
-        self._last_commit = self.clock()
+        self._last_commit = time.monotonic()
