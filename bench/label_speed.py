@@ -6,15 +6,16 @@ default, evaluated at a reduced size so the run fits a small CPU machine; weight
 do not change speed):
 
 1. Plain loop: one process, one image at a time: read, decode (`decode_image`),
-   transform, forward, post-process (`Detector.detect`); with torch using every
-   core and with one thread, the faster of the two is the baseline.
+   transform, forward, post-process (`Detector.detect`); by default with torch
+   using every core and with one thread, and the faster is the baseline.
 2. `detr label` (`python -m jobs.label` in a subprocess with its own local Ray):
    images/s as the job reports it (from building the dataset to the last commit,
    actor start and model loads included; Ray's own start-up excluded), and the
    subprocess's wall time. Target: >= 1.3x the plain loop.
-3. Forward-only: the model alone on pre-resized batches grouped by shape, once in
-   one process with every core, once in `--concurrency` processes of one thread
-   (the job's layout); the faster is the limit. Target: label time within 1.25x.
+3. Forward-only: the model alone on pre-resized batches grouped by shape, in
+   `--concurrency` processes of one thread (the job's layout) and in one process
+   with the plain loop's thread counts above one; the fastest is the limit.
+   Target: label time within 1.25x.
 4. Memory: peak PSS of the whole process tree (driver, Ray's daemons, workers;
    shared pages counted once) labelling `--memory-large` images against
    `--memory-small`, each in a fresh process. Target: ratio <= 1.2.
@@ -160,29 +161,31 @@ def _forward_child(checkpoint: str, paths: list[str], batch_size: int, barrier, 
     results.put(_forward_seconds(detector, batches))
 
 
-def forward_only(checkpoint: str, paths: list[str], batch_size: int, processes: int) -> dict:
-    """Model-only images/s: every core in one process, and `processes` one-thread processes."""
+def forward_only(checkpoint: str, paths: list[str], batch_size: int, processes: int, threads: list[int]) -> dict:
+    """Model-only images/s: `processes` one-thread processes, and one process with each thread count > 1
+    in `threads`; the fastest is the limit."""
     import torch
 
     from pipelines.inference import Detector
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    detector = Detector.from_checkpoint(checkpoint)
-    one_process = len(paths) / _forward_seconds(detector, _shape_batches(detector, paths, batch_size))
-    threads = torch.get_num_threads()
-    del detector
+    results = {}
+    for count in sorted({t for t in threads if t > 1}):
+        torch.set_num_threads(count)
+        detector = Detector.from_checkpoint(checkpoint)
+        results[f"one_process_{count}_threads"] = len(paths) / _forward_seconds(
+            detector, _shape_batches(detector, paths, batch_size))
+        del detector
     context = mp.get_context("spawn")
-    barrier, results = context.Barrier(processes), context.Queue()
+    barrier, queue = context.Barrier(processes), context.Queue()
     children = [context.Process(target=_forward_child, args=(checkpoint, paths[i::processes], batch_size, barrier,
-                                                              results)) for i in range(processes)]
+                                                              queue)) for i in range(processes)]
     for child in children:
         child.start()
-    seconds = max(results.get() for _ in children)
+    seconds = max(queue.get() for _ in children)
     for child in children:
         child.join()
-    parallel = len(paths) / seconds
-    return {"one_process_images_per_s": one_process, "one_process_threads": threads,
-            "processes_images_per_s": parallel, "processes": processes, "images_per_s": max(one_process, parallel)}
+    results[f"{processes}_processes_1_thread"] = len(paths) / seconds
+    return {**results, "images_per_s": max(results.values())}
 
 
 def label_command(checkpoint: str, folder: str, out: str, args) -> list[str]:
@@ -239,6 +242,8 @@ def main() -> int:
     parser.add_argument("--memory-large", type=int, default=2000)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--plain-threads", default="all,1",
+                        help="torch thread counts for the plain loop ('all' = every core); the fastest is the baseline")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure each speed this many times, interleaved, and keep the best (noisy machines)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes generating photos")
@@ -257,24 +262,25 @@ def main() -> int:
         speed_folder = os.path.join(work, f"first{args.images}")
         paths = link_first(photos, args.images, speed_folder)
         cores = os.cpu_count() or 1
-        runs: dict[str, list] = {"plain_all_cores": [], "plain_one_thread": [], "label": [], "forward": []}
+        plain_threads = [cores if t == "all" else int(t) for t in args.plain_threads.split(",")]
+        runs: dict[str, list] = {f"plain_{t}_threads": [] for t in plain_threads}
+        runs.update(label=[], forward=[])
         for attempt in range(args.repeats):  # interleaved, so that a noisy neighbour hits all alike
-            runs["plain_all_cores"].append(plain_loop(checkpoint, paths, args.score_threshold, cores))
-            runs["plain_one_thread"].append(plain_loop(checkpoint, paths, args.score_threshold, 1))
+            for t in plain_threads:
+                runs[f"plain_{t}_threads"].append(plain_loop(checkpoint, paths, args.score_threshold, t))
             runs["label"].append(run_label(checkpoint, speed_folder, args))
-            runs["forward"].append(forward_only(checkpoint, paths, args.batch_size, args.concurrency))
+            runs["forward"].append(forward_only(checkpoint, paths, args.batch_size, args.concurrency, plain_threads))
             for name, results in runs.items():
                 print(f"[{attempt + 1}/{args.repeats}] {name}: {results[-1]['images_per_s']:.2f} images/s", flush=True)
         best = {name: max(results, key=lambda r: r["images_per_s"]) for name, results in runs.items()}
-        plain = max(best["plain_all_cores"], best["plain_one_thread"], key=lambda r: r["images_per_s"])
+        plain = max((best[f"plain_{t}_threads"] for t in plain_threads), key=lambda r: r["images_per_s"])
         job, forward = best["label"], best["forward"]
-        print(f"plain loop: {plain['images_per_s']:.2f} images/s (the faster of {cores} torch threads: "
-              f"{best['plain_all_cores']['images_per_s']:.2f}, and 1: {best['plain_one_thread']['images_per_s']:.2f})")
+        print(f"plain loop: {plain['images_per_s']:.2f} images/s (the fastest of torch threads " + ", ".join(
+            f"{t}: {best[f'plain_{t}_threads']['images_per_s']:.2f}" for t in plain_threads) + ")", flush=True)
         print(f"detr label: {job['images_per_s']:.2f} images/s ({job['job_seconds']:.1f} s in the job, "
               f"{job['process_wall_seconds']:.1f} s with Python and Ray start-up)", flush=True)
-        print(f"forward only: {forward['images_per_s']:.2f} images/s (one process x {forward['one_process_threads']} "
-              f"threads {forward['one_process_images_per_s']:.2f}, {forward['processes']} processes x 1 thread "
-              f"{forward['processes_images_per_s']:.2f})", flush=True)
+        print(f"forward only: {forward['images_per_s']:.2f} images/s (" + ", ".join(
+            f"{k}: {v:.2f}" for k, v in forward.items() if k != "images_per_s") + ")", flush=True)
         report["speed"] = {
             "images": args.images, "repeats": args.repeats, "best": best, "all_runs": runs,
             "label_over_plain": job["images_per_s"] / plain["images_per_s"],

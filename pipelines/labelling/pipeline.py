@@ -6,6 +6,12 @@ blocks, and back-pressure bounds what sits in between, so memory does not grow
 with the input. Prepare tasks see windows of `GROUP_WINDOW_BATCHES` batches,
 which they return ordered by input shape, so consecutive actor batches hold
 images of one size.
+
+Ray Data fuses a task step into the actors that follow it when both reserve the
+same resources: with CPU-only actors of one CPU each, preparing runs inside the
+actor processes (CPU-bound work gains nothing from shipping pixels between
+processes); GPU actors, or actors reserving a fraction of a CPU, keep preparing
+in separate tasks, so the accelerator only runs the model.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ actors only run the model: rows whose key is already committed are dropped
 before any bytes are decoded (resumption), the rest are decoded
 (`pipelines.loading.decode_batch`: EXIF orientation, RGB, bomb limits; bad files
 keep their row with an error reason), hashed, and resized to the model's input
-size as uint8 (a third of float32's bytes through the object store). The window
+size as uint8 (a quarter of float32's bytes through the object store). The window
 of images a task sees leaves it sorted by input shape, so the actors' batches
 carry little padding.
 """
