@@ -27,6 +27,17 @@ from pipelines.transforms import TransformsConfig
 TASK_CPUS = 1.0  # what one read or prepare task reserves (Ray Data's default)
 GROUP_WINDOW_BATCHES = 4  # a prepare task orders this many actor batches' worth of images by shape
 ROWS_PER_READ_BLOCK = 16
+QUEUED_BATCHES_PER_ACTOR = 8  # prepared batches allowed to wait for each actor...
+MIN_OBJECT_STORE_BUDGET = 256 * 2**20  # ...but never less than this in Ray's object store
+
+
+def object_store_budget(options: LabelOptions, transforms: TransformsConfig) -> int:
+    """Bytes of Ray's object store this dataset may fill. Decoding is far faster than the model, so
+    without a budget of its own the prepare step would run ahead until Ray Data's default share of
+    the store (a large fraction of memory) is full; this keeps a few batches queued per actor."""
+    largest_image = 3 * transforms.eval_size * transforms.eval_max_size  # uint8 pixels at the model's input
+    queued = options.concurrency * QUEUED_BATCHES_PER_ACTOR * options.batch_size * largest_image
+    return max(MIN_OBJECT_STORE_BUDGET, queued)
 
 
 def check_cluster_fits(options: LabelOptions, gpus_per_actor: float, resources: dict) -> None:
@@ -57,7 +68,7 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
         batch_format="pyarrow",
         fn_kwargs={"done": done, "transforms": transforms, "limits": DecodeLimits(max_pixels=options.max_pixels)},
     )
-    return prepared.map_batches(
+    results = prepared.map_batches(
         LabelPredictor,
         compute=ray.data.ActorPoolStrategy(size=options.concurrency),
         batch_size=options.batch_size,
@@ -70,3 +81,7 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
             "classes": options.classes, "draw": options.draw, "threads": options.torch_threads,
         },
     )
+    limits = results.context.execution_options.resource_limits
+    results.context.execution_options.resource_limits = limits.copy(
+        object_store_memory=object_store_budget(options, transforms))
+    return results
