@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("jobs.convert", "convert YOLO or Pascal VOC annotations to COCO JSON"),
     "train": ("jobs.train", "train DETR on a Ray cluster (Ray Train), tracked in MLflow"),
     "evaluate": ("jobs.evaluate", "COCO metrics of a model on a labelled dataset, logged to MLflow"),
+    "label": ("jobs.label", "label images with a detector into a resumable Parquet dataset (Ray Data)"),
     "promote": ("jobs.promote", "move a registry alias to a version only if it beats the current holder"),
     "rollback": ("jobs.rollback", "point a registry alias back at its previous holder"),
     "submit": ("jobs.submit", "submit a job (train, label, evaluate, ...) to a Ray cluster"),

@@ -37,6 +37,27 @@ def transforms_from_metadata(data: Mapping[str, Any] | None) -> TransformsConfig
 
 
 @dataclass
+class EvalPreprocessing:
+    """The model's evaluation preprocessing in two steps: `resize` (uint8 in, uint8 out, so it is cheap
+    to ship between processes: the labelling job resizes in Ray tasks, ahead of its model actors) and
+    `normalize` (ImageNet normalisation, done next to the model)."""
+
+    transforms: TransformsConfig
+
+    def __post_init__(self) -> None:
+        self._resize = build_eval_transform(self.transforms)
+
+    def resize(self, image: np.ndarray) -> torch.Tensor:
+        """HWC uint8 RGB -> uint8 [3, h, w] at the evaluation size."""
+        empty = np.zeros((0,))
+        return apply_transform(self._resize, image, np.zeros((0, 4)), empty.astype(np.int64), empty)["image"]
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, h, w] -> normalised float [3, h, w]."""
+        return normalize_image(image, self.transforms.mean, self.transforms.std)
+
+
+@dataclass
 class Detector:
     """Model + evaluation preprocessing + post-processing + category names."""
 
@@ -50,7 +71,7 @@ class Detector:
     def __post_init__(self) -> None:
         self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = self.model.to(self.device).eval()
-        self._eval_transform = build_eval_transform(self.transforms)
+        self.preprocessing = EvalPreprocessing(self.transforms)
         self._postprocess = PostProcess(self.score_threshold, self.top_k)
         self._names = {int(c["id"]): str(c["name"]) for c in (self.categories or [])}
 
@@ -72,16 +93,23 @@ class Detector:
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """HWC uint8 RGB -> normalised [3, h, w] float tensor at the evaluation size."""
-        out = apply_transform(self._eval_transform, image, np.zeros((0, 4)), np.zeros((0,), np.int64), np.zeros((0,)))
-        return normalize_image(out["image"], self.transforms.mean, self.transforms.std)
+        return self.preprocessing.normalize(self.preprocessing.resize(image))
 
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections for each image, boxes as xyxy in the image's own pixels (one forward pass)."""
         if not images:
             return []
-        tensors = [self.preprocess(img) for img in images]
-        batch, mask = pad_images(tensors)
+        return self.detect_resized([self.preprocessing.resize(img) for img in images],
+                                   [img.shape[:2] for img in images])
+
+    @torch.inference_mode()
+    def detect_resized(self, images: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]]) -> list[Detections]:
+        """`detect` for images already resized by `preprocessing.resize` (uint8 [3, h, w]); `sizes` are
+        the original (height, width) that the boxes are expressed in."""
+        if not images:
+            return []
+        batch, mask = pad_images([self.preprocessing.normalize(img) for img in images])
         outputs = self.model(batch.to(self.device), mask.to(self.device))
-        sizes = torch.tensor([img.shape[:2] for img in images], device=self.device)
-        return [{k: v.cpu() for k, v in det.items()} for det in self._postprocess(outputs, sizes)]
+        target_sizes = torch.as_tensor([tuple(int(v) for v in s) for s in sizes], device=self.device)
+        return [{k: v.cpu() for k, v in det.items()} for det in self._postprocess(outputs, target_sizes)]

@@ -7,6 +7,7 @@ annotations (what a labelling job feeds its model actors).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping
 
@@ -109,24 +110,30 @@ def tally(summary: E.RunSummary, loaded: LoadedImage | None, errors: list[E.Erro
 
 
 def decode_batch(batch: Mapping[str, Any], limits: DecodeLimits = DecodeLimits()) -> dict[str, Any]:
-    """Ray Data batch of records -> `key`, `image_id`, `image` (HWC uint8 RGB, display orientation),
-    `height`, `width`, `error_reason`, `error_detail`. Bad rows stay, with an empty image and a reason,
-    so that the caller decides where they go (nothing is dropped silently)."""
+    """Ray Data batch of records -> `key`, `source`, `image_id`, `image` (HWC uint8 RGB, display
+    orientation), `height`, `width`, `content_hash` (sha256 of the file's bytes), `error_reason`,
+    `error_detail`. Bad rows stay, with an empty image and a reason, so that the caller decides where
+    they go (nothing is dropped silently)."""
     keys = list(batch["key"])
-    out: dict[str, list] = {k: [] for k in ("key", "image_id", "image", "height", "width", "error_reason", "error_detail")}
+    columns = ("key", "source", "image_id", "image", "height", "width", "content_hash", "error_reason", "error_detail")
+    out: dict[str, list] = {k: [] for k in columns}
     for i, key in enumerate(keys):
         record = {name: batch[name][i] for name in ("key", "source", "path", "bytes", "error_reason", "error_detail")
                   if name in batch}
         image = np.zeros((0, 0, 3), np.uint8)
-        reason = detail = ""
+        reason = detail = content_hash = ""
         if record.get("error_reason"):
             reason, detail = str(record["error_reason"]), str(record.get("error_detail", ""))
         else:
             try:
-                image = decode_image(read_record_bytes(record), str(key), limits).array
+                data = read_record_bytes(record)
+                content_hash = hashlib.sha256(data).hexdigest()
+                image = decode_image(data, str(key), limits).array
             except E.PipelineError as exc:
                 reason, detail = exc.reason, exc.detail
         out["key"].append(str(key))
+        out["source"].append(str(record.get("source") or ""))
+        out["content_hash"].append(content_hash)
         out["image_id"].append(int(batch["image_id"][i]) if "image_id" in batch else 0)
         out["image"].append(image)
         out["height"].append(int(image.shape[0]))
@@ -135,10 +142,12 @@ def decode_batch(batch: Mapping[str, Any], limits: DecodeLimits = DecodeLimits()
         out["error_detail"].append(detail)
     return {
         "key": np.array(out["key"], dtype=object),
+        "source": np.array(out["source"], dtype=object),
         "image_id": np.array(out["image_id"], dtype=np.int64),
         "image": out["image"],
         "height": np.array(out["height"], dtype=np.int64),
         "width": np.array(out["width"], dtype=np.int64),
+        "content_hash": np.array(out["content_hash"], dtype=object),
         "error_reason": np.array(out["error_reason"], dtype=object),
         "error_detail": np.array(out["error_detail"], dtype=object),
     }

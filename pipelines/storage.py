@@ -9,12 +9,14 @@ import fnmatch
 import os
 import posixpath
 import uuid
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _GLOB_CHARS = set("*?[")
+TEMPORARY_MARK = ".tmp-"  # in the hidden names of files being written (open_output_atomic)
 
 
 def has_scheme(path: str) -> bool:
@@ -59,16 +61,32 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary name, then rename: readers never see half a file."""
+@contextmanager
+def open_output_atomic(path: str) -> Iterator[Any]:
+    """A stream that writes `path` all at once: the bytes go to a hidden temporary name (a leading
+    dot, so dataset readers such as pyarrow and Spark skip it) that is renamed to `path` when the
+    block ends, or deleted if it raises. Readers never see half a file."""
     fs, p = resolve(path)
     parent = posixpath.dirname(p)
     if parent:
         fs.create_dir(parent, recursive=True)
-    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
+    tmp = posixpath.join(parent, f".{posixpath.basename(p)}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        with fs.open_output_stream(tmp) as stream:
+            yield stream
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
     fs.move(tmp, p)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary name, then rename: readers never see half a file."""
+    with open_output_atomic(path) as stream:
+        stream.write(data)
 
 
 def _with_scheme(original: str, fs_path: str) -> str:

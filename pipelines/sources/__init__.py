@@ -30,7 +30,7 @@ def detect_kind(path: str) -> str:
     lower = path.lower()
     if lower.endswith(".json"):
         return "coco"
-    if is_archive(lower) and not storage.is_glob(path):
+    if is_archive(lower):  # one archive, or a glob of them (`archive/2026/*.tar`)
         return "archive"
     if lower.endswith(".parquet"):
         return "parquet"

@@ -1,0 +1,221 @@
+"""Label images with a detector: any source in, a resumable Parquet dataset of detections out.
+
+    detr label --model models:/detr-r50-coco@champion --input 's3://bucket/archive/2026/*.tar'
+               --output s3://bucket/labels/2026 --concurrency 4 --batch-size 8 --score-threshold 0.5
+    detr label --model run/model.pt --input photos/ --output labels/ --classes person,car
+               --coco-json labels/coco_results.json --draw 20
+
+MODEL is a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION), an MLflow run
+(runs:/ID/model), one of our checkpoints or an official DETR checkpoint (COCO
+class names). INPUT is anything the pipelines read: folders, globs, archives,
+ingested Parquet, COCO/YOLO/VOC, local or object-store URIs.
+
+Ray Data streams the work: tasks decode and resize images (skipping those the
+output already holds), model actors (`--concurrency`, one model load each, a GPU
+each when the cluster has them) detect in batches of images of similar size, and
+this driver commits rows in atomic Parquet parts, one row per image (OUT/labels),
+unreadable images in an errors table (OUT/errors). Re-running the same command
+resumes: every image ends up in exactly one row or one error, however often the
+job was killed. OUT/manifest.json records the model, the settings and each run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from jobs.cli import module_main
+from pipelines.labelling.options import LabelOptions
+
+if TYPE_CHECKING:
+    from jobs.model_sources import ResolvedModel
+    from pipelines.labelling.writer import RunCounts
+    from pipelines.transforms import TransformsConfig
+
+DEFAULTS = LabelOptions()
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a checkpoint file")
+    parser.add_argument("--input", required=True, help="folder, glob, archive(s), Parquet or annotated dataset; "
+                                                       "local path or URI (s3://, gs://, ...)")
+    parser.add_argument("--output", required=True, help="output folder or URI (re-runs resume into it)")
+    parser.add_argument("--kind", choices=("coco", "yolo", "voc", "folder", "archive", "parquet"),
+                        help="input kind (default: detected from the path)")
+    parser.add_argument("--images", help="image folder of a COCO JSON input (default: the JSON's folder)")
+    parser.add_argument("--score-threshold", type=float, default=DEFAULTS.score_threshold,
+                        help="keep detections scoring above this (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="at most this many detections per image")
+    parser.add_argument("--classes", help="keep only these classes: names or ids, comma separated (person,car,3)")
+    parser.add_argument("--coco-json", metavar="FILE", help="also write every detection as a COCO results JSON")
+    parser.add_argument("--draw", type=int, default=DEFAULTS.draw, metavar="N",
+                        help="PNGs with drawn boxes for the first N images labelled (OUT/previews/)")
+    parser.add_argument("--concurrency", type=int, default=DEFAULTS.concurrency, help="model actors")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="images per forward pass")
+    parser.add_argument("--cpus-per-actor", type=float, default=DEFAULTS.cpus_per_actor,
+                        help="CPUs reserved per actor, also its torch threads (default: %(default)s)")
+    parser.add_argument("--gpus-per-actor", type=float, default=DEFAULTS.gpus_per_actor,
+                        help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    parser.add_argument("--rows-per-file", type=int, default=DEFAULTS.rows_per_file,
+                        help="commit a Parquet part when this many rows are buffered (default: %(default)s)")
+    parser.add_argument("--commit-seconds", type=float, default=DEFAULTS.commit_seconds,
+                        help="...or when this many seconds passed since the last commit (default: %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULTS.max_pixels,
+                        help="reject larger images (decompression bombs)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+
+
+@dataclass
+class LabelResult:
+    """What a run did (`counts`) and what the output holds now (`totals`)."""
+
+    output: str
+    counts: RunCounts
+    totals: dict
+    seconds: float
+    label_run: str
+    removed_temporaries: int = 0
+    coco_json: str | None = None
+    coco_detections: int = 0
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.counts.labelled + self.counts.errors) / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A --model resolved to checkpoint bytes (for the actors), its identity, preprocessing and classes."""
+
+    resolved: ResolvedModel
+    checkpoint: bytes
+    sha256: str
+    transforms: TransformsConfig
+    categories: list | None
+
+    def identity(self) -> dict:
+        r = self.resolved
+        return {"uri": r.uri, "name": r.name, "version": r.version, "run_id": r.run_id, "sha256": self.sha256}
+
+
+def load_model(spec: str, tracking_uri: str | None) -> LoadedModel:
+    """Resolve any --model form (downloading MLflow models) and read what the driver needs from it."""
+    from jobs.model_sources import is_mlflow_uri, resolve_model
+    from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
+    from pipelines import storage
+    from pipelines.inference import Detector
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if is_mlflow_uri(spec):
+        ensure_tracking_available(uri)
+    resolved = resolve_model(spec, uri)
+    data = storage.read_bytes(resolved.checkpoint)
+    detector = Detector.from_checkpoint(resolved.checkpoint)  # checks the file; the actors load their own
+    return LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories)
+
+
+def _gpus_per_actor(configured: float | None) -> float:
+    import ray
+
+    if configured is not None:
+        return configured
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def label(model: str, input_path: str, output: str, options: LabelOptions = DEFAULTS, *, classes: str | None = None,
+          kind: str | None = None, images: str | None = None, coco_json: str | None = None,
+          tracking_uri: str | None = None, address: str | None = None) -> LabelResult:
+    """Label `input_path` with `model` into `output` (resuming what is there); see the module docstring."""
+    import ray
+
+    from pipelines.cluster import connect
+    from pipelines.labelling.coco_export import write_coco_results
+    from pipelines.labelling.manifest import ManifestRun
+    from pipelines.labelling.options import parse_classes
+    from pipelines.labelling.output import LabelOutput
+    from pipelines.labelling.pipeline import build_label_dataset, check_cluster_fits
+    from pipelines.labelling.writer import ChunkWriter, ModelIdentity
+    from pipelines.sources import open_source
+
+    loaded = load_model(model, tracking_uri)
+    options = dataclasses.replace(options, classes=parse_classes(classes, loaded.categories)) if classes else options
+    source = open_source(input_path, kind, images=images)
+    connect(address)
+    gpus = _gpus_per_actor(options.gpus_per_actor)
+    check_cluster_fits(options, gpus, ray.cluster_resources())
+
+    out = LabelOutput(output)
+    label_run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    manifest = ManifestRun.start(out, loaded.identity(), options.row_settings(), label_run=label_run,
+                                 input=input_path, model_uri=loaded.resolved.uri)
+    removed = out.remove_temporaries()
+    committed = out.scan()
+
+    start = time.perf_counter()
+    dataset = build_label_dataset(source, loaded.checkpoint, loaded.transforms, options,
+                                  committed.keys.sorted_array(), gpus)
+    r = loaded.resolved
+    writer = ChunkWriter(out, committed, ModelIdentity(r.name, r.version, r.run_id), label_run,
+                         rows_per_file=options.rows_per_file, commit_seconds=options.commit_seconds, draw=options.draw)
+    writer.add_errors(source.planning_errors)
+    for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer.add(results)
+    writer.flush()
+    seconds = time.perf_counter() - start
+
+    c = writer.counts
+    result = LabelResult(output, c, {}, seconds, label_run, removed)
+    if coco_json:
+        result.coco_json, result.coco_detections = coco_json, write_coco_results(out, coco_json)
+    result.totals = manifest.finish(
+        committed, writer.next_part, labelled=c.labelled, errors=c.errors, detections=c.detections, parts=c.parts,
+        rejected=dict(c.rejected), duplicates_dropped=c.duplicates_dropped, removed_temporaries=removed,
+        already_done=committed.labelled + committed.errors, seconds=round(seconds, 3),
+        images_per_s=round(result.images_per_s, 3))
+    result.manifest = manifest.manifest
+    return result
+
+
+def format_result(result: LabelResult) -> str:
+    c, t = result.counts, result.totals
+    lines = [
+        f"labelled {c.labelled} images ({c.detections} detections), {c.errors} errors, in {result.seconds:.1f} s: "
+        f"{result.images_per_s:.2f} images/s",
+        f"output {result.output}: {t['images_labelled']} images labelled (labels/), {t['errors']} errors (errors/), "
+        f"{t['detections']} detections in {t['parts']} parts; manifest {result.output}/manifest.json",
+    ]
+    if c.rejected:
+        lines.append("errors by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(c.rejected.items())))
+    if c.previews:
+        lines.append(f"{c.previews} previews in {result.output}/previews/")
+    if result.coco_json:
+        lines.append(f"COCO results: {result.coco_detections} detections -> {result.coco_json}")
+    if result.removed_temporaries:
+        lines.append(f"removed {result.removed_temporaries} unfinished temporary files of an earlier run")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = LabelOptions(
+        score_threshold=args.score_threshold, top_k=args.top_k, batch_size=args.batch_size,
+        concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+        rows_per_file=args.rows_per_file, commit_seconds=args.commit_seconds, draw=args.draw,
+        max_pixels=args.max_pixels,
+    )
+    result = label(args.model, args.input, args.output, options, classes=args.classes, kind=args.kind,
+                   images=args.images, coco_json=args.coco_json, tracking_uri=args.tracking_uri,
+                   address=args.address)
+    print(format_result(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(module_main(sys.modules[__name__]))

@@ -1,0 +1,81 @@
+"""The labelling job's settings: one dataclass holds every default, and the class filter's parser.
+
+Settings that change what a row says (threshold, top-k, classes) are recorded in
+the output's manifest; a re-run into the same output must use the same ones, so
+that every row of a dataset means the same thing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from pipelines.decode import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """How to label: detection filters, parallelism, and how often rows are committed."""
+
+    score_threshold: float | None = 0.5  # keep detections scoring above this (None: every query)
+    top_k: int | None = None  # then keep at most this many per image, best first
+    classes: tuple[int, ...] | None = None  # category ids to keep (None: all)
+    batch_size: int = 8  # images per forward pass
+    concurrency: int = 1  # model actors
+    cpus_per_actor: float = 1.0  # also the actor's torch threads (at least 1)
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    rows_per_file: int = 1000  # rows per committed Parquet file...
+    commit_seconds: float = 30.0  # ...or fewer, when this long has passed since the last commit
+    draw: int = 0  # PNG previews with drawn boxes for the first N images labelled
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        for name in ("batch_size", "concurrency", "rows_per_file", "max_pixels"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_actor <= 0:
+            problems.append(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            problems.append(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if self.draw < 0 or self.commit_seconds < 0:
+            problems.append("draw and commit_seconds must be >= 0")
+        if problems:
+            raise ValueError("invalid labelling options: " + "; ".join(problems))
+
+    @property
+    def torch_threads(self) -> int:
+        return max(1, int(self.cpus_per_actor))
+
+    def row_settings(self) -> dict:
+        """The settings that shape the rows (recorded in the manifest, checked on re-runs)."""
+        settings = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()
+                if k in ("score_threshold", "top_k", "classes")}
+
+
+def parse_classes(spec: str | None, categories: Sequence[dict] | None) -> tuple[int, ...] | None:
+    """`--classes person,car,3`: category names (case-insensitive) or ids -> sorted unique ids.
+
+    Raises ValueError naming anything the model does not know.
+    """
+    if spec is None or not spec.strip():
+        return None
+    by_name = {str(c["name"]).lower(): int(c["id"]) for c in categories or []}
+    known_ids = {int(c["id"]) for c in categories or []}
+    ids, unknown = set(), []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if token.lstrip("-").isdigit() and (not known_ids or int(token) in known_ids):
+            ids.add(int(token))
+        elif token.lower() in by_name:
+            ids.add(by_name[token.lower()])
+        else:
+            unknown.append(token)
+    if unknown:
+        names = ", ".join(sorted(by_name)[:20]) + (" ..." if len(by_name) > 20 else "")
+        raise ValueError(f"--classes: the model has no class {', '.join(map(repr, unknown))}"
+                         + (f" (it knows: {names})" if names else " (it has no class names: use ids)"))
+    return tuple(sorted(ids)) or None

@@ -1,0 +1,151 @@
+"""The labelling output folder: committed chunks are the truth, each image in exactly one of them.
+
+    OUT/labels/part-000000.parquet   label rows (schema.LABEL_SCHEMA), one per labelled image
+    OUT/errors/part-000000.parquet   images that could not be read (source, image, reason, detail)
+    OUT/previews/*.png               drawn detections for the first N images (--draw N)
+    OUT/manifest.json                model, settings, totals and the history of runs
+
+A chunk is committed by writing it under a hidden temporary name and renaming it
+(`storage.write_bytes_atomic`), so a killed job leaves either a whole part or a
+hidden temporary file that readers skip and the next run deletes. Part numbers
+grow by one per commit (labels and errors of one commit share it), so file
+order is commit order. The writer never commits a key twice; readers still
+defend against it (a copied or hand-made file): `iter_rows` keeps the first
+committed row of each key, and `scan` counts what it ignored.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.errors import errors_schema
+from pipelines.labelling.key_digests import KeyDigestSet, key_digests
+from pipelines.labelling.schema import LABEL_SCHEMA
+
+LABELS = "labels"
+ERRORS = "errors"
+PREVIEWS = "previews"
+MANIFEST = "manifest.json"
+FORMAT = "raydetr-labels-v1"
+KEY_COLUMN = {LABELS: "key", ERRORS: "image"}  # the errors table names the image in `image`
+_PART = re.compile(r"^part-(\d+)\.parquet$")
+
+
+def part_name(number: int) -> str:
+    return f"part-{number:06d}.parquet"
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+@dataclass
+class Committed:
+    """What an output folder holds: the keys done (labels and errors) and the totals."""
+
+    keys: KeyDigestSet = field(default_factory=KeyDigestSet)
+    labelled: int = 0
+    errors: int = 0
+    detections: int = 0
+    duplicates_ignored: int = 0
+    next_part: int = 0
+    previews: int = 0
+
+
+class LabelOutput:
+    """An output folder or URI (see the module docstring for the layout)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self.path = storage.resolve(self.root)
+
+    def _dir(self, kind: str) -> str:
+        return f"{self.path}/{kind}"
+
+    def _list(self, kind: str) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self._dir(kind), allow_not_found=True)
+        return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+    def parts(self, kind: str) -> list[tuple[int, str]]:
+        """Committed parts of `kind` (LABELS or ERRORS) as (number, path inside the file system), in commit order."""
+        found = [(int(m.group(1)), info.path) for info in self._list(kind) if (m := _PART.match(info.base_name))]
+        return sorted(found)
+
+    def remove_temporaries(self) -> int:
+        """Delete the hidden temporary files a killed run left behind; returns how many."""
+        stale = [info.path for kind in (LABELS, ERRORS, PREVIEWS) for info in self._list(kind)
+                 if info.base_name.startswith(".") and storage.TEMPORARY_MARK in info.base_name]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
+
+    def _label_keys(self) -> KeyDigestSet:
+        keys = KeyDigestSet()
+        for _, path in self.parts(LABELS):
+            keys.add_new(key_digests(pq.read_table(path, columns=["key"], filesystem=self.fs)["key"].to_pylist()))
+        return keys
+
+    def iter_rows(self, kind: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The committed rows of `kind`, part by part: the first committed row of each key only, and
+        no error row for a key that has a label row (labels win, as in `scan`)."""
+        key = KEY_COLUMN[kind]
+        seen = self._label_keys() if kind == ERRORS else KeyDigestSet()
+        for _, path in self.parts(kind):
+            wanted = None if columns is None else list(dict.fromkeys([key, *columns]))
+            table = pq.read_table(path, columns=wanted, filesystem=self.fs)
+            first = seen.add_new(key_digests(table[key].to_pylist()))
+            yield table if first.all() else table.filter(pa.array(first))
+
+    def read(self, kind: str, columns: list[str] | None = None) -> pa.Table:
+        """All committed rows of `kind` (deduplicated by key, see `iter_rows`)."""
+        tables = list(self.iter_rows(kind, columns))
+        if tables:
+            return pa.concat_tables(tables)
+        schema = LABEL_SCHEMA if kind == LABELS else errors_schema()
+        return schema.empty_table() if columns is None else schema.empty_table().select(
+            list(dict.fromkeys([KEY_COLUMN[kind], *columns])))
+
+    def scan(self) -> Committed:
+        """Keys and totals of everything committed (one pass over the key columns)."""
+        done = Committed()
+        for kind in (LABELS, ERRORS):
+            key = KEY_COLUMN[kind]
+            for number, path in self.parts(kind):
+                done.next_part = max(done.next_part, number + 1)
+                table = pq.read_table(path, columns=[key, "labels"] if kind == LABELS else [key], filesystem=self.fs)
+                new = done.keys.add_new(key_digests(table[key].to_pylist()))
+                done.duplicates_ignored += int((~new).sum())
+                if kind == LABELS:
+                    done.labelled += int(new.sum())
+                    lengths = pc.list_value_length(table["labels"]).to_numpy(zero_copy_only=False)
+                    done.detections += int(lengths[new].sum())
+                else:
+                    done.errors += int(new.sum())
+        done.previews = sum(1 for info in self._list(PREVIEWS) if info.base_name.endswith(".png"))
+        return done
+
+    def commit(self, number: int, labels: pa.Table | None, errors: pa.Table | None) -> None:
+        """Write one commit's label rows and error rows as part `number` (each file atomically)."""
+        for kind, table in ((LABELS, labels), (ERRORS, errors)):
+            if table is not None and table.num_rows:
+                storage.write_bytes_atomic(f"{self.root}/{kind}/{part_name(number)}", _table_bytes(table))
+
+    def write_preview(self, name: str, png: bytes) -> None:
+        storage.write_bytes_atomic(f"{self.root}/{PREVIEWS}/{name}", png)
+
+    def read_manifest(self) -> dict | None:
+        path = f"{self.root}/{MANIFEST}"
+        return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+    def write_manifest(self, manifest: dict) -> None:
+        storage.write_bytes_atomic(f"{self.root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())

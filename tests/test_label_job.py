@@ -1,0 +1,263 @@
+"""`detr label` on the shared two-node Ray cluster: a messy folder, a tar archive, ingested Parquet
+with a registered model, and a driver killed mid-run.
+
+Every test checks that rows + errors add up to the input, each image once, and
+that the detections equal a direct `Detector` call on the same decoded image
+(same boxes to 1e-3).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import detr
+from jobs.cli import main as detr_cli
+from messy_data import corrupt_jpeg, encode, rgb_image, write_messy_coco
+from pipelines.decode import decode_image
+from pipelines.inference import Detector, transforms_to_metadata
+from pipelines.labelling.output import ERRORS, LABELS, LabelOutput
+from pipelines.synthetic import SyntheticConfig, write_dataset
+from pipelines.transforms import TransformsConfig
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+CATEGORIES = [{"id": i, "name": n} for i, n in enumerate(["circle", "square", "triangle", "star"], start=1)]
+
+
+def save_tiny(path: Path, transforms: TransformsConfig) -> str:
+    """A random `tiny` DETR whose queries disagree on the class: its class head is fitted (on the
+    decoder outputs for a few random images) to give query q the class q % 4 + 1. An untouched random
+    model calls every query the same class, which would leave a class filter nothing to filter."""
+    torch.manual_seed(0)
+    model = detr.build_model("tiny", num_classes=5).eval()
+    decoded = []
+    hook = model.class_embed.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0][-1]))
+    rng = np.random.default_rng(0)
+    Detector(model, transforms).detect([rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(8)])
+    hook.remove()
+    features = decoded[0].reshape(-1, model.config.hidden_dim).clone()
+    target = torch.arange(model.config.num_queries).repeat(8) % 4 + 1
+    optimizer = torch.optim.Adam(model.class_embed.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model.class_embed(features), target).backward()
+        optimizer.step()
+    detr.save_checkpoint(model, path, {"categories": CATEGORIES, "transforms": transforms_to_metadata(transforms)})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny.pt", TransformsConfig.small())
+
+
+def synthetic_images(folder: Path, n: int, seed: int) -> list[Path]:
+    config = SyntheticConfig(images=n, min_image_size=64, max_image_size=128, image_format="jpg", seed=seed)
+    write_dataset(str(folder), config)
+    return sorted((folder / "images").iterdir())
+
+
+def expected_detections(checkpoint: str, data: bytes, key: str, threshold: float, top_k: int | None,
+                        classes: set[int] | None = None) -> dict:
+    """The reference: decode the file, one `Detector.detect` call on it alone, then the class filter and top-k."""
+    image = decode_image(data, key).array
+    det = Detector.from_checkpoint(checkpoint, score_threshold=threshold).detect([image])[0]
+    keep = [i for i in det["scores"].argsort(descending=True).tolist()
+            if classes is None or int(det["labels"][i]) in classes][:top_k]
+    return {"shape": image.shape[:2], "boxes": det["boxes"][keep].numpy(), "scores": det["scores"][keep].numpy(),
+            "labels": det["labels"][keep].tolist()}
+
+
+def assert_rows_match_direct_calls(rows: list[dict], read, checkpoint: str, threshold: float, top_k: int | None,
+                                   classes: set[int] | None = None) -> int:
+    """Each row equals the reference for its image; returns the number of detections compared."""
+    compared = 0
+    for row in rows:
+        data = read(row["key"])
+        want = expected_detections(checkpoint, data, row["key"], threshold, top_k, classes)
+        assert (row["height"], row["width"]) == want["shape"], row["key"]
+        assert row["content_hash"] == hashlib.sha256(data).hexdigest()
+        assert row["labels"] == want["labels"], row["key"]
+        np.testing.assert_allclose(np.asarray(row["boxes"]).reshape(-1, 4), want["boxes"], atol=1e-3)
+        np.testing.assert_allclose(row["scores"], want["scores"], atol=1e-4)
+        assert row["label_names"] == [CATEGORIES[i - 1]["name"] for i in row["labels"]]
+        compared += len(row["labels"])
+    return compared
+
+
+def committed_keys(out: str) -> tuple[list[str], list[str]]:
+    """Every key in every committed part, duplicates included (no reader-side deduplication)."""
+    labels = [k for _, p in LabelOutput(out).parts(LABELS) for k in pq.read_table(p, columns=["key"])["key"].to_pylist()]
+    errors = [k for _, p in LabelOutput(out).parts(ERRORS) for k in pq.read_table(p, columns=["image"])["image"].to_pylist()]
+    return labels, errors
+
+
+def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint, tmp_path, capsys):
+    _, expected = write_messy_coco(str(tmp_path / "in" / "messy"))
+    synthetic_images(tmp_path / "in" / "shapes", 10, seed=1)
+    inputs = sorted(str(p) for p in (tmp_path / "in").rglob("*") if p.suffix in (".jpg", ".png"))
+    assert len(inputs) == 20
+    out, coco = str(tmp_path / "out"), str(tmp_path / "coco.json")
+    argv = ["label", "--model", checkpoint, "--input", str(tmp_path / "in"), "--output", out,
+            "--score-threshold", "0.2", "--top-k", "5", "--concurrency", "2", "--batch-size", "3",
+            "--rows-per-file", "6", "--draw", "3", "--coco-json", coco]
+    assert detr_cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "labelled 16 images" in printed and "4 errors" in printed and "3 previews" in printed
+
+    labels, errors = committed_keys(out)
+    assert sorted(labels + errors) == inputs and len(set(labels + errors)) == len(inputs)  # each exactly once
+    reasons = {Path(e["image"]).name: e["reason"] for e in LabelOutput(out).read(ERRORS).to_pylist()}
+    assert reasons == {name: why for name, why in expected.items() if why not in ("kept", "read_error")}
+    rows = LabelOutput(out).read(LABELS).to_pylist()
+    rotated = next(r for r in rows if r["key"].endswith("rotated.jpg"))
+    assert (rotated["width"], rotated["height"]) == (48, 64)  # EXIF orientation applied: as displayed
+    assert all((r["model_name"], r["model_version"], r["model_run_id"]) == ("tiny", "", "") for r in rows)
+    compared = assert_rows_match_direct_calls(rows, lambda k: Path(k).read_bytes(), checkpoint, 0.2, 5)
+    assert compared > 16 and all(len(r["labels"]) <= 5 for r in rows)
+
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["settings"] == {"score_threshold": 0.2, "top_k": 5,
+                                                                         "classes": None}
+    assert manifest["totals"]["images_labelled"] == 16 and manifest["totals"]["detections"] == compared
+    results = json.loads(Path(coco).read_text())
+    assert len(results) == compared and {r["image_id"] for r in results} == {r["image_id"] for r in rows}
+    previews = sorted(Path(out, "previews").iterdir())
+    assert len(previews) == 3 and all(Image.open(p).format == "PNG" for p in previews)
+
+    # The same command again: nothing left to do, no file touched.
+    before = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.parquet")}
+    assert detr_cli(argv) == 0
+    assert "labelled 0 images (0 detections), 0 errors" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.parquet")} == before
+    assert len(json.loads(Path(out, "manifest.json").read_text())["runs"]) == 2
+
+    # Another threshold into the same output is refused, with the reason.
+    assert detr_cli([*argv[:7], "--score-threshold", "0.5"]) == 1
+    assert "score_threshold 0.2 (now 0.5)" in capsys.readouterr().err
+
+
+def write_tar(path: Path, images: list[Path]) -> list[str]:
+    """A tar of `images` plus a corrupt, an empty and an unsafe member; returns every member's key."""
+    members = [(f"photos/{p.name}", p.read_bytes()) for p in images]
+    members += [("photos/corrupt.jpg", corrupt_jpeg()), ("photos/empty.png", b""),
+                ("../escape.jpg", encode(rgb_image(9), "JPEG"))]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return sorted(f"{path}!{name}" for name, _ in members)
+
+
+def test_label_a_tar_archive_with_a_class_filter(ray_cluster, checkpoint, tmp_path):
+    from jobs.label import label
+    from pipelines.labelling.options import LabelOptions
+
+    images = synthetic_images(tmp_path / "shapes", 12, seed=2)
+    archive = tmp_path / "batch.tar"
+    keys = write_tar(archive, images)
+    out = str(tmp_path / "out")
+    options = LabelOptions(score_threshold=0.0, top_k=4, batch_size=4, concurrency=2)
+    result = label(checkpoint, str(archive), out, options, classes="circle,3")
+    assert (result.counts.labelled, result.counts.errors) == (12, 3)
+    labels, errors = committed_keys(out)
+    assert sorted(labels + errors) == keys and len(set(labels + errors)) == len(keys)
+    assert dict(result.counts.rejected) == {"decode_error": 1, "zero_byte": 1, "unsafe_archive_member": 1}
+
+    members = {f"{archive}!photos/{p.name}": p.read_bytes() for p in images}
+    rows = LabelOutput(out).read(LABELS).to_pylist()
+    compared = assert_rows_match_direct_calls(rows, members.__getitem__, checkpoint, 0.0, 4, classes={1, 3})
+    assert compared > 0 and {label for r in rows for label in r["labels"]} <= {1, 3}
+    unfiltered = {label for k, d in members.items() for label in expected_detections(checkpoint, d, k, 0.0, 4)["labels"]}
+    assert unfiltered - {1, 3}  # the model's best four include other classes: the filter removed them
+
+
+@pytest.mark.mlflow
+def test_label_ingested_parquet_with_a_registered_model(ray_cluster, mlflow_server, checkpoint, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.label import label
+    from jobs.mlflow_model import log_detector_model
+    from pipelines.labelling.options import LabelOptions
+
+    paths = write_dataset(str(tmp_path / "shapes"), SyntheticConfig(images=10, min_image_size=64, max_image_size=128,
+                                                                     seed=3))
+    (tmp_path / "shapes" / "images" / "000004.png").write_bytes(b"")  # ingest rejects it into its own errors
+    assert detr_cli(["ingest", paths["train"], str(tmp_path / "ingested"), "--rows-per-shard", "4"]) == 0
+    shards = pq.read_table(tmp_path / "ingested" / "data", columns=["key", "image"]).to_pylist()
+    assert len(shards) == 9
+
+    client = MlflowClient(mlflow_server)
+    run = client.create_run(client.create_experiment("label-test"))
+    info = log_detector_model(mlflow_server, run.info.run_id, checkpoint, registered_model_name="label-tiny")
+    client.set_terminated(run.info.run_id)
+    client.set_registered_model_alias("label-tiny", "champion", info.registered_model_version)
+
+    out = str(tmp_path / "out")
+    result = label("models:/label-tiny@champion", str(tmp_path / "ingested"), out,
+                   LabelOptions(score_threshold=0.1, batch_size=2), tracking_uri=mlflow_server)
+    assert (result.counts.labelled, result.counts.errors) == (9, 0)
+    rows = LabelOutput(out).read(LABELS).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(s["key"] for s in shards)
+    assert {(r["model_name"], r["model_version"], r["model_run_id"]) for r in rows} == \
+        {("label-tiny", str(info.registered_model_version), run.info.run_id)}
+    image_bytes = {s["key"]: s["image"] for s in shards}
+    assert_rows_match_direct_calls(rows, image_bytes.__getitem__, checkpoint, 0.1, None)
+    assert result.manifest["model"]["uri"] == "models:/label-tiny@champion"
+
+
+def test_a_killed_driver_is_resumed_and_every_image_lands_exactly_once(ray_cluster, tmp_path):
+    # A model at 240 px so the run lasts seconds: long enough to be killed in the middle.
+    checkpoint = save_tiny(tmp_path / "slow.pt", TransformsConfig().scaled(0.3))
+    images = synthetic_images(tmp_path / "in", 48, seed=4)
+    (tmp_path / "in" / "images" / "broken.jpg").write_bytes(corrupt_jpeg())
+    inputs = sorted(str(p) for p in (tmp_path / "in" / "images").iterdir())
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.label", "--model", checkpoint, "--input", str(tmp_path / "in" / "images"),
+               "--output", str(out), "--address", ray_cluster.address, "--score-threshold", "0",
+               "--concurrency", "1", "--batch-size", "2", "--rows-per-file", "4"]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while driver.poll() is None and time.time() < deadline and not LabelOutput(str(out)).parts(LABELS):
+        time.sleep(0.05)
+    assert driver.poll() is None, f"the driver ended before it could be killed: {driver.stderr.read()[-2000:]}"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    driver.stderr.close()
+    first_labels, first_errors = committed_keys(str(out))
+    assert 0 < len(first_labels) < len(images), "killed after the first commit, before the last"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    # Killed at the worst moment, a run leaves half a part under its hidden temporary name.
+    (out / LABELS / ".part-000999.parquet.tmp-0badf00d").write_bytes(b"PAR1 half written")
+
+    from jobs.label import label
+    from pipelines.labelling.options import LabelOptions
+
+    result = label(checkpoint, str(tmp_path / "in" / "images"), str(out),
+                   LabelOptions(score_threshold=0.0, batch_size=4, concurrency=2))
+    assert result.removed_temporaries == 1 and not list((out / LABELS).glob(".*"))
+    labels, errors = committed_keys(str(out))
+    assert Counter(labels + errors) == Counter(inputs)  # every image exactly once, none lost
+    assert errors == [str(tmp_path / "in" / "images" / "broken.jpg")]
+    assert result.counts.labelled == len(images) - len(first_labels)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["running", "complete"]
+    assert manifest["totals"]["images_labelled"] == len(images) and manifest["totals"]["errors"] == 1
