@@ -57,6 +57,16 @@ PY
     for i in $(seq 1 "$WORKERS"); do
       "$RAY" start --address="$ADDRESS" $(cpu_flag) --disable-usage-stats
     done
+    # `ray start` returns before a worker has registered; wait until every node is active.
+    EXPECTED=$((WORKERS + 1))
+    for _ in $(seq 1 120); do
+      ACTIVE="$("$RAY" status --address="$ADDRESS" 2>/dev/null | sed -n '/^Active:/,/^Pending:/p' | grep -c 'node_' || true)"
+      [ "$ACTIVE" -ge "$EXPECTED" ] && break
+      sleep 1
+    done
+    if [ "$ACTIVE" -lt "$EXPECTED" ]; then
+      echo "only $ACTIVE of $EXPECTED nodes became active within 120 s" >&2; exit 1
+    fi
     echo "Ray cluster: head + $WORKERS worker node(s) at $ADDRESS"
     echo "dashboard / job submission: http://$DASHBOARD_HOST:$DASHBOARD_PORT"
     ;;

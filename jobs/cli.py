@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from types import ModuleType
 from typing import Sequence
@@ -77,6 +78,8 @@ def _run(module: ModuleType, args: argparse.Namespace, prog: str) -> int:
     try:
         return int(module.run(args) or 0)
     except (*USER_ERRORS, TrackingUnavailableError) as exc:
+        if os.environ.get("RAYDETR_DEBUG") or (isinstance(exc, OSError) and exc.filename is None):
+            raise  # a bug, not a user's mistake: keep the traceback
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
 

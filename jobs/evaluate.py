@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.cli import module_main
+from pipelines.cluster import connect
 
 EVAL_EXPERIMENT = "raydetr-evaluations"
 TAG_JOB = "raydetr.job"
@@ -177,7 +178,6 @@ def evaluate(
     address: str | None = None,
 ) -> EvalResult:
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     from detr.evaluation import STAT_NAMES, coco_ground_truth, evaluate_coco
@@ -192,8 +192,7 @@ def evaluate(
     if log_to_mlflow or model_spec.startswith(("models:/", "runs:/")):
         ensure_tracking_available(uri)
     model = resolve_model(model_spec, uri)
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="warning")
+    connect(address)
     source = open_source(data, images=images)
     digest = dataset_digest(source)
     if reuse and log_to_mlflow and model.version:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.cli import module_main
+from pipelines.cluster import connect, restore_working_directory
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -46,14 +47,6 @@ class TrainResult:
     model_uri: str | None
     registered_version: str | None
     storage_path: str
-
-
-def _ensure_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level="warning",
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
 
 
 def _run_name(config) -> str:
@@ -155,7 +148,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     config = config.resolved()
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
     ensure_tracking_available(tracking_uri)
-    _ensure_ray(address)
+    connect(address)
 
     transforms = TransformsConfig.preset(config.data.transforms)
     window = config.data.batch_size * 8 if config.data.aspect_ratio_grouping else 0
@@ -223,6 +216,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         run.finish("FAILED")
         raise
 
+    restore_working_directory()
     checkpoint, best_metrics = _best_checkpoint(result)
     errors = (train_data.errors.errors() if train_data.errors else []) + (
         val_data.errors.errors() if val_data and val_data.errors else [])

@@ -16,3 +16,19 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, logging_level="warning")
     else:
         ray.init(include_dashboard=False, logging_level="warning")
+
+
+def restore_working_directory() -> None:
+    """Step out of a working directory that no longer exists.
+
+    A job submitted with a `working_dir` runs inside Ray's unpacked copy of it, which Ray may
+    garbage-collect once the last worker that shared it exits (seen after `TorchTrainer.fit`
+    on a multi-node cluster); libraries that call `os.getcwd()` afterwards (MLflow does when
+    logging a model) would fail. Moving to the temporary folder keeps them working; every path
+    the jobs use is absolute by then."""
+    import tempfile
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(tempfile.gettempdir())
