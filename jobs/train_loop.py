@@ -95,6 +95,7 @@ class EpochMetrics:
         self.totals: dict[str, float] = {}
         self.steps = 0
         self.rows: list[tuple[int, dict[str, float]]] = []
+        self.last_step = 0
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -102,8 +103,14 @@ class EpochMetrics:
             self.totals[k] = self.totals.get(k, 0.0) + v
         self.window_steps += 1
         self.steps += 1
+        self.last_step = step
         if self.window_steps == self.every:
-            self.rows.append((step, {f"train_{k}": v / self.window_steps for k, v in self.window.items()}))
+            self.flush()
+
+    def flush(self) -> None:
+        """Turn the open window into a logged row (at every `every` steps and at the end of an epoch)."""
+        if self.window_steps:
+            self.rows.append((self.last_step, {f"train_{k}": v / self.window_steps for k, v in self.window.items()}))
             self.window, self.window_steps = {}, 0
 
     def epoch_means(self) -> dict[str, float]:
@@ -228,6 +235,7 @@ class Trainer:
             steps += 1
             self.global_step += 1
             metrics.add(self.global_step, step_metrics)
+        metrics.flush()
         elapsed = time.perf_counter() - start
         total_images, total_time = _sum_across_workers([images, elapsed], self.device)
         # Every worker takes the same (mean) duration, so they agree on when the time budget is spent.
