@@ -8,10 +8,12 @@ counts. From those counts it reports PQ = sum IoU / (TP + FP/2 + FN/2) = SQ x RQ
 per class, and their means over the classes that occur (TP + FP + FN > 0), as
 the COCO panoptic API does: over all classes, things (`_th`) and stuff (`_st`).
 
-Unlabelled pixels are ignored on both sides: ground-truth pixels of no segment
-(id 0) and of crowd segments, and predicted pixels of no segment. (The COCO API
-instead discounts a predicted segment that lies mostly on crowd or unlabelled
-ground truth; on data without crowd regions the two agree.)
+Unlabelled ground truth (id 0, and crowd segments) is void: it matches nothing,
+and a predicted segment lying mostly on it is no false positive (the COCO API's
+rule). Predicted pixels of no segment are not void, unlike torchmetrics' default,
+which would excuse a ground-truth segment the prediction leaves mostly empty:
+they get a category of their own (`unlabelled`, left out of every average), so
+a missed segment is a false negative, as in the COCO API.
 
 `mask_ap` scores instance masks of things (COCO RLE) with `COCOeval(iouType="segm")`.
 """
@@ -57,9 +59,11 @@ class PanopticEvaluator:
         self.stuff = sorted(int(c["id"]) for c in categories if not c.get("isthing", 1))
         if not self.things and not self.stuff:
             raise ValueError("PanopticEvaluator needs at least one category")
-        # torchmetrics orders its per-class states: things (sorted), then stuff (sorted).
+        # torchmetrics orders its per-class states: things (sorted), then stuff (sorted); the
+        # `unlabelled` prediction class has the largest id, so it comes last and is left out.
         self.order = self.things + self.stuff
-        self.metric = PanopticQuality(things=set(self.things), stuffs=set(self.stuff),
+        self.unlabelled = max(self.order) + 1
+        self.metric = PanopticQuality(things=set(self.things), stuffs=set(self.stuff) | {self.unlabelled},
                                       allow_unknown_preds_category=True)
         self.images = 0
 
@@ -71,9 +75,9 @@ class PanopticEvaluator:
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape[:2])} and ground truth {tuple(target.shape[:2])} "
                              "must have the same size")
-        known = set(self.order)
-        unknown_pred = ~torch.isin(pred[..., 0], torch.tensor(sorted(known)))
-        pred[..., 0][unknown_pred] = IGNORED  # predicted classes outside the table count as unlabelled
+        unknown_pred = ~torch.isin(pred[..., 0], torch.tensor(self.order))
+        pred[..., 0][unknown_pred] = self.unlabelled  # no segment, or a class outside the table
+        pred[..., 1][unknown_pred] = 0
         self.metric.update(pred[None], target[None])
         self.images += 1
 
@@ -81,8 +85,9 @@ class PanopticEvaluator:
         """PQ, SQ, RQ overall and for things/stuff (means over classes that occur), `per_class`
         {category id: {"PQ", "SQ", "RQ", "TP", "FP", "FN"}}, and `num_images`."""
         m = self.metric
-        iou = m.iou_sum.double()
-        tp, fp, fn = m.true_positives.double(), m.false_positives.double(), m.false_negatives.double()
+        n = len(self.order)
+        iou = m.iou_sum.double()[:n]
+        tp, fp, fn = m.true_positives.double()[:n], m.false_positives.double()[:n], m.false_negatives.double()[:n]
         sq = torch.where(tp > 0, iou / tp.clamp(min=1), torch.zeros_like(iou))
         denominator = tp + 0.5 * fp + 0.5 * fn
         rq = torch.where(denominator > 0, tp / denominator.clamp(min=1e-12), torch.zeros_like(iou))

@@ -63,6 +63,14 @@ def test_a_perfect_prediction_has_pq_one_and_void_is_ignored():
     assert r["PQ"] == r["SQ"] == r["RQ"] == r["PQ_th"] == r["PQ_st"] == 1.0
 
 
+def test_segments_left_unpredicted_are_false_negatives():
+    evaluator = PanopticEvaluator(CATEGORIES)
+    nothing = np.zeros_like(GT)
+    evaluator.update(nothing, [], GT, GT_SEGMENTS)  # an empty prediction misses all four segments
+    r = evaluator.compute()
+    assert r["PQ"] == 0.0 and {c: v["FN"] for c, v in r["per_class"].items()} == {1: 2, 3: 1, 4: 1}
+
+
 def test_mask_ap_of_perfect_and_wrong_masks():
     is_thing = {c["id"]: bool(c["isthing"]) for c in CATEGORIES}
     annotations = instance_ground_truth(7, GT, GT_SEGMENTS, is_thing)
