@@ -29,15 +29,25 @@ def segment_images(detector: Detector, images: Sequence[np.ndarray], threshold: 
     "bbox" (x, y, w, h), "rle" (COCO RLE, counts as str)}]."""
     if not images:
         return []
+    return segment_preprocessed(detector, [detector.preprocess(img) for img in images],
+                                [tuple(img.shape[:2]) for img in images], threshold, postprocess)
+
+
+@torch.inference_mode()
+def segment_preprocessed(detector: Detector, tensors: Sequence[torch.Tensor], original: Sequence[Sequence[int]],
+                         threshold: float = 0.85, postprocess: PostProcess | None = None) -> list[dict[str, Any]]:
+    """`segment_images` for images already preprocessed (normalised float [3, h, w] at the evaluation
+    size); `original` are the (height, width) the results are expressed in."""
+    if not tensors:
+        return []
     if not detector.model.config.masks:
         raise ValueError("panoptic inference needs a model with masks (DETRConfig.masks)")
-    tensors = [detector.preprocess(img) for img in images]
-    batch, mask = pad_images(tensors)
+    original = [tuple(int(v) for v in s) for s in original]
+    batch, mask = pad_images(list(tensors))
     panoptic = PanopticPostProcess(is_thing_map(detector), threshold)
     outputs = detector.model(batch.to(detector.device), mask.to(detector.device),
                              mask_queries=panoptic.queries_to_keep)
     processed = [tuple(t.shape[-2:]) for t in tensors]
-    original = [tuple(img.shape[:2]) for img in images]
     sizes = torch.tensor(original, device=detector.device)
     detections = (postprocess or PostProcess())(outputs, sizes)
     results = []
@@ -55,4 +65,4 @@ def segment_images(detector: Detector, images: Sequence[np.ndarray], threshold: 
     return results
 
 
-__all__ = ["is_thing_map", "segment_images"]
+__all__ = ["is_thing_map", "segment_images", "segment_preprocessed"]
