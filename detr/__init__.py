@@ -3,8 +3,9 @@
 The pieces, one module each: `config` (DETRConfig and presets), `backbone`,
 `position_encoding`, `transformer`, `model` (DETR and `build_model`), `matcher`
 (HungarianMatcher), `criterion` (SetCriterion, the losses), `postprocess`
-(PostProcess: detections in pixels), `batching` (pad_images), `checkpoint` (our
-format) and `official` (the official release layout).
+(PostProcess: detections in pixels), `segmentation` (the mask head and mask
+losses), `panoptic` (PanopticPostProcess, instance masks, RLE), `batching`
+(pad_images), `checkpoint` (our format) and `official` (the official release layout).
 """
 from .batching import image_sizes_from_mask, pad_images
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -14,6 +15,7 @@ from .criterion import SetCriterion, loss_weights
 from .matcher import HungarianMatcher
 from .model import DETR, build_model
 from .official import from_official, official_state_dict
+from .panoptic import InstanceMaskPostProcess, PanopticPostProcess, masks_to_rle, rle_to_masks
 from .postprocess import PostProcess
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "DETR",
     "DETRConfig",
     "HungarianMatcher",
+    "InstanceMaskPostProcess",
     "PRESETS",
+    "PanopticPostProcess",
     "PostProcess",
     "SetCriterion",
     "build_model",
@@ -29,7 +33,9 @@ __all__ = [
     "image_sizes_from_mask",
     "load_checkpoint",
     "loss_weights",
+    "masks_to_rle",
     "official_state_dict",
     "pad_images",
+    "rle_to_masks",
     "save_checkpoint",
 ]

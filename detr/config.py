@@ -19,6 +19,17 @@ from typing import Any, Mapping
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 """Output channels of each supported backbone's last stage."""
 
+RESNET_STAGE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+"""Output channels of layer1..layer4 of each backbone (the mask head's FPN inputs are layer3, 2, 1)."""
+
+MASK_HEAD_GROUPS = 8
+"""GroupNorm groups of every mask-head layer (the official head's constant)."""
+
 BOTTLENECK_BACKBONES = frozenset({"resnet50", "resnet101"})
 """Backbones built from bottleneck blocks: the only ones torchvision can dilate (DC5)."""
 
@@ -69,6 +80,19 @@ class DETRConfig:
     eos_coef: float = 0.1
     """Relative classification weight of the no-object class."""
 
+    # Segmentation (the paper's section 4.4): a mask head on top of the detector
+    masks: bool = False
+    """Add the mask head (attention maps of each decoder output over the encoder memory, then an
+    FPN-like convolutional head): the model also returns "pred_masks" [B, Q, H/4, W/4] logits and
+    the criterion adds `loss_mask` and `loss_dice`. Off: a detector exactly as without this option."""
+    freeze_detector: bool = True
+    """With masks: train only the mask head (`bbox_attention`, `mask_head`), the paper's recipe on top
+    of a trained detector; False trains detector and mask head jointly. Ignored without masks."""
+    mask_loss_coef: float = 1.0
+    """Weight of the sigmoid focal loss on matched masks (`loss_mask`)."""
+    dice_loss_coef: float = 1.0
+    """Weight of the dice loss on matched masks (`loss_dice`)."""
+
     def __post_init__(self) -> None:
         problems = self._problems()
         if problems:
@@ -100,11 +124,26 @@ class DETRConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
             problems.append("the matcher costs cannot all be 0")
+        if self.masks and self.hidden_dim >= 1 and self.nheads >= 1:
+            # The official mask head: GroupNorm(8) over hidden+nheads channels, then hidden/2 ... hidden/16.
+            if (self.hidden_dim + self.nheads) % MASK_HEAD_GROUPS or self.hidden_dim % (16 * MASK_HEAD_GROUPS):
+                problems.append(
+                    f"masks need hidden_dim a multiple of {16 * MASK_HEAD_GROUPS} and hidden_dim + nheads a "
+                    f"multiple of {MASK_HEAD_GROUPS} (the mask head's GroupNorm groups); got hidden_dim "
+                    f"{self.hidden_dim}, nheads {self.nheads}"
+                )
         return problems
 
     @property
     def backbone_channels(self) -> int:
         return RESNET_CHANNELS[self.backbone]
+
+    @property
+    def fpn_dims(self) -> tuple[int, int, int]:
+        """Channels of the backbone's stride-16, stride-8 and stride-4 features (the mask head's FPN inputs):
+        1024/512/256 for ResNet-50/101, 256/128/64 for ResNet-18/34."""
+        layer1, layer2, layer3, _ = RESNET_STAGE_CHANNELS[self.backbone]
+        return (layer3, layer2, layer1)
 
     def replace(self, **changes: Any) -> "DETRConfig":
         """A copy with some fields changed (validated like a new config)."""
@@ -148,7 +187,18 @@ PRESETS: dict[str, DETRConfig] = {
         dim_feedforward=128,
         num_queries=10,
     ),
+    # The smallest model the official mask head allows (hidden_dim a multiple of 128), for tests and CPU demos.
+    "tiny_panoptic": DETRConfig(
+        backbone="resnet18",
+        hidden_dim=128,
+        nheads=8,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=256,
+        num_queries=20,
+        masks=True,
+    ),
 }
-"""Named configurations: the paper's four COCO models and `tiny` for tests."""
+"""Named configurations: the paper's four COCO models, `tiny` for tests and `tiny_panoptic` (with masks)."""
 
-__all__ = ["DETRConfig", "PRESETS", "RESNET_CHANNELS", "BOTTLENECK_BACKBONES"]
+__all__ = ["DETRConfig", "PRESETS", "RESNET_CHANNELS", "RESNET_STAGE_CHANNELS", "BOTTLENECK_BACKBONES", "MASK_HEAD_GROUPS"]

@@ -14,6 +14,15 @@ code uses each worker's own sum, which differs when workers see different number
 of objects). With DDP averaging gradients, N workers with 1/N of the batch each
 then compute exactly the loss and gradients of one worker with the whole batch.
 In a single process both are identical to the official definitions.
+
+With masks (`DETRConfig.masks`), the final decoder layer's matched masks add
+`loss_mask` (sigmoid focal loss, mean over pixels) and `loss_dice`, each summed
+over matched pairs and divided by the same box normaliser (the official code
+computes no auxiliary mask losses either). Targets then carry "masks" [N, h, w]
+at the image's own (processed) size. The official code upsamples the padded
+`pred_masks` to the batch's padded target size and counts padded pixels as
+background; a padding-invariant model instead scores each image's own pixels
+(`detr.segmentation.masks_to_image`), so its loss does not depend on the batch.
 """
 from __future__ import annotations
 
@@ -27,8 +36,10 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 from .config import DETRConfig
 from .distributed import all_reduce_mean
 from .matcher import HungarianMatcher, MatchIndices
+from .segmentation import dice_loss, masks_to_image, sigmoid_focal_loss
 
 DEFAULT_LOSSES = ("labels", "boxes", "cardinality")
+MASK_LOSSES = ("masks",)
 
 
 def loss_weights(config: DETRConfig) -> dict[str, float]:
@@ -38,6 +49,8 @@ def loss_weights(config: DETRConfig) -> dict[str, float]:
     if config.aux_loss:
         for i in range(config.dec_layers - 1):
             weights.update({f"{k}_{i}": v for k, v in base.items()})
+    if config.masks:
+        weights.update({"loss_mask": config.mask_loss_coef, "loss_dice": config.dice_loss_coef})
     return weights
 
 
@@ -57,11 +70,13 @@ class SetCriterion(nn.Module):
         weight_dict: Mapping[str, float],
         eos_coef: float = 0.1,
         losses: Sequence[str] = DEFAULT_LOSSES,
+        padding_invariant: bool = True,
     ) -> None:
         super().__init__()
-        unknown = set(losses) - set(DEFAULT_LOSSES)
+        unknown = set(losses) - set(DEFAULT_LOSSES) - set(MASK_LOSSES)
         if unknown:
-            raise ValueError(f"unknown loss(es) {sorted(unknown)}; available: {DEFAULT_LOSSES}")
+            raise ValueError(f"unknown loss(es) {sorted(unknown)}; available: {DEFAULT_LOSSES + MASK_LOSSES}")
+        self.padding_invariant = padding_invariant
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -74,7 +89,9 @@ class SetCriterion(nn.Module):
     @classmethod
     def from_config(cls, config: DETRConfig) -> "SetCriterion":
         matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou)
-        return cls(config.num_classes, matcher, loss_weights(config), config.eos_coef)
+        losses = DEFAULT_LOSSES + (MASK_LOSSES if config.masks else ())
+        return cls(config.num_classes, matcher, loss_weights(config), config.eos_coef, losses,
+                   padding_invariant=config.padding_invariant)
 
     # -- individual losses -------------------------------------------------------------
     def loss_labels(
@@ -119,6 +136,68 @@ class SetCriterion(nn.Module):
         )
         return {"loss_bbox": loss_bbox / norms["num_boxes"], "loss_giou": loss_giou / norms["num_boxes"]}
 
+    def loss_masks(
+        self, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices, norms: dict
+    ) -> dict[str, Tensor]:
+        """Focal and dice losses of the matched masks against the targets' "masks" [N, h, w]."""
+        if "pred_masks" not in outputs:
+            raise ValueError("the mask losses need outputs with 'pred_masks' (a model built with masks=True)")
+        if any("masks" not in t for t in targets):
+            raise ValueError("the mask losses need targets with 'masks' [N, h, w] (binary, at the image's size)")
+        pred = outputs["pred_masks"]
+        if self.padding_invariant:
+            src, tgt = [], []
+            for i, (t, (rows, cols)) in enumerate(zip(targets, indices)):
+                if len(rows) == 0:
+                    continue
+                target_masks = t["masks"][cols]
+                src.append(masks_to_image(pred[i, rows], target_masks.shape[-2:]).flatten(1))
+                tgt.append(target_masks.flatten(1).to(src[-1].dtype))
+            focal = sum((sigmoid_focal_loss(s, g).sum() for s, g in zip(src, tgt)), pred.sum() * 0.0)
+            dice = sum((dice_loss(s, g).sum() for s, g in zip(src, tgt)), pred.sum() * 0.0)
+        else:
+            # The official computation: the padded target masks of the batch, the padded logits
+            # upsampled to their size, padding counted as background.
+            batch_idx, src_idx = _src_permutation(indices)
+            src_masks = pred[batch_idx, src_idx]
+            max_h = max(int(t["masks"].shape[-2]) for t in targets)
+            max_w = max(int(t["masks"].shape[-1]) for t in targets)
+            target_masks = pred.new_zeros((len(src_idx), max_h, max_w), dtype=torch.float32)
+            k = 0
+            for t, (_, cols) in zip(targets, indices):
+                m = t["masks"][cols]
+                target_masks[k:k + len(cols), : m.shape[-2], : m.shape[-1]] = m.float()
+                k += len(cols)
+            if len(src_idx) == 0:
+                zero = pred.sum() * 0.0
+                return {"loss_mask": zero, "loss_dice": zero}
+            src_masks = F.interpolate(src_masks[:, None].float(), size=(max_h, max_w), mode="bilinear",
+                                      align_corners=False)[:, 0].flatten(1)
+            target_masks = target_masks.flatten(1)
+            focal = sigmoid_focal_loss(src_masks, target_masks).sum()
+            dice = dice_loss(src_masks, target_masks).sum()
+        return {"loss_mask": focal / norms["num_boxes"], "loss_dice": dice / norms["num_boxes"]}
+
+    def mask_query_selection(self, targets: Sequence[Mapping]):
+        """A `mask_queries` callable for the model's forward: the queries the matcher assigns to targets.
+
+        The mask losses read only those masks, so computing the others is wasted work; at least
+        one query is always selected, so the mask head takes part in every step (DDP needs that).
+        """
+
+        @torch.no_grad()
+        def select(outputs: Mapping) -> Tensor:
+            logits = outputs["pred_logits"]
+            indices = self.matcher({"pred_logits": logits, "pred_boxes": outputs["pred_boxes"]}, targets)
+            selected = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+            for i, (rows, _) in enumerate(indices):
+                selected[i, rows.to(logits.device)] = True
+            if not selected.any():
+                selected[0, 0] = True
+            return selected
+
+        return select
+
     # -- the whole loss ----------------------------------------------------------------
     def _normalisers(self, outputs: Mapping, targets: Sequence[Mapping]) -> dict:
         """Global (all-worker) normalisers of the box and class losses."""
@@ -159,6 +238,8 @@ class SetCriterion(nn.Module):
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets)
             for name in self.losses:
+                if name == "masks":
+                    continue  # too costly per layer; the official code skips them too
                 kwargs = {"log": False} if name == "labels" else {}
                 terms = self.get_loss(name, aux, targets, aux_indices, norms, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in terms.items()})

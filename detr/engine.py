@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .criterion import SetCriterion
 from .optim import clip_gradients
+from .panoptic import PanopticPostProcess
 from .postprocess import Detections, PostProcess
 
 Batch = tuple[Tensor, Tensor, Sequence[Mapping[str, Tensor]]]
@@ -60,7 +61,11 @@ def train_step(
         sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with _autocast(device, autocast_dtype):
-                outputs = model(images, mask)
+                if "masks" in criterion.losses:
+                    # The mask losses read only the matched queries' masks: compute only those.
+                    outputs = model(images, mask, mask_queries=criterion.mask_query_selection(targets))
+                else:
+                    outputs = model(images, mask)
             losses = criterion(outputs, targets)
             total = criterion.total(losses)
             if not math.isfinite(total.item()):
@@ -103,3 +108,34 @@ def predict(
     finally:
         model.train(was_training)
     return results
+
+
+@torch.inference_mode()
+def predict_panoptic(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    panoptic: PanopticPostProcess,
+    postprocess: PostProcess | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[int, Detections], dict[int, dict]]:
+    """Detections (original pixels) and panoptic segmentations (at each image's processed "size") of a
+    model with masks, keyed by image id; masks are computed only for the queries the merge can keep."""
+    postprocess = postprocess or PostProcess()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    detections: dict[int, Detections] = {}
+    segmentations: dict[int, dict] = {}
+    try:
+        for batch in batches:
+            images, mask, targets = move_batch(batch, device)
+            with _autocast(device, autocast_dtype):
+                outputs = model(images, mask, mask_queries=panoptic.queries_to_keep)
+            sizes = torch.stack([torch.as_tensor(t["orig_size"], device=device) for t in targets])
+            processed = [tuple(int(v) for v in t["size"]) for t in targets]
+            for t, det, seg in zip(targets, postprocess(outputs, sizes), panoptic(outputs, processed)):
+                detections[int(t["image_id"])] = {k: v.cpu() for k, v in det.items()}
+                segmentations[int(t["image_id"])] = {**seg, "id_map": seg["id_map"].cpu()}
+    finally:
+        model.train(was_training)
+    return detections, segmentations

@@ -8,17 +8,33 @@ Forward contract: `model(images, mask)` with `images` float [B,3,H,W]
 - `"pred_boxes"` [B, Q, 4]: boxes as normalised (cx, cy, w, h) in [0, 1], relative
   to each image's own (unpadded) size;
 - `"aux_outputs"`: the same two entries for every decoder layer but the last
-  (when `aux_loss` is on), for the auxiliary losses.
+  (when `aux_loss` is on), for the auxiliary losses;
+- with `config.masks`, `"pred_masks"` [B, Q, H/4, W/4]: mask logits of every query (see
+  `detr.segmentation` for the head and the mask geometry), and `"padding_invariant"` (bool),
+  which tells post-processing how the masks relate to padding.
+
+`model(images, mask, mask_queries=...)` computes masks only for some queries, the
+expensive part of the mask head being per query: a bool tensor [B, Q], or a callable
+that receives the detection outputs and returns one (e.g. the queries that survive a
+score threshold, or those the matcher assigns to targets). The selected masks equal
+those computed for all queries; the others hold `UNCOMPUTED_MASK_LOGIT`, and the
+outputs carry the selection as `"mask_queries"`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone
+from .backbone import STAGES, Backbone
 from .config import DETRConfig
 from .position_encoding import build_position_encoding
+from .segmentation import UNCOMPUTED_MASK_LOGIT, MaskHeadSmallConv, MHAttentionMap
 from .transformer import Transformer
+
+MaskQueries = Tensor | Callable[[dict], Tensor] | None
 
 
 class MLP(nn.Module):
@@ -46,7 +62,9 @@ class DETR(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(
-            config.backbone, config.dilation, config.train_backbone, padding_invariant=config.padding_invariant
+            config.backbone, config.dilation, config.train_backbone, padding_invariant=config.padding_invariant,
+            # The mask head also reads the stride-4, 8 and 16 features.
+            return_stages=STAGES if config.masks else ("layer4",),
         )
         if config.backbone_weights:
             self.backbone.load_torchvision_weights(config.backbone_weights)
@@ -64,12 +82,26 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(config.num_queries, config.hidden_dim)
         self.class_embed = nn.Linear(config.hidden_dim, config.num_classes + 1)
         self.bbox_embed = MLP(config.hidden_dim, config.hidden_dim, 4, 3)
+        if config.masks:
+            self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0)
+            self.mask_head = MaskHeadSmallConv(config.hidden_dim + config.nheads, config.fpn_dims, config.hidden_dim)
+            if config.freeze_detector:
+                self.freeze_detector()
+
+    MASK_MODULES = ("bbox_attention.", "mask_head.")
+    """Name prefixes of the mask head's parameters."""
+
+    def freeze_detector(self) -> None:
+        """Stop gradients to everything but the mask head (the paper's mask-head training)."""
+        for name, param in self.named_parameters():
+            if not name.startswith(self.MASK_MODULES):
+                param.requires_grad_(False)
 
     @property
     def num_queries(self) -> int:
         return self.config.num_queries
 
-    def forward(self, images: Tensor, mask: Tensor) -> dict:
+    def forward(self, images: Tensor, mask: Tensor, mask_queries: MaskQueries = None) -> dict:
         if images.ndim != 4 or mask.ndim != 3 or images.shape[0] != mask.shape[0] or images.shape[-2:] != mask.shape[-2:]:
             raise ValueError(
                 f"expected images [B,3,H,W] and mask [B,H,W] of the same B, H, W; got "
@@ -80,7 +112,51 @@ class DETR(nn.Module):
         pos = self.position_encoding(src_mask).to(src.dtype)
         src_proj = self.input_proj(src)
         hs, memory = self.transformer(src_proj, src_mask, self.query_embed.weight, pos)
-        return self.predict_from_decoder(hs)
+        out = self.predict_from_decoder(hs)
+        if self.config.masks:
+            out.update(self.predict_masks(out, hs[-1], memory, src_proj, features, masks, mask, mask_queries))
+        return out
+
+    def predict_masks(
+        self,
+        out: dict,
+        hs_last: Tensor,
+        memory: Tensor,
+        src_proj: Tensor,
+        features: list[Tensor],
+        masks: list[Tensor],
+        image_mask: Tensor,
+        mask_queries: MaskQueries = None,
+    ) -> dict:
+        """The mask head over the last decoder layer: `pred_masks` for all or the selected queries."""
+        batch, queries = hs_last.shape[:2]
+        attention = self.bbox_attention(hs_last, memory, mask=masks[-1])
+        selected = None
+        if mask_queries is not None:
+            selected = mask_queries(out) if callable(mask_queries) else mask_queries
+            selected = torch.as_tensor(selected, dtype=torch.bool, device=hs_last.device)
+            if selected.shape != (batch, queries):
+                raise ValueError(f"mask_queries must be a bool [B, Q] = [{batch}, {queries}] selection, "
+                                 f"got shape {tuple(selected.shape)}")
+        valid = None
+        if self.config.padding_invariant and bool(image_mask.any()):
+            valid = [(~m)[:, None].to(src_proj.dtype) for m in (masks[3], masks[2], masks[1], masks[0])]
+        fpns = [features[2], features[1], features[0]]
+        size = features[0].shape[-2:]
+        if selected is None:
+            rows = torch.arange(batch, device=hs_last.device).repeat_interleave(queries)
+            logits = self.mask_head(src_proj, attention.flatten(0, 1), fpns, rows, valid)
+            pred_masks = logits.view(batch, queries, *logits.shape[-2:])
+        else:
+            rows, cols = selected.nonzero(as_tuple=True)
+            pred_masks = src_proj.new_full((batch, queries, *size), UNCOMPUTED_MASK_LOGIT)
+            if len(rows):
+                logits = self.mask_head(src_proj, attention[rows, cols], fpns, rows, valid)
+                pred_masks = pred_masks.index_put((rows, cols), logits[:, 0])
+        result = {"pred_masks": pred_masks, "padding_invariant": self.config.padding_invariant}
+        if selected is not None:
+            result["mask_queries"] = selected
+        return result
 
     def predict_from_decoder(self, hs: Tensor) -> dict:
         """Class and box heads over every decoder layer's output [L,B,Q,C]."""

@@ -11,6 +11,11 @@ file has it, else from the paper's defaults: 8 attention heads, no dilation
 (DC5 checkpoints have exactly the keys of their base model, so pass
 `dilation=True` for them).
 
+Panoptic checkpoints (the official `DETRsegm`) hold the detector's keys under
+`detr.`, then `bbox_attention.*` and `mask_head.*`. Our model with masks has the
+same keys without the `detr.` prefix, so loading strips it and exporting adds it
+back; the head count comes from the mask head's input width (hidden + heads).
+
 Files are read with `torch.load(weights_only=True)`; the only class allowed
 besides tensors and containers is `argparse.Namespace`, a plain attribute bag.
 """
@@ -38,9 +43,12 @@ _KEY_MAP = (
     ("backbone.0.body.", "backbone.body."),
     ("backbone.1.", "position_encoding."),
 )
+PANOPTIC_PREFIX = "detr."
+"""Prefix of the detector's keys in an official panoptic (DETRsegm) checkpoint."""
+MASK_PREFIXES = ("bbox_attention.", "mask_head.")
 # Fields that official `args` may carry and that shapes cannot reveal.
 _ARGS_FIELDS = ("nheads", "dilation", "dropout", "aux_loss", "set_cost_class", "set_cost_bbox",
-                "set_cost_giou", "bbox_loss_coef", "giou_loss_coef", "eos_coef")
+                "set_cost_giou", "bbox_loss_coef", "giou_loss_coef", "eos_coef", "mask_loss_coef", "dice_loss_coef")
 
 
 def read_official_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -57,13 +65,24 @@ def read_official_file(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+def is_panoptic_state(state: Mapping[str, Any]) -> bool:
+    """Whether an official state dict is the panoptic layout (detector under `detr.`, then the mask head)."""
+    return f"{PANOPTIC_PREFIX}query_embed.weight" in state
+
+
 def _state_dict_of(checkpoint: Mapping[str, Any], where: str) -> dict[str, Tensor]:
     state = checkpoint.get("model", checkpoint)
+    if isinstance(state, Mapping) and is_panoptic_state(state):
+        missing = [p for p in MASK_PREFIXES if not any(k.startswith(p) for k in state)]
+        if missing:
+            raise ValueError(f"{where}: a panoptic DETR checkpoint (keys under 'detr.') without its mask head: "
+                             f"no {', '.join(repr(p + '*') for p in missing)} keys")
+        return dict(state)
     if not isinstance(state, Mapping) or "query_embed.weight" not in state:
-        if isinstance(state, Mapping) and any(k.startswith("detr.") for k in state):
+        if isinstance(state, Mapping) and any(k.startswith(PANOPTIC_PREFIX) for k in state):
             raise ValueError(
-                f"{where}: this is a panoptic (segmentation) DETR checkpoint; raydetr loads the detection "
-                "layout here (keys such as 'query_embed.weight', 'class_embed.weight')"
+                f"{where}: not a complete panoptic DETR checkpoint: keys start with 'detr.' but there is "
+                "no 'detr.query_embed.weight'"
             )
         raise ValueError(
             f"{where}: not an official DETR checkpoint: expected a dict with a 'model' state dict "
@@ -89,6 +108,17 @@ def _layer_count(state: Mapping[str, Tensor], prefix: str) -> int:
 
 def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
     """The `DETRConfig` an official state dict was built with; `fields` fill in or override."""
+    if is_panoptic_state(state):
+        detector = {k[len(PANOPTIC_PREFIX):]: v for k, v in state.items() if k.startswith(PANOPTIC_PREFIX)}
+        hidden = int(detector["query_embed.weight"].shape[1])
+        # The mask head's first layer reads hidden + nheads channels (features and one map per head).
+        nheads = int(state["mask_head.lay1.weight"].shape[1]) - hidden
+        config = infer_config(detector, **{"nheads": nheads, "masks": True, **fields})
+        fpn = tuple(int(state[f"mask_head.adapter{i}.weight"].shape[1]) for i in (1, 2, 3))
+        if fpn != config.fpn_dims:
+            raise ValueError(f"the mask head's FPN adapters read {fpn} channels, but a {config.backbone} "
+                             f"backbone gives {config.fpn_dims}")
+        return config
     blocks = tuple(_layer_count(state, f"backbone.0.body.layer{i}.") for i in range(1, 5))
     bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state
     backbone = _RESNET_BY_BLOCKS.get((blocks, bottleneck))
@@ -114,11 +144,13 @@ def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
 
 
 def to_raydetr_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename official state-dict keys to this library's module names."""
+    """Rename official state-dict keys (detection or panoptic layout) to this library's module names."""
     out = {}
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
+        if key.startswith(PANOPTIC_PREFIX):
+            key = key[len(PANOPTIC_PREFIX):]
         for official, ours in _KEY_MAP:
             if key.startswith(official):
                 key = ours + key[len(official):]
@@ -128,13 +160,17 @@ def to_raydetr_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def official_state_dict(model: DETR) -> dict[str, Tensor]:
-    """The model's weights under the official key names (for tools built on the official repository)."""
+    """The model's weights under the official key names (for tools built on the official repository):
+    the detection layout, or for a model with masks the panoptic one (detector under `detr.`)."""
     out = {}
+    panoptic = bool(getattr(model, "config", None) is not None and model.config.masks)
     for key, value in model.state_dict().items():
         for official, ours in _KEY_MAP:
             if key.startswith(ours):
                 key = official + key[len(ours):]
                 break
+        if panoptic and not key.startswith(MASK_PREFIXES):
+            key = PANOPTIC_PREFIX + key
         out[key] = value.detach().cpu()
     return out
 
@@ -152,7 +188,9 @@ def from_official(
     `num_classes`: when it differs from the checkpoint's, the class head is freshly
     initialised and everything else is loaded (the usual fine-tuning recipe).
     `overrides`: any other `DETRConfig` field the file cannot tell, e.g. `nheads`
-    (default 8, the paper's) or `dropout` and loss settings for further training.
+    (default 8, the paper's; a panoptic file tells it) or `dropout` and loss settings
+    for further training. A panoptic checkpoint gives a model with masks (its mask head
+    loaded too; `freeze_detector` as in `DETRConfig`).
     The model treats padding as the official code does (`padding_invariant=False`)
     unless `padding_invariant=True` is passed, which makes each image of a batch
     come out exactly as it does alone.
@@ -171,12 +209,16 @@ def from_official(
     if num_classes is not None and num_classes != config.num_classes:
         config = config.replace(num_classes=num_classes)
         weights = {k: v for k, v in weights.items() if not k.startswith("class_embed.")}
+    if config.masks and not is_panoptic_state(state):
+        # A detection checkpoint under a model asked to have masks: the mask head starts fresh.
+        weights = {k: v for k, v in weights.items() if not k.startswith(MASK_PREFIXES)}
     model = DETR(config)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise ValueError(f"{where}: weights do not fit the inferred model {config}: {exc}") from exc
-    missing = [k for k in missing if not (k.startswith("class_embed.") and num_classes is not None)]
+    missing = [k for k in missing if not (k.startswith("class_embed.") and num_classes is not None)
+               and not (k.startswith(MASK_PREFIXES) and not is_panoptic_state(state))]
     if missing or unexpected:
         raise ValueError(
             f"{where}: weights do not fit the inferred model {config}: missing {missing[:8]}, "

@@ -24,7 +24,8 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def signature():
+def signature(panoptic: bool = False):
+    """The pyfunc's signature; a panoptic model (with masks) adds the `segments` column (JSON)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -36,9 +37,13 @@ def signature():
         ColSpec(Array(DataType.string), "label_names"),
         ColSpec(DataType.long, "width"),
         ColSpec(DataType.long, "height"),
+        *([ColSpec(DataType.string, "segments")] if panoptic else []),
         ColSpec(DataType.string, "error"),
     ])
-    params = ParamSchema([ParamSpec("score_threshold", DataType.double, 0.5), ParamSpec("top_k", DataType.long, 100)])
+    params = [ParamSpec("score_threshold", DataType.double, 0.5), ParamSpec("top_k", DataType.long, 100)]
+    if panoptic:
+        params.append(ParamSpec("panoptic_threshold", DataType.double, 0.85))
+    params = ParamSchema(params)
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -68,6 +73,10 @@ def log_detector_model(
     """
     import mlflow
 
+    from detr.checkpoint import read_checkpoint_file
+
+    config = read_checkpoint_file(str(checkpoint_path)).get("config") or {}
+    panoptic = bool(config.get("masks"))
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         return mlflow.pyfunc.log_model(
@@ -75,7 +84,7 @@ def log_detector_model(
             python_model=str(PYFUNC_FILE),
             artifacts={"checkpoint": str(checkpoint_path)},
             code_paths=[str(p) for p in CODE_PATHS],
-            signature=signature(),
+            signature=signature(panoptic),
             input_example=input_example(),
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,

@@ -6,6 +6,10 @@ and returns one row per input row: `boxes` (xyxy in the image's pixels),
 `scores`, `labels` (category ids), `label_names`, `width`, `height`, and
 `error` (empty, or why the image could not be read: the other rows still come
 back). Params: `score_threshold` (default 0.5) and `top_k` (default 100).
+A model with masks (panoptic) also returns `segments`: a JSON list per image of
+{"id", "category_id", "label_name", "isthing", "area", "score", "bbox", "rle"}
+(COCO RLE of the segment's pixels), from the panoptic merge with param
+`panoptic_threshold` (default 0.85); the boxes come from the same forward pass.
 MLflow executes this file when it loads the model; the weights, categories and
 preprocessing come from the raydetr checkpoint logged with it as an artifact.
 """
@@ -31,9 +35,19 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         threshold = float(params.get("score_threshold", 0.5))
         top_k = int(params.get("top_k", 100))
+        panoptic = bool(self.detector.model.config.masks)
+        columns = ["boxes", "scores", "labels", "label_names", "width", "height", "error"]
+        if panoptic:
+            import json
+
+            from pipelines.panoptic_inference import segment_images
+
+            columns.insert(-1, "segments")
         rows = []
         for _, row in model_input.iterrows():
             out = {"boxes": [], "scores": [], "labels": [], "label_names": [], "width": 0, "height": 0, "error": ""}
+            if panoptic:
+                out["segments"] = "[]"
             path = row.get("path") if "path" in row else None
             data = row.get("image") if "image" in row else None
             try:
@@ -42,7 +56,13 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
                         raise ValueError("row has neither an `image` (bytes) nor a `path`")
                     data = read_bytes(path)
                 decoded = decode_image(bytes(data), path if isinstance(path, str) else "")
-                det = self.detector.detect([decoded.array])[0]
+                if panoptic:
+                    result = segment_images(self.detector, [decoded.array],
+                                            float(params.get("panoptic_threshold", 0.85)))[0]
+                    det = result["detections"]
+                    out["segments"] = json.dumps(result["segments"])
+                else:
+                    det = self.detector.detect([decoded.array])[0]
                 keep = det["scores"] > threshold
                 order = det["scores"][keep].argsort(descending=True)[:top_k]
                 labels = det["labels"][keep][order].tolist()
@@ -57,7 +77,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
             except (PipelineError, OSError, ValueError) as exc:
                 out["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(out)
-        return pd.DataFrame(rows, columns=["boxes", "scores", "labels", "label_names", "width", "height", "error"])
+        return pd.DataFrame(rows, columns=columns)
 
 
 mlflow.models.set_model(DetectorPyfunc())

@@ -81,6 +81,8 @@ def _init_state(spec: str | None, model_config, tracking_uri: str) -> dict | Non
     state = model.state_dict()
     if model.config.num_classes != model_config.num_classes:
         state = {k: v for k, v in state.items() if not k.startswith("class_embed.")}
+    if not model_config.masks:  # a panoptic model's detector alone
+        state = {k: v for k, v in state.items() if not k.startswith(model.MASK_MODULES)}
     return state
 
 
@@ -92,11 +94,16 @@ def _use_gpu(config) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def _best_checkpoint(result):
-    """The checkpoint with the best validation AP, else the latest."""
-    best = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get("val_AP") == m.get("val_AP")]
+def score_metric(model_config) -> str:
+    """What ranks checkpoints: validation PQ for a model with masks, box AP otherwise."""
+    return "val_PQ" if model_config.masks else "val_AP"
+
+
+def _best_checkpoint(result, score: str = "val_AP"):
+    """The checkpoint with the best validation score, else the latest."""
+    best = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(score) == m.get(score)]
     if best:
-        return max(best, key=lambda cm: cm[1]["val_AP"])
+        return max(best, key=lambda cm: cm[1][score])
     return result.checkpoint, result.metrics or {}
 
 
@@ -203,7 +210,8 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
             storage_path=config.storage.path,
             failure_config=FailureConfig(max_failures=config.storage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.storage.keep_checkpoints,
-                                               checkpoint_score_attribute="val_AP", checkpoint_score_order="max"),
+                                               checkpoint_score_attribute=score_metric(model_config),
+                                               checkpoint_score_order="max"),
             # Plain prints in workers (pycocotools' summary is silenced with redirect_stdout).
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
@@ -217,7 +225,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         raise
 
     restore_working_directory()
-    checkpoint, best_metrics = _best_checkpoint(result)
+    checkpoint, best_metrics = _best_checkpoint(result, score_metric(model_config))
     errors = (train_data.errors.errors() if train_data.errors else []) + (
         val_data.errors.errors() if val_data and val_data.errors else [])
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,6 +260,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"training finished: MLflow run {result.run_id}; best checkpoint {result.checkpoint_dir}")
     if ap is not None and ap == ap:
         print(f"validation AP {ap:.4f}, AP50 {result.metrics.get('val_AP50', float('nan')):.4f}")
+    pq = result.metrics.get("val_PQ")
+    if pq is not None and pq == pq:
+        print(f"validation PQ {pq:.4f} (things {result.metrics.get('val_PQ_th', float('nan')):.4f}, "
+              f"stuff {result.metrics.get('val_PQ_st', float('nan')):.4f})")
     print(f"model: {result.model_uri}" + (f" (registered version {result.registered_version})"
                                           if result.registered_version else ""))
     print(f"see it: mlflow ui --backend-store-uri {result.tracking_uri}")

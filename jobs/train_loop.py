@@ -31,7 +31,7 @@ import torch.distributed as dist
 from detr import SetCriterion, build_model, save_checkpoint
 from detr.checkpoint import unwrap_model
 from detr.config import DETRConfig
-from detr.engine import predict, train_step
+from detr.engine import predict, predict_panoptic, train_step
 from detr.evaluation import coco_ground_truth, evaluate_coco
 from detr.optim import build_lr_scheduler, build_optimizer
 from jobs.config_files import build_dataclass
@@ -40,6 +40,8 @@ from jobs.train_config import TrainJobConfig
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 VAL_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100")
+VAL_PANOPTIC_STATS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+"""With masks, validation also reports PQ on the validation images at their evaluation size."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -144,7 +146,9 @@ class Trainer:
         model = build_model(self.model_config)
         if loop_config.get("init_state") is not None:
             missing, unexpected = model.load_state_dict(loop_config["init_state"], strict=False)
-            if unexpected or any(not k.startswith("class_embed.") for k in missing):
+            # A new class head, and a mask head on top of a detector, start fresh.
+            fresh = ("class_embed.",) + (model.MASK_MODULES if self.model_config.masks else ())
+            if unexpected or any(not k.startswith(fresh) for k in missing):
                 raise ValueError(f"init_from weights do not fit the model: missing {missing}, unexpected {unexpected}")
         self.model = ray.train.torch.prepare_model(model)
         self.criterion = SetCriterion.from_config(self.model_config).to(self.device)
@@ -267,7 +271,11 @@ class Trainer:
                 targets.extend(batch[2])
                 yield batch
 
-        detections = predict(unwrap_model(self.model), keeping_targets(), autocast_dtype=self.autocast)
+        panoptic = None
+        if self.model_config.masks:
+            detections, panoptic = self._panoptic_validation(keeping_targets())
+        else:
+            detections = predict(unwrap_model(self.model), keeping_targets(), autocast_dtype=self.autocast)
         gathered = _gather_to_rank0((detections, targets), self.world_size, self.rank)
         result = {f"val_{name}": float("nan") for name in VAL_STATS}
         if self.rank == 0:
@@ -280,7 +288,46 @@ class Trainer:
             stats = evaluate_coco(ground_truth, all_detections, image_ids=[im["id"] for im in ground_truth["images"]])
             result = {f"val_{name}": stats[name] for name in VAL_STATS}
             result["val_images"] = float(len(ground_truth["images"]))
+        if panoptic is not None:
+            result.update(panoptic)
         return result
+
+    def _panoptic_validation(self, batches) -> tuple[dict, dict[str, float]]:
+        """Detections, and PQ over all workers' validation images (torchmetrics' counts summed across workers)."""
+        from detr import PanopticPostProcess
+        from detr.panoptic_evaluation import PanopticEvaluator
+
+        categories = self.metadata.get("categories") or []
+        is_thing = {int(c["id"]): bool(c.get("isthing", 1)) for c in categories}
+        threshold = float(self.metadata.get("panoptic_threshold", 0.85))
+        seen: list[dict] = []
+
+        def keeping(batches):
+            for batch in batches:
+                seen.extend(batch[2])
+                yield batch
+
+        detections, segmentations = predict_panoptic(unwrap_model(self.model), keeping(batches),
+                                                     PanopticPostProcess(is_thing, threshold),
+                                                     autocast_dtype=self.autocast)
+        evaluator = PanopticEvaluator(categories or [{"id": i, "isthing": 1}
+                                                     for i in range(self.model_config.num_classes)])
+        for t in seen:
+            seg = segmentations[int(t["image_id"])]
+            masks = t["masks"].numpy()
+            gt_ids = np.zeros(masks.shape[1:], dtype=np.int64)
+            for i, m in enumerate(masks, start=1):
+                gt_ids[m] = i
+            gt_segments = [{"id": i, "category_id": int(c)} for i, c in enumerate(t["labels"].tolist(), start=1)]
+            evaluator.update(seg["id_map"], seg["segments_info"], gt_ids, gt_segments)
+        m = evaluator.metric
+        counts = [m.iou_sum, m.true_positives, m.false_positives, m.false_negatives]
+        summed = _sum_across_workers([float(v) for c in counts for v in c.tolist()], self.device)
+        n = len(counts[0])
+        for k, state in enumerate(counts):
+            state.copy_(torch.tensor(summed[k * n:(k + 1) * n], dtype=state.dtype))
+        stats = evaluator.compute()
+        return detections, {f"val_{name}": float(stats[name]) for name in VAL_PANOPTIC_STATS}
 
     def fit(self) -> None:
         import ray.train
@@ -300,6 +347,8 @@ class Trainer:
                 metrics.update(self.validate())
             else:
                 metrics["val_AP"] = float("nan")  # ranks below any real AP in Ray's checkpoint order
+                if self.model_config.masks:
+                    metrics["val_PQ"] = float("nan")
             self._log(epoch, metrics)
             rng = _gather_to_rank0(_rng_state(), self.world_size, self.rank)
             with tempfile.TemporaryDirectory() as directory:

@@ -51,6 +51,9 @@ def collate_samples(
                 "iscrowd": torch.tensor(np.asarray(r["iscrowd"], dtype=np.int64).reshape(-1)),
             }
         )
+        if "masks" in r:  # panoptic samples: bool [N, h, w] at the sample's (unpadded) size
+            h, w = (int(v) for v in np.asarray(r["size"]).reshape(2))
+            targets[-1]["masks"] = torch.from_numpy(np.asarray(r["masks"]).astype(bool).reshape(-1, h, w))
     return padded, mask, targets
 
 

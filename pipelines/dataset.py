@@ -25,7 +25,7 @@ from pipelines.decode import DecodeLimits
 from pipelines.error_collector import ErrorCollector
 from pipelines.errors import RunSummary
 from pipelines.loading import tally
-from pipelines.samples import SAMPLE_COLUMNS, make_sample
+from pipelines.samples import MASK_COLUMN, SAMPLE_COLUMNS, make_sample
 from pipelines.sources import Source, open_source
 from pipelines.transforms import TransformsConfig, build_transform
 
@@ -58,6 +58,7 @@ def _prepare_batch(
     known_categories: frozenset[int] | None,
     limits: DecodeLimits,
     collector: ErrorCollector | None,
+    with_masks: bool = False,
 ) -> dict[str, Any]:
     import torch
 
@@ -67,7 +68,8 @@ def _prepare_batch(
     samples, errors, summary = [], [], RunSummary()
     for record in batch.to_pylist():
         sample, loaded, errs = make_sample(record, transform, seed=seed, epoch=epoch + execution,
-                                           known_categories=known_categories, limits=limits)
+                                           known_categories=known_categories, limits=limits,
+                                           with_masks=with_masks or None)
         tally(summary, loaded, errs)
         errors += errs
         if sample is not None:
@@ -80,7 +82,11 @@ def _prepare_batch(
 def _columns(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Samples -> a batch dict; ragged columns stay lists of arrays (Ray stores them as tensors)."""
     out: dict[str, Any] = {}
-    for name in SAMPLE_COLUMNS:
+    names = SAMPLE_COLUMNS + ((MASK_COLUMN,) if any(MASK_COLUMN in s for s in samples) else ())
+    for s in samples:
+        if MASK_COLUMN in names and MASK_COLUMN not in s:
+            s[MASK_COLUMN] = np.zeros((0, *np.asarray(s["size"]).tolist()), dtype=bool)
+    for name in names:
         values = [s[name] for s in samples]
         if name in ("image_id",):
             out[name] = np.asarray(values, dtype=np.int64)
@@ -162,6 +168,7 @@ def build_detection_dataset(
             "known_categories": None if known is None else frozenset(known),
             "limits": limits,
             "collector": collector,
+            "with_masks": src.is_panoptic,
         },
     )
     if group_aspect_ratio_window > 0:

@@ -26,6 +26,12 @@ BAD_LABEL_FILE = "bad_label_file"
 BOX_OUT_OF_IMAGE = "box_out_of_image"
 DEGENERATE_BOX = "degenerate_box"
 UNKNOWN_CATEGORY = "unknown_category"
+# COCO panoptic (see pipelines.panoptic): a PNG that cannot be read or does not fit its image
+# rejects the image; a segment missing from the PNG or from the JSON is dropped.
+PANOPTIC_PNG_ERROR = "panoptic_png_error"
+PANOPTIC_SIZE_MISMATCH = "panoptic_size_mismatch"
+SEGMENT_MISSING_FROM_PNG = "segment_missing_from_png"
+SEGMENT_MISSING_FROM_JSON = "segment_missing_from_json"
 # Repairs: the record is kept after a fix; counted, not written to the errors table.
 REPAIR_BOX_CLIPPED = "box_clipped"
 REPAIR_WRONG_EXTENSION = "wrong_extension"
@@ -34,9 +40,10 @@ REPAIR_CONVERTED_TO_RGB = "converted_to_rgb"
 
 IMAGE_REASONS = frozenset(
     {READ_ERROR, ZERO_BYTE, NOT_AN_IMAGE, TRUNCATED, DECODE_ERROR, TOO_LARGE,
-     UNSAFE_ARCHIVE_MEMBER, BAD_LABEL_FILE}
+     UNSAFE_ARCHIVE_MEMBER, BAD_LABEL_FILE, PANOPTIC_PNG_ERROR, PANOPTIC_SIZE_MISMATCH}
 )
-ANNOTATION_REASONS = frozenset({BOX_OUT_OF_IMAGE, DEGENERATE_BOX, UNKNOWN_CATEGORY})
+ANNOTATION_REASONS = frozenset({BOX_OUT_OF_IMAGE, DEGENERATE_BOX, UNKNOWN_CATEGORY, SEGMENT_MISSING_FROM_PNG,
+                                SEGMENT_MISSING_FROM_JSON})
 
 ERROR_COLUMNS = ("source", "image", "reason", "detail")
 

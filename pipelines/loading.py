@@ -61,6 +61,18 @@ def _boxes_in_display_frame(record: Mapping[str, Any], decoded: DecodedImage, bo
     return orient_boxes(boxes, decoded.orientation, decoded.stored_size)
 
 
+def _read_segments(record: Mapping[str, Any], decoded: DecodedImage, segment_ids: np.ndarray):
+    """The record's panoptic PNG, checked against the decoded image and its segment list."""
+    from pipelines.panoptic import decode_segments
+
+    path = str(record["panoptic_path"])
+    try:
+        data = storage.read_bytes(path)
+    except (OSError, ValueError) as exc:
+        raise E.PipelineError(E.PANOPTIC_PNG_ERROR, f"{path}: cannot read the panoptic PNG ({exc})") from None
+    return decode_segments(data, path, (decoded.height, decoded.width), segment_ids)
+
+
 def load_record(
     record: Mapping[str, Any],
     known_categories: Collection[int] | None = None,
@@ -81,17 +93,29 @@ def load_record(
     errors: list[E.ErrorRecord] = []
     if record.get("has_annotations"):
         boxes = _boxes_in_display_frame(record, decoded, box_array(record.get("boxes")))
+        category_ids = int_array(record.get("category_ids"))
+        iscrowd = int_array(record.get("iscrowd"), np.int8)
+        area = float_array(record.get("area"))
+        annotation_ids = int_array(record.get("annotation_ids"))
+        segments = None
+        if record.get("panoptic_path"):
+            try:
+                segments = _read_segments(record, decoded, annotation_ids)
+            except E.PipelineError as exc:
+                return None, [E.ErrorRecord(source, key, exc.reason, exc.detail)]
+            errors += [E.ErrorRecord(source, key, reason, detail) for reason, detail in segments.rejected]
+            listed = np.isin(annotation_ids, segments.segment_ids)
+            boxes, category_ids, annotation_ids = boxes[listed], category_ids[listed], annotation_ids[listed]
+            iscrowd = iscrowd[listed] if len(iscrowd) else iscrowd
+            area = area[listed] if len(area) else area
         checked = check_annotations(
-            boxes,
-            int_array(record.get("category_ids")),
-            int_array(record.get("iscrowd"), np.int8),
-            float_array(record.get("area")),
-            int_array(record.get("annotation_ids")),
-            decoded.width,
-            decoded.height,
-            known_categories,
+            boxes, category_ids, iscrowd, area, annotation_ids, decoded.width, decoded.height, known_categories,
         )
-        errors = [E.ErrorRecord(source, key, reason, detail) for reason, detail in checked.rejected]
+        errors += [E.ErrorRecord(source, key, reason, detail) for reason, detail in checked.rejected]
+        if segments is not None:
+            order = {int(s): i for i, s in enumerate(segments.segment_ids)}
+            checked.masks = segments.masks[[order[int(a)] for a in checked.annotation_ids]].reshape(
+                -1, decoded.height, decoded.width)
         repairs += [E.REPAIR_BOX_CLIPPED] * checked.repaired
     loaded = LoadedImage(key, source, int(record.get("image_id", 0)), data, decoded, checked, repairs)
     return loaded, errors

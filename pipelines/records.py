@@ -32,6 +32,9 @@ RECORD_SCHEMA = pa.schema(
         ("annotated_height", pa.int64()),  # size the annotation file recorded (0: unknown)
         ("annotated_width", pa.int64()),
         ("boxes_in_display_frame", pa.bool_()),  # True: boxes already follow EXIF orientation
+        # COCO panoptic: the segment-id PNG of this image ("" when none); `annotation_ids` are then
+        # the segment ids and each annotation's mask is its segment's pixels.
+        ("panoptic_path", pa.string()),
     ]
 )
 
@@ -53,6 +56,7 @@ def make_record(
     annotations: Iterable[Mapping[str, Any]] | None = None,
     annotated_size: tuple[int, int] = (0, 0),
     boxes_in_display_frame: bool = False,
+    panoptic_path: str = "",
 ) -> dict[str, Any]:
     """One record as a dict in RECORD_SCHEMA; `annotations` are COCO annotation dicts."""
     anns = list(annotations) if annotations is not None else []
@@ -73,6 +77,7 @@ def make_record(
         "annotated_height": int(annotated_size[0]),
         "annotated_width": int(annotated_size[1]),
         "boxes_in_display_frame": bool(boxes_in_display_frame),
+        "panoptic_path": panoptic_path,
     }
 
 

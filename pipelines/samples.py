@@ -17,6 +17,8 @@ from pipelines.loading import LoadedImage, load_record
 from pipelines.transforms import apply_transform, image_seed
 
 SAMPLE_COLUMNS = ("image", "boxes", "labels", "image_id", "orig_size", "size", "area", "iscrowd")
+MASK_COLUMN = "masks"
+"""Panoptic samples also carry `masks`: bool [N, h, w], one per box, at the sample's size."""
 
 
 def make_sample(
@@ -27,21 +29,29 @@ def make_sample(
     epoch: int,
     known_categories: Collection[int] | None,
     limits: DecodeLimits = DecodeLimits(),
+    with_masks: bool | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, LoadedImage | None, list[E.ErrorRecord]]:
     """(sample or None, the loaded image, errors). A sample has SAMPLE_COLUMNS: `image` uint8
     [3,H,W], `boxes` float32 [N,4] normalised (cx, cy, w, h), `labels` int64 [N] (COCO ids),
-    `image_id`, `orig_size` and `size` int64 (h, w), `area` float32 [N], `iscrowd` int64 [N]."""
+    `image_id`, `orig_size` and `size` int64 (h, w), `area` float32 [N], `iscrowd` int64 [N];
+    and `masks` (bool [N, h, w]) when `with_masks` (default: when the record is panoptic)."""
     loaded, errors = load_record(record, known_categories, limits)
     if loaded is None:
         return None, None, errors
     ann = loaded.annotations
+    h, w = loaded.image.height, loaded.image.width
+    if with_masks is None:
+        with_masks = bool(record.get("panoptic_path")) or (ann is not None and ann.masks is not None)
+    masks = np.zeros((0, h, w), dtype=bool) if with_masks else None
     if ann is not None and len(ann.boxes):
         keep = ann.iscrowd == 0  # DETR trains without crowd boxes; COCO eval ignores them
         boxes, labels, area = ann.boxes[keep], ann.category_ids[keep], ann.area[keep]
+        if ann.masks is not None:
+            masks = ann.masks[keep]
     else:
         boxes, labels, area = np.zeros((0, 4)), np.zeros((0,), np.int64), np.zeros((0,))
     per_image_seed = None if seed is None else image_seed(seed, epoch, loaded.image_id)
-    out = apply_transform(transform, loaded.image.array, boxes, labels, area, per_image_seed)
+    out = apply_transform(transform, loaded.image.array, boxes, labels, area, per_image_seed, masks=masks)
     sample = {
         "image": out["image"].numpy(),
         "boxes": out["boxes"].numpy().astype(np.float32),
@@ -52,4 +62,6 @@ def make_sample(
         "area": out["area"].numpy().astype(np.float32),
         "iscrowd": np.zeros(len(out["labels"]), dtype=np.int64),
     }
+    if masks is not None:
+        sample[MASK_COLUMN] = out["masks"].numpy()
     return sample, loaded, errors

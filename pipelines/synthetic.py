@@ -8,8 +8,14 @@ so the same options always give the same files whichever process renders them.
 
 Rendering keeps an instance map (which object owns each pixel), and each box is
 the exact extent of the pixels its object shows after occlusion; the area is its
-visible pixel count. That map is also what a later panoptic mode writes as
-COCO panoptic PNGs (with background regions as stuff), next to these boxes.
+visible pixel count.
+
+Panoptic mode (`panoptic=True`): the background is one or two regions (split by a
+random straight line), each filled with the texture of a stuff class (noise,
+gradient, stripes or checks: the class is the texture, its colours are random);
+shapes are things on top. The dataset is then written in COCO panoptic format:
+OUT/panoptic_{split}.json (categories with `isthing`) and one segment-id PNG per
+image in OUT/panoptic_{split}/, plus the usual instances JSON of the things.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
 BACKGROUNDS = ("noise", "gradient", "stripes", "checks")
+STUFF = BACKGROUNDS
+"""Stuff classes of the panoptic mode, in id order after the shapes: the background textures."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class SyntheticConfig:
     seed: int = 0
     image_format: str = "png"  # "png" (lossless, exact pixels) or "jpg"
     jpeg_quality: int = 90
+    panoptic: bool = False  # background regions of stuff classes; COCO panoptic output
+    stuff_classes: int = 4  # panoptic: the first `stuff_classes` of STUFF, ids classes+1 ..
 
     def __post_init__(self):
         if not 1 <= self.classes <= len(SHAPES):
@@ -59,9 +69,18 @@ class SyntheticConfig:
             raise ValueError("val_fraction must be in [0, 1)")
         if self.image_format not in ("png", "jpg"):
             raise ValueError("image_format must be 'png' or 'jpg'")
+        if self.panoptic and not 1 <= self.stuff_classes <= len(STUFF):
+            raise ValueError(f"stuff_classes must be between 1 and {len(STUFF)}")
 
     def categories(self) -> list[dict]:
         return [{"id": i + 1, "name": SHAPES[i], "supercategory": "shape"} for i in range(self.classes)]
+
+    def panoptic_categories(self) -> list[dict]:
+        """Things (the shapes, isthing 1) then stuff (the textures, isthing 0)."""
+        things = [{**c, "isthing": 1} for c in self.categories()]
+        stuff = [{"id": self.classes + 1 + i, "name": STUFF[i], "supercategory": "texture", "isthing": 0}
+                 for i in range(self.stuff_classes)]
+        return things + stuff
 
 
 @dataclass
@@ -71,6 +90,7 @@ class Rendered:
     image: np.ndarray  # uint8 [H, W, 3]
     instance_map: np.ndarray  # int32 [H, W]
     objects: list[dict] = field(default_factory=list)  # category_id, bbox (x, y, w, h), area
+    stuff_map: np.ndarray | None = None  # panoptic: int32 [H, W] stuff category id of the background
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -108,6 +128,10 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    return _texture(rng, kind, h, w)
+
+
+def _texture(rng: np.random.Generator, kind: str, h: int, w: int) -> np.ndarray:
     c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     yy, xx = np.mgrid[:h, :w].astype(np.float32)
     if kind == "noise":
@@ -135,12 +159,33 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return inter / float(a[2] * a[3] + b[2] * b[3] - inter)
 
 
+def _stuff_background(config: SyntheticConfig, rng: np.random.Generator, h: int, w: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """One region, or two split by a random line, each textured as a different stuff class."""
+    regions = 1 if config.stuff_classes == 1 or rng.uniform() < 1 / 3 else 2
+    kinds = rng.choice(config.stuff_classes, size=regions, replace=False)
+    image = _texture(rng, STUFF[int(kinds[0])], h, w)
+    stuff_map = np.full((h, w), config.classes + 1 + int(kinds[0]), dtype=np.int32)
+    if regions == 2:
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        a = rng.uniform(0, 2 * np.pi)
+        cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+        second = np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy) > 0
+        image[second] = _texture(rng, STUFF[int(kinds[1])], h, w)[second]
+        stuff_map[second] = config.classes + 1 + int(kinds[1])
+    return image, stuff_map
+
+
 def render_image(config: SyntheticConfig, index: int) -> Rendered:
     """Render image `index`: deterministic in (config.seed, index)."""
     rng = np.random.default_rng([config.seed, index])
     h = int(rng.integers(config.min_image_size, config.max_image_size + 1))
     w = int(rng.integers(config.min_image_size, config.max_image_size + 1))
-    image = _background(rng, h, w)
+    stuff_map = None
+    if config.panoptic:
+        image, stuff_map = _stuff_background(config, rng, h, w)
+    else:
+        image = _background(rng, h, w)
     instance_map = np.zeros((h, w), dtype=np.int32)
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
     placed: list[tuple[int, tuple[int, int, int, int]]] = []
@@ -171,7 +216,30 @@ def render_image(config: SyntheticConfig, index: int) -> Rendered:
         x0, y0 = int(xs.min()), int(ys.min())
         objects.append({"category_id": category, "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
                         "area": int(len(xs)), "instance": i})
-    return Rendered(image, instance_map, objects)
+    return Rendered(image, instance_map, objects, stuff_map)
+
+
+def panoptic_segments(rendered: Rendered) -> tuple[np.ndarray, list[dict]]:
+    """(segment-id map [H, W], COCO `segments_info`): things with their instance ids, then one
+    segment per stuff class for the background pixels no shape covers."""
+    ids = np.zeros(rendered.instance_map.shape, dtype=np.int64)
+    info = []
+    for obj in rendered.objects:
+        ids[rendered.instance_map == obj["instance"]] = obj["instance"]
+        info.append({"id": int(obj["instance"]), "category_id": int(obj["category_id"]), "iscrowd": 0,
+                     "bbox": list(obj["bbox"]), "area": int(obj["area"])})
+    next_id = int(rendered.instance_map.max()) + 1
+    if rendered.stuff_map is not None:
+        background = rendered.instance_map == 0
+        for category in np.unique(rendered.stuff_map[background]).tolist():
+            region = background & (rendered.stuff_map == category)
+            ys, xs = np.nonzero(region)
+            ids[region] = next_id
+            info.append({"id": next_id, "category_id": int(category), "iscrowd": 0,
+                         "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min()) + 1,
+                                  int(ys.max() - ys.min()) + 1], "area": int(len(xs))})
+            next_id += 1
+    return ids, info
 
 
 def encode(image: np.ndarray, fmt: str, jpeg_quality: int = 90) -> bytes:
@@ -183,14 +251,22 @@ def encode(image: np.ndarray, fmt: str, jpeg_quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def _render_and_write(args: tuple[SyntheticConfig, str, int]) -> list[dict]:
+def _render_and_write(args: tuple[SyntheticConfig, str, int]) -> list:
     config, out, index = args
     rendered = render_image(config, index)
     name = f"{index:06d}.{config.image_format}"
     with open(os.path.join(out, "images", name), "wb") as f:
         f.write(encode(rendered.image, config.image_format, config.jpeg_quality))
     h, w = rendered.image.shape[:2]
-    return [{"file_name": f"images/{name}", "height": h, "width": w}, rendered.objects]
+    segments = None
+    if config.panoptic:
+        from pipelines.panoptic import encode_panoptic_png
+
+        ids, segments = panoptic_segments(rendered)
+        split = "val" if split_of(config)[index] else "train"
+        with open(os.path.join(out, f"panoptic_{split}", f"{index:06d}.png"), "wb") as f:
+            f.write(encode_panoptic_png(ids))
+    return [{"file_name": f"images/{name}", "height": h, "width": w}, rendered.objects, segments]
 
 
 def split_of(config: SyntheticConfig) -> np.ndarray:
@@ -202,11 +278,15 @@ def split_of(config: SyntheticConfig) -> np.ndarray:
 
 
 def write_dataset(out: str, config: SyntheticConfig, workers: int = 1) -> dict[str, str]:
-    """Write OUT/images/*, OUT/train.json (and OUT/val.json); returns the JSON paths by split.
+    """Write OUT/images/*, OUT/train.json (and OUT/val.json), and in panoptic mode OUT/panoptic_train.json
+    with OUT/panoptic_train/*.png (and the same for val); returns the JSON paths by split name.
 
     File names in the JSONs are relative to OUT, so `open_source("OUT/train.json")` just works.
     """
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    if config.panoptic:
+        for split in ("train", "val"):
+            os.makedirs(os.path.join(out, f"panoptic_{split}"), exist_ok=True)
     jobs = [(config, out, i) for i in range(config.images)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -214,12 +294,15 @@ def write_dataset(out: str, config: SyntheticConfig, workers: int = 1) -> dict[s
     else:
         results = [_render_and_write(j) for j in jobs]
     is_val = split_of(config)
-    splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
+    splits = {"train": {"images": [], "annotations": [], "panoptic": []},
+              "val": {"images": [], "annotations": [], "panoptic": []}}
     next_ann = 1
-    for index, (image_info, objects) in enumerate(results):
+    for index, (image_info, objects, segments) in enumerate(results):
         split = splits["val" if is_val[index] else "train"]
         image_id = index + 1
         split["images"].append({"id": image_id, **image_info})
+        if segments is not None:
+            split["panoptic"].append({"image_id": image_id, "file_name": f"{index:06d}.png", "segments_info": segments})
         for obj in objects:
             split["annotations"].append({"id": next_ann, "image_id": image_id, "category_id": obj["category_id"],
                                          "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0})
@@ -233,4 +316,12 @@ def write_dataset(out: str, config: SyntheticConfig, workers: int = 1) -> dict[s
         paths[name] = os.path.join(out, f"{name}.json")
         with open(paths[name], "w") as f:
             json.dump(coco, f)
+        if config.panoptic:
+            panoptic = {"info": coco["info"], "images": split["images"], "annotations": split["panoptic"],
+                        "categories": config.panoptic_categories()}
+            paths[f"panoptic_{name}"] = os.path.join(out, f"panoptic_{name}.json")
+            with open(paths[f"panoptic_{name}"], "w") as f:
+                json.dump(panoptic, f)
+    if config.panoptic and not splits["val"]["images"]:
+        os.rmdir(os.path.join(out, "panoptic_val"))
     return paths

@@ -28,13 +28,14 @@ class DetectionTorchDataset(torch.utils.data.Dataset):
         self.known = source.category_ids
         self.transform = build_transform(transforms, train)
         self.seed, self.epoch, self.limits = seed, epoch, limits
+        self.with_masks = source.is_panoptic or None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         sample, _, _ = make_sample(self.records[index], self.transform, seed=self.seed, epoch=self.epoch,
-                                   known_categories=self.known, limits=self.limits)
+                                   known_categories=self.known, limits=self.limits, with_masks=self.with_masks)
         return sample
 
 

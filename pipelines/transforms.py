@@ -2,7 +2,9 @@
 
 Boxes travel as `tv_tensors.BoundingBoxes` next to the image through every
 geometric step, so flips, resizes and crops move them with torchvision's own
-kernels (no box arithmetic here). `TransformsConfig` is the single source of the
+kernels (no box arithmetic here); panoptic samples' masks travel beside them as
+`tv_tensors.Mask` through the same transforms (nearest-neighbour resizing), and
+`SanitizeBoundingBoxes` drops a mask together with its box. `TransformsConfig` is the single source of the
 recipe's numbers; `TransformsConfig.small()` scales the whole recipe down for
 tests and CPU demos. Randomness is drawn from torch's generator, seeded per image
 from (seed, epoch, image id), so an epoch is reproducible whichever worker runs it.
@@ -150,13 +152,15 @@ def apply_transform(
     labels: np.ndarray,
     area: np.ndarray,
     seed: int | None = None,
+    masks: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Run a v2 transform on an HWC uint8 image and its COCO boxes.
+    """Run a v2 transform on an HWC uint8 image and its COCO boxes (and their masks [N, H, W]).
 
     Returns `image` (uint8 [3,H,W] tensor, not normalised: that happens after
     transfer, in the collate function), `boxes` (float32 [N,4] normalised cx, cy,
     w, h), `labels` (int64 [N]), `area` (COCO area scaled with each box) and
-    `size` (h, w). With `seed`, torch's global generator is forked so the caller's
+    `size` (h, w), and with `masks` also `masks` (bool [N, h, w], moved exactly like the
+    image and the boxes). With `seed`, torch's global generator is forked so the caller's
     random state is untouched.
     """
     img = tv_tensors.Image(torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1))
@@ -171,6 +175,8 @@ def apply_transform(
         "area": torch.as_tensor(np.asarray(area, dtype=np.float32).reshape(-1)),
         "index": torch.arange(len(boxes)),
     }
+    if masks is not None:
+        target["masks"] = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)).reshape(-1, h, w))
     before = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1).as_subclass(torch.Tensor)
     if seed is None:
         out_img, out = transform(img, target)
@@ -184,13 +190,16 @@ def apply_transform(
     scale = torch.as_tensor([ow, oh, ow, oh], dtype=torch.float32)
     normalised = box_convert(out_boxes, "xyxy", "cxcywh") / scale
     area_out = out["area"] * (after / before[out["index"]].clamp(min=1e-6))
-    return {
+    result = {
         "image": out_img.as_subclass(torch.Tensor).contiguous(),
         "boxes": normalised.float().reshape(-1, 4),
         "labels": out["labels"].long(),
         "area": area_out.float(),
         "size": (int(oh), int(ow)),
     }
+    if masks is not None:
+        result["masks"] = out["masks"].as_subclass(torch.Tensor).bool().reshape(-1, oh, ow)
+    return result
 
 
 def normalize_image(image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -31,6 +31,7 @@ class CheckedAnnotations:
     annotation_ids: np.ndarray  # int64 [N]
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail)
     repaired: int = 0
+    masks: np.ndarray | None = None  # bool [N, H, W] for panoptic records (aligned with the boxes)
 
 
 def check_annotations(

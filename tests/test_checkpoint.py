@@ -118,8 +118,11 @@ def test_official_file_with_training_args_and_new_class_count(tmp_path):
 def test_malformed_official_checkpoints_are_explained():
     with pytest.raises(ValueError, match="not an official DETR checkpoint"):
         from_official({"model": {"foo": torch.zeros(1)}})
-    with pytest.raises(ValueError, match="panoptic"):
+    # Panoptic checkpoints load (tests/test_panoptic_reference.py); one without its mask head is explained.
+    with pytest.raises(ValueError, match="panoptic DETR checkpoint .*without its mask head"):
         from_official({"model": {"detr.query_embed.weight": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="not a complete panoptic DETR checkpoint"):
+        from_official({"model": {"detr.class_embed.weight": torch.zeros(1)}})
 
 
 def test_library_has_no_ray_or_mlflow_dependency():

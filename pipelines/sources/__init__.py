@@ -3,6 +3,7 @@
 | kind      | what it reads                                              |
 |-----------|------------------------------------------------------------|
 | coco      | a COCO instances JSON plus its image folder                |
+| (coco_panoptic) | a COCO panoptic JSON (recognised by content) + PNGs  |
 | yolo      | ROOT/images + ROOT/labels (*.txt) + classes.txt/data.yaml  |
 | voc       | ROOT/Annotations (*.xml) + ROOT/JPEGImages                 |
 | folder    | a folder (recursive) or a glob of images, no annotations   |
@@ -54,12 +55,14 @@ def open_source(
     images: str | None = None,
     classes: str | None = None,
     rows_per_unit: int = 1000,
+    masks: str | None = None,
 ) -> Source:
     """Open any supported source. `images` is the image folder of a COCO JSON (default: its
-    folder); `classes` a class-names file for YOLO (one per line) or VOC (fixes the id order)."""
+    folder); `classes` a class-names file for YOLO (one per line) or VOC (fixes the id order);
+    `masks` the PNG folder of a COCO panoptic JSON (default: the JSON's path without `.json`)."""
     kind = kind or detect_kind(path)
-    if kind == "coco":
-        return open_coco(path, images, rows_per_unit)
+    if kind in ("coco", "coco_panoptic"):
+        return open_coco(path, images, rows_per_unit, masks_dir=masks)
     if kind == "yolo":
         coco, errors = yolo_to_coco(path, classes)
         source = coco_source(coco, storage.join(path, "images"), path, rows_per_unit)

@@ -35,6 +35,11 @@ class Source:
     planning_errors: list[ErrorRecord] = field(default_factory=list)
 
     @property
+    def is_panoptic(self) -> bool:
+        """A COCO panoptic source: records carry segment PNGs, samples carry masks."""
+        return self.kind == "coco_panoptic"
+
+    @property
     def category_ids(self) -> set[int] | None:
         return None if self.categories is None else {int(c["id"]) for c in self.categories}
 

@@ -63,6 +63,7 @@ def shards_to_records(table: pa.Table) -> pa.Table:
         "error_reason": pa.array([""] * n, pa.string()),
         "error_detail": pa.array([""] * n, pa.string()),
         "has_annotations": table["has_annotations"],
+        "panoptic_path": pa.array([""] * n, pa.string()),
         "boxes": boxes,
         "category_ids": table["labels"],
         "iscrowd": table["iscrowd"],

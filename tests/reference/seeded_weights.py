@@ -27,13 +27,17 @@ Generation rule (the contract; changing it invalidates every fixture):
   batch-norm weight / bias                        [0.5, 1.5] / +-0.1
   batch-norm running_mean / running_var           +-0.1 / [0.5, 1.5]
   layer-norm weight / bias                        [0.8, 1.2] / +-0.1
+  group-norm weight / bias (module ``gn<digits>``)  [0.8, 1.2] / +-0.1
   ``query_embed`` weight                          +-1.7
   ``row_embed`` / ``col_embed`` weight            [0, 1]
   any other bias or 1-D tensor                    +-0.1
   ==============================================  =======================================
 
   A module is a batch norm when the key list also holds ``<module>.running_var``; it is a
-  layer norm when its last name component contains ``norm`` and it is not a batch norm.
+  layer norm when its last name component contains ``norm`` and it is not a batch norm; it is
+  a group norm (the panoptic mask head's ``mask_head.gn1`` ... ``gn5``) when its last name
+  component is ``gn`` followed by digits. (The group-norm rule was added with the panoptic
+  fixtures; no earlier fixture has such keys, so their weights are unchanged.)
 
 These ranges keep a random DETR non-degenerate: activations neither explode nor vanish through
 a ResNet-18/34/50/101, and the per-query class scores and boxes differ clearly.
@@ -45,6 +49,7 @@ Checksums are the float64 sum of a tensor and of its absolute values. For genera
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -95,7 +100,7 @@ def bounds_for(key: str, shape: Sequence[int], all_keys: Iterable[str] = ()) -> 
             "running_mean": (-0.1, 0.1),
             "running_var": (0.5, 1.5),
         }.get(leaf, (-0.1, 0.1))
-    if "norm" in last and len(shape) == 1:
+    if ("norm" in last or re.fullmatch(r"gn\d+", last)) and len(shape) == 1:
         return (0.8, 1.2) if leaf == "weight" else (-0.1, 0.1)
     if last == "query_embed" or module.endswith("query_embed"):
         return (-1.7, 1.7)

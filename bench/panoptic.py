@@ -1,0 +1,270 @@
+"""Panoptic benchmark: train a detector with the fast recipe, then the mask head, and measure PQ and the cost of masks.
+
+    python bench/panoptic.py [--detector-minutes 9] [--mask-minutes 4] [--threads 2] [--recipe fast]
+
+On the synthetic panoptic set (`make-dataset --panoptic`: shapes as things,
+textured background regions as stuff; held-out validation images), with the
+project's own pieces and no Ray (one process, `--threads` torch threads):
+
+1. the detector (no masks) trains on the boxes of every segment, things and stuff,
+   with the named recipe of `detr.recipes` (the fast-convergence one by default);
+2. the mask head trains on top of it, detector frozen (the paper's recipe), masks
+   computed only for the matched queries;
+3. PQ, SQ and RQ (overall, things, stuff) on the held-out images at their original
+   size, with `detr.panoptic_evaluation.PanopticEvaluator`, and mask AP of things;
+4. the cost of masks: images/s of panoptic labelling (one forward with masks for
+   the kept queries, the merge, RLE of every segment and the panoptic PNG) against
+   detection-only labelling (forward, boxes), same model, same images, alternated.
+
+The whole run stays within the two training budgets plus about a minute. Prints a
+table and writes the figures as JSON under `--out` (default bench/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detr import SetCriterion, build_model  # noqa: E402
+from detr.config import DETRConfig  # noqa: E402
+from detr.engine import Batch, train_step  # noqa: E402
+from detr.optim import OptimizerConfig, build_optimizer  # noqa: E402
+from detr.panoptic_evaluation import PanopticEvaluator, instance_ground_truth, mask_ap  # noqa: E402
+from pipelines.decode import decode_image  # noqa: E402
+from pipelines.inference import Detector  # noqa: E402
+from pipelines.loading import read_record_bytes  # noqa: E402
+from pipelines.panoptic import decode_panoptic_png, encode_panoptic_png, panoptic_categories  # noqa: E402
+from pipelines.panoptic_inference import segment_images  # noqa: E402
+from pipelines.sources import open_source  # noqa: E402
+from pipelines.storage import read_bytes  # noqa: E402
+from pipelines.synthetic import SyntheticConfig, write_dataset  # noqa: E402
+from pipelines.torch_dataset import DetectionTorchDataset, collate_skipping_rejected  # noqa: E402
+from pipelines.transforms import TransformsConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a recipe gives this benchmark: model, optimiser, batch size, augmentation."""
+
+    name: str
+    model: DETRConfig
+    optimizer: OptimizerConfig
+    batch_size: int
+    transforms: TransformsConfig
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_from_recipe(name: str, num_classes: int) -> Plan:
+    """The named recipe of `detr.recipes` (when that module exists), made mask-head compatible."""
+    try:
+        from detr.recipes import get_recipe
+    except ImportError:
+        get_recipe = None
+    if get_recipe is not None and name != "builtin":
+        recipe = get_recipe(name)
+        model = recipe.model_config(num_classes)
+        return Plan(name, model, recipe.optimizer, recipe.batch_size, recipe.transforms, {"recipe": recipe})
+    # Without detr.recipes: the CPU-sized model and the paper's optimiser at a higher rate.
+    model = DETRConfig.preset("tiny_panoptic", num_classes=num_classes, masks=False, enc_layers=3, dec_layers=3,
+                              dim_feedforward=512, dropout=0.0)
+    return Plan("builtin", model, OptimizerConfig(lr=2e-4, lr_backbone=2e-5), 8, TransformsConfig.small())
+
+
+def dataset_config(train_images: int, val_images: int, seed: int) -> SyntheticConfig:
+    total = train_images + val_images
+    return SyntheticConfig(images=total, classes=3, max_objects=3, val_fraction=val_images / total, seed=seed,
+                           panoptic=True, stuff_classes=3)
+
+
+def ensure_dataset(root: Path, config: SyntheticConfig) -> dict[str, str]:
+    stamp = root / "config.json"
+    wanted = json.dumps(config.__dict__, sort_keys=True)
+    names = {"train": str(root / "panoptic_train.json"), "val": str(root / "panoptic_val.json")}
+    if stamp.exists() and stamp.read_text() == wanted:
+        return names
+    write_dataset(str(root), config, workers=2)
+    stamp.write_text(wanted)
+    return names
+
+
+def batches(dataset: DetectionTorchDataset, batch_size: int, seed: int) -> Iterator[Batch]:
+    generator = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        dataset.epoch = epoch
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                              collate_fn=collate_skipping_rejected, num_workers=0, drop_last=True)
+        epoch += 1
+
+
+def train_for(model, criterion, optimizer, data: Iterator[Batch], minutes: float, clip: float, label: str,
+              scheduler=None) -> dict[str, float]:
+    model.train()
+    deadline = time.perf_counter() + minutes * 60
+    steps, last, start = 0, {}, time.perf_counter()
+    while time.perf_counter() < deadline:
+        last = train_step(model, criterion, optimizer, [next(data)], clip)
+        if scheduler is not None:
+            scheduler.step()
+        steps += 1
+        if steps % 50 == 0:
+            shown = {k: round(v, 3) for k, v in last.items() if k in ("loss", "loss_ce", "loss_bbox", "loss_mask",
+                                                                         "loss_dice")}
+            print(f"  {label} step {steps} ({time.perf_counter() - start:.0f}s): {shown}", flush=True)
+    return {"steps": steps, "seconds": time.perf_counter() - start, **{f"final_{k}": v for k, v in last.items()}}
+
+
+def warmup_scheduler(plan: Plan, optimizer):
+    try:
+        from detr.optim import build_warmup_scheduler
+    except ImportError:
+        return None
+    recipe = plan.extras.get("recipe")
+    if recipe is None:
+        return None
+    try:
+        return build_warmup_scheduler(optimizer, recipe.optimizer)
+    except Exception:  # noqa: BLE001 - a recipe without warmup settings trains without
+        return None
+
+
+def evaluate(detector: Detector, val_json: str, threshold: float) -> dict[str, Any]:
+    source = open_source(val_json)
+    categories = source.categories or []
+    is_thing = panoptic_categories(categories)
+    evaluator = PanopticEvaluator(categories)
+    images, annotations, results = [], [], []
+    detector.model.eval()
+    for record in source.iter_records():
+        image = decode_image(read_record_bytes(record), record["key"]).array
+        out = segment_images(detector, [image], threshold)[0]
+        gt_ids = decode_panoptic_png(read_bytes(record["panoptic_path"]))
+        gt_segments = [{"id": int(a), "category_id": int(c)} for a, c in
+                       zip(record["annotation_ids"], record["category_ids"])]
+        evaluator.update(out["id_map"], out["segments"], gt_ids, gt_segments)
+        image_id = int(record["image_id"])
+        images.append({"id": image_id, "height": int(gt_ids.shape[0]), "width": int(gt_ids.shape[1])})
+        annotations += instance_ground_truth(image_id, gt_ids, gt_segments, is_thing, len(annotations) + 1)
+        results += [{"image_id": image_id, "category_id": s["category_id"], "score": s["score"],
+                     "segmentation": s["rle"]} for s in out["segments"] if s["isthing"]]
+    stats = evaluator.compute()
+    things = [c for c in categories if is_thing[int(c["id"])]]
+    segm = mask_ap({"images": images, "annotations": annotations, "categories": things}, results)
+    return {**{k: v for k, v in stats.items() if k != "per_class"}, "segm_AP": segm["segm_AP"],
+            "segm_AP50": segm["segm_AP50"],
+            "per_class_PQ": {int(k): round(v["PQ"], 4) for k, v in stats["per_class"].items()}}
+
+
+def labelling_speed(detector: Detector, images: list[np.ndarray], threshold: float, batch: int,
+                    rounds: int) -> dict[str, float]:
+    """Images/s of detection-only and panoptic labelling, alternated so both see the same machine load."""
+
+    def detection() -> None:
+        for i in range(0, len(images), batch):
+            detector.detect(images[i:i + batch])
+
+    def panoptic() -> None:
+        for i in range(0, len(images), batch):
+            for out in segment_images(detector, images[i:i + batch], threshold):
+                encode_panoptic_png(out["id_map"])  # what the labelling job writes beside its rows
+
+    detection(), panoptic()  # warm-up
+    times = {"detection": [], "panoptic": []}
+    for _ in range(rounds):
+        for name, fn in (("detection", detection), ("panoptic", panoptic)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    det = len(images) / float(np.median(times["detection"]))
+    pan = len(images) / float(np.median(times["panoptic"]))
+    return {"detection_images_per_s": det, "panoptic_images_per_s": pan, "ratio": pan / det}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="fast", help="a detr.recipes name ('builtin' without that module)")
+    parser.add_argument("--detector-minutes", type=float, default=9.0)
+    parser.add_argument("--mask-minutes", type=float, default=4.0)
+    parser.add_argument("--mask-lr", type=float, default=5e-4, help="mask head learning rate")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-images", type=int, default=1500)
+    parser.add_argument("--val-images", type=int, default=60)
+    parser.add_argument("--threshold", type=float, default=0.85, help="panoptic keep threshold (the paper's 0.85)")
+    parser.add_argument("--speed-images", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=None, help="dataset folder (default: under --out)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = ensure_dataset(Path(args.data or out / "panoptic_shapes"),
+                           dataset_config(args.train_images, args.val_images, args.seed))
+    source = open_source(paths["train"])
+    categories = source.categories or []
+    num_classes = max(int(c["id"]) for c in categories) + 1
+    plan = plan_from_recipe(args.recipe, num_classes)
+    print(f"recipe {plan.name}: {plan.model}", flush=True)
+    started = time.perf_counter()
+
+    # 1. The detector, on the boxes of things and stuff.
+    detector_model = build_model(plan.model.replace(masks=False))
+    criterion = SetCriterion.from_config(detector_model.config)
+    optimizer = build_optimizer(detector_model, plan.optimizer)
+    data = batches(DetectionTorchDataset(source, train=True, transforms=plan.transforms, seed=args.seed),
+                   plan.batch_size, args.seed)
+    detector_stats = train_for(detector_model, criterion, optimizer, data, args.detector_minutes,
+                               plan.optimizer.clip_max_norm, "detector", warmup_scheduler(plan, optimizer))
+
+    # 2. The mask head on top of it, detector frozen.
+    config = detector_model.config.replace(masks=True, freeze_detector=True)
+    model = build_model(config)
+    missing, unexpected = model.load_state_dict(detector_model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(model.MASK_MODULES) for k in missing)
+    criterion = SetCriterion.from_config(config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.mask_lr,
+                                  weight_decay=plan.optimizer.weight_decay)
+    mask_stats = train_for(model, criterion, optimizer, data, args.mask_minutes, plan.optimizer.clip_max_norm, "masks")
+    train_seconds = time.perf_counter() - started
+
+    # 3. PQ on held-out images, 4. the cost of masks.
+    detector = Detector(model.eval(), plan.transforms, categories, device=torch.device("cpu"))
+    quality = evaluate(detector, paths["val"], args.threshold)
+    val = open_source(paths["val"])
+    images = [decode_image(read_record_bytes(r), r["key"]).array for r in val.iter_records()][: args.speed_images]
+    speed = labelling_speed(detector, images, args.threshold, batch=4, rounds=3)
+    total = time.perf_counter() - started
+
+    report = {"recipe": plan.name, "model": plan.model.to_dict(), "threshold": args.threshold,
+              "train_images": args.train_images, "val_images": args.val_images, "threads": args.threads,
+              "detector": detector_stats, "mask_head": mask_stats, "train_seconds": train_seconds,
+              "total_seconds": total, "quality": quality, "speed": speed}
+    (out / "panoptic.json").write_text(json.dumps(report, indent=2, default=float))
+    q = quality
+    print(f"\ntrained {detector_stats['steps']} detector + {mask_stats['steps']} mask-head steps in "
+          f"{train_seconds / 60:.1f} min; whole run {total / 60:.1f} min on {args.threads} threads")
+    print(f"{'':8} {'PQ':>7} {'SQ':>7} {'RQ':>7}")
+    for label, suffix in (("all", ""), ("things", "_th"), ("stuff", "_st")):
+        print(f"{label:8} {q['PQ' + suffix]:7.3f} {q['SQ' + suffix]:7.3f} {q['RQ' + suffix]:7.3f}")
+    print(f"mask AP (things) {q['segm_AP']:.3f}, AP50 {q['segm_AP50']:.3f}; per-class PQ {q['per_class_PQ']}")
+    print(f"labelling: detection-only {speed['detection_images_per_s']:.1f} images/s, panoptic "
+          f"{speed['panoptic_images_per_s']:.1f} images/s, ratio {speed['ratio']:.2f}")
+    print(f"written to {out / 'panoptic.json'}")
+
+
+if __name__ == "__main__":
+    main()

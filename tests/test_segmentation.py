@@ -1,0 +1,169 @@
+"""The mask head: forward contract, query selection, padding invariance, losses, checkpoints, layouts."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr import (DETRConfig, InstanceMaskPostProcess, PanopticPostProcess, SetCriterion, build_model,
+                  from_official, load_checkpoint, official_state_dict, pad_images, save_checkpoint)
+from detr.segmentation import UNCOMPUTED_MASK_LOGIT, masks_to_image
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+SMALL = dict(backbone="resnet18", hidden_dim=128, nheads=8, enc_layers=1, dec_layers=2, dim_feedforward=128,
+             num_queries=6, num_classes=5, masks=True)
+
+
+def small_model(**overrides):
+    torch.manual_seed(0)
+    return build_model(DETRConfig(**{**SMALL, **overrides})).eval()
+
+
+def random_targets(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for h, w in sizes:
+        n = 2
+        masks = torch.zeros((n, h, w), dtype=torch.bool)
+        boxes = []
+        for i in range(n):
+            y0, x0 = int(torch.randint(0, h // 2, (1,), generator=g)), int(torch.randint(0, w // 2, (1,), generator=g))
+            y1, x1 = y0 + h // 3, x0 + w // 3
+            masks[i, y0:y1, x0:x1] = True
+            boxes.append([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h])
+        targets.append({"labels": torch.tensor([1, 2]), "boxes": torch.tensor(boxes), "masks": masks})
+    return targets
+
+
+def test_masks_are_off_by_default_and_detection_models_are_unchanged():
+    config = DETRConfig.preset("tiny", num_classes=5)
+    assert not config.masks
+    keys = build_model(config).state_dict().keys()
+    assert not any(k.startswith(("bbox_attention.", "mask_head.")) for k in keys)
+    with pytest.raises(ValueError, match="masks need hidden_dim a multiple of 128"):
+        DETRConfig.preset("tiny", masks=True)
+    assert DETRConfig.preset("detr_r50").fpn_dims == (1024, 512, 256)
+    assert DETRConfig.preset("tiny").fpn_dims == (256, 128, 64)
+
+
+def test_forward_contract_and_query_selection():
+    model = small_model()
+    images, mask = pad_images([torch.randn(3, 64, 80), torch.randn(3, 72, 64)])
+    with torch.no_grad():
+        full = model(images, mask)
+        selected = torch.zeros(2, 6, dtype=torch.bool)
+        selected[0, [1, 4]] = True
+        selected[1, 5] = True
+        some = model(images, mask, mask_queries=selected)
+        by_callable = model(images, mask, mask_queries=lambda out: out["pred_logits"].new_zeros((2, 6)).bool())
+    assert full["pred_masks"].shape == (2, 6, 72 // 4, 80 // 4)
+    assert torch.equal(some["mask_queries"], selected)
+    torch.testing.assert_close(some["pred_masks"][selected], full["pred_masks"][selected], atol=1e-6, rtol=0)
+    assert (some["pred_masks"][~selected] == UNCOMPUTED_MASK_LOGIT).all()
+    assert (by_callable["pred_masks"] == UNCOMPUTED_MASK_LOGIT).all()
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(some[key], full[key])
+
+
+def test_an_image_padded_in_a_batch_gets_the_masks_it_gets_alone():
+    model = small_model()
+    with torch.no_grad():
+        # At random initialisation the queries' masks differ by ~1e-5 (their attention maps are tiny next
+        # to the shared features), so the panoptic winner would be rounding noise: make queries matter.
+        model.mask_head.lay1.weight[:, SMALL["hidden_dim"]:] *= 1000
+    small, large = torch.randn(3, 70, 90), torch.randn(3, 128, 100)
+    with torch.no_grad():
+        alone = model(*pad_images([small]))
+        batched = model(*pad_images([large, small]))
+    cells = alone["pred_masks"].shape[-2:]
+    assert cells == (18, 23)
+    torch.testing.assert_close(batched["pred_masks"][1, :, :18, :23], alone["pred_masks"][0], atol=1e-4, rtol=0)
+    post = PanopticPostProcess({i: i % 2 == 0 for i in range(6)}, threshold=0.0)
+    one = post(alone, [(70, 90)], [(140, 180)])[0]
+    two = post(batched, [(128, 100), (70, 90)], [(128, 100), (140, 180)])[1]
+    assert torch.equal(one["id_map"], two["id_map"]) and one["segments_info"] == two["segments_info"]
+    inst = InstanceMaskPostProcess()
+    assert torch.equal(inst(alone, [(70, 90)])[0]["masks"], inst(batched, [(128, 100), (70, 90)])[1]["masks"])
+
+
+def test_official_padding_mode_is_not_padding_invariant():
+    model = small_model(padding_invariant=False)
+    small, large = torch.randn(3, 70, 90), torch.randn(3, 128, 100)
+    with torch.no_grad():
+        alone = model(*pad_images([small]))["pred_masks"][0]
+        batched = model(*pad_images([large, small]))["pred_masks"][1, :, :18, :23]
+    assert (alone - batched).abs().max() > 1e-3
+
+
+def test_mask_losses_are_padding_invariant_and_need_only_matched_masks():
+    model = small_model(freeze_detector=False)
+    criterion = SetCriterion.from_config(model.config)
+    assert {"loss_mask", "loss_dice"} <= set(criterion.weight_dict)
+    small, large = torch.randn(3, 70, 90), torch.randn(3, 128, 100)
+    t_small, t_large = random_targets([(70, 90), (128, 100)])
+    with torch.no_grad():
+        alone = criterion(model(*pad_images([small])), [t_small])
+        batched_out = model(*pad_images([small, large]))
+        batched = criterion(batched_out, [t_small, t_large])
+        large_alone = criterion(model(*pad_images([large])), [t_large])
+        images, mask = pad_images([small, large])
+        selected = model(images, mask, mask_queries=criterion.mask_query_selection([t_small, t_large]))
+        sparse = criterion(selected, [t_small, t_large])
+    # Both losses are sums over matched masks divided by the number of boxes (2 per image).
+    for name in ("loss_mask", "loss_dice"):
+        combined = (alone[name] * 2 + large_alone[name] * 2) / 4
+        assert batched[name].item() == pytest.approx(combined.item(), rel=1e-4)
+        assert sparse[name].item() == pytest.approx(batched[name].item(), rel=1e-5)
+    assert selected["mask_queries"].sum() == 4
+
+
+def test_freezing_the_detector_trains_only_the_mask_head():
+    model = small_model().train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("bbox_attention.", "mask_head.")) for n in trainable)
+    joint = small_model(freeze_detector=False)
+    assert any(n.startswith("transformer.") and p.requires_grad for n, p in joint.named_parameters())
+    criterion = SetCriterion.from_config(model.config)
+    images, mask = pad_images([torch.randn(3, 64, 64)])
+    targets = random_targets([(64, 64)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = criterion(model(images, mask, mask_queries=criterion.mask_query_selection(targets)), targets)
+    criterion.total(losses).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+
+
+def test_mask_geometry_crops_the_image_cells():
+    logits = torch.zeros(1, 5, 6)
+    logits[0, :3, :4] = 1.0  # the 10x13 image owns 3x4 cells; the rest is padding
+    logits[0, 3:, :] = -50.0
+    out = masks_to_image(logits, (10, 13))
+    assert out.shape == (1, 10, 13) and torch.equal(out, torch.ones(1, 10, 13))
+
+
+def test_our_checkpoint_round_trips_with_masks(tmp_path):
+    model = small_model(padding_invariant=False)
+    loaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "m.pt"))
+    assert loaded.config == model.config and loaded.config.masks
+    images, mask = pad_images([torch.randn(3, 64, 64)])
+    with torch.no_grad():
+        assert torch.equal(loaded(images, mask)["pred_masks"], model(images, mask)["pred_masks"])
+    again = from_official({"model": official_state_dict(model)}, padding_invariant=False)
+    assert again.config.nheads == 8 and again.config.masks  # the head count comes from the mask head
+    with torch.no_grad():
+        torch.testing.assert_close(again(images, mask)["pred_masks"], model(images, mask)["pred_masks"])
+
+
+def test_official_panoptic_export_has_the_release_layout():
+    rows = [line.split("\t") for line in (REFERENCE / "detr_r50_panoptic_keys.tsv").read_text().splitlines() if line]
+    expected = {key: [int(x) for x in shape.strip("[]").split(",") if x.strip()] for key, shape, _ in rows}
+    state = official_state_dict(build_model("detr_r50", masks=True, num_classes=250))  # COCO panoptic ids
+    assert {k: list(v.shape) for k, v in state.items()} == expected
+
+
+def test_detection_checkpoint_starts_a_fresh_mask_head():
+    detector = build_model("tiny_panoptic", num_classes=4, masks=False)
+    model = from_official({"model": official_state_dict(detector)}, masks=True)
+    assert model.config.masks and model.config.freeze_detector
+    torch.testing.assert_close(model.query_embed.weight, detector.query_embed.weight)
