@@ -15,7 +15,11 @@ from types import ModuleType
 from typing import Sequence
 
 # name -> (module, one-line help). The order is the order `detr --help` lists them.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-dataset": ("jobs.make_dataset", "generate a synthetic COCO dataset of shapes"),
+    "ingest": ("jobs.ingest", "validate a source and write sharded Parquet with an errors table"),
+    "convert": ("jobs.convert", "convert YOLO or Pascal VOC annotations to COCO JSON"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,160 @@
+"""The training and evaluation datasets: any source -> augmented samples, streamed by Ray Data.
+
+`build_detection_dataset` chains: read records -> (shuffle block order) -> load,
+validate and transform in parallel tasks -> (group by aspect ratio). Bad records
+never reach the model; they are reported to an `ErrorCollector`. Feed the result
+to Ray Train as a dataset and, in each worker,
+`ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=B, collate_fn=DetectionCollate())`.
+
+Reproducibility: each image's augmentation is seeded from (seed, epoch, image id),
+where epoch = the `epoch` argument + the dataset's execution index (Ray Data
+counts executions; a training loop iterates once per epoch), so a run restarted
+at epoch k with `epoch=k` sees exactly the augmentations of the original run.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.decode import DecodeLimits
+from pipelines.error_collector import ErrorCollector
+from pipelines.errors import RunSummary
+from pipelines.loading import tally
+from pipelines.samples import SAMPLE_COLUMNS, make_sample
+from pipelines.sources import Source, open_source
+from pipelines.transforms import TransformsConfig, build_transform
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_transform(config: TransformsConfig, train: bool):
+    return build_transform(config, train)
+
+
+def current_execution_index() -> int:
+    """How many times this dataset has been executed before (0 on the first epoch).
+
+    Ray Data keeps this count in the DataContext it ships to every task
+    (ray.data's own `RandomSeedConfig(reseed_after_execution=True)` uses it).
+    """
+    from ray.data import DataContext
+
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+
+
+def _prepare_batch(
+    batch: pa.Table,
+    config: TransformsConfig,
+    train: bool,
+    seed: int | None,
+    epoch: int,
+    known_categories: frozenset[int] | None,
+    limits: DecodeLimits,
+    collector: ErrorCollector | None,
+) -> dict[str, Any]:
+    transform = _cached_transform(config, train)
+    execution = current_execution_index()
+    samples, errors, summary = [], [], RunSummary()
+    for record in batch.to_pylist():
+        sample, loaded, errs = make_sample(record, transform, seed=seed, epoch=epoch + execution,
+                                           known_categories=known_categories, limits=limits)
+        tally(summary, loaded, errs)
+        errors += errs
+        if sample is not None:
+            samples.append(sample)
+    if collector is not None:
+        collector.report(execution, summary, errors)
+    return _columns(samples)
+
+
+def _columns(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples -> a batch dict; ragged columns stay lists of arrays (Ray stores them as tensors)."""
+    out: dict[str, Any] = {}
+    for name in SAMPLE_COLUMNS:
+        values = [s[name] for s in samples]
+        if name in ("image_id",):
+            out[name] = np.asarray(values, dtype=np.int64)
+        elif name in ("orig_size", "size"):
+            out[name] = np.asarray(values, dtype=np.int64).reshape(-1, 2)
+        else:
+            out[name] = values
+    return out
+
+
+def _group_by_aspect_ratio(batch: dict[str, Any]) -> dict[str, Any]:
+    """Order a window of samples by aspect ratio so consecutive batches pad less."""
+    sizes = np.asarray(batch["size"]).reshape(-1, 2)
+    order = np.argsort(sizes[:, 0] / np.maximum(sizes[:, 1], 1), kind="stable")
+    return {k: [v[i] for i in order] if isinstance(v, list) else np.asarray(v)[order] for k, v in batch.items()}
+
+
+@dataclass
+class DetectionDataset:
+    """A streaming dataset of samples plus where its rejected records are collected."""
+
+    dataset: Any  # ray.data.Dataset of SAMPLE_COLUMNS
+    errors: ErrorCollector | None
+    categories: list[dict] | None
+    source: Source
+
+    def iter_batches(self, batch_size: int, **kwargs) -> Iterator:
+        """(images, mask, targets) batches on this process (evaluation, tests, single-node use)."""
+        from pipelines.collate import DetectionCollate
+
+        return self.dataset.iter_torch_batches(batch_size=batch_size, collate_fn=DetectionCollate(), **kwargs)
+
+
+def build_detection_dataset(
+    source: Source | str,
+    *,
+    train: bool,
+    transforms: TransformsConfig = TransformsConfig(),
+    seed: int | None = 0,
+    epoch: int = 0,
+    shuffle: bool | None = None,
+    group_aspect_ratio_window: int = 0,
+    collect_errors: bool = True,
+    limits: DecodeLimits = DecodeLimits(),
+    rows_per_block: int = 16,
+    concurrency: int | None = None,
+) -> DetectionDataset:
+    """Build the streaming sample dataset for training (`train=True`) or evaluation.
+
+    `shuffle` (default: `train`) randomises block order per epoch, reproducibly
+    under `seed`; add `local_shuffle_buffer_size`/`local_shuffle_seed` in
+    `iter_torch_batches` to mix rows within a window. `group_aspect_ratio_window`
+    > 0 sorts windows of that many samples by aspect ratio (use a multiple of the
+    batch size) to cut padding. `seed=None` draws augmentations unseeded.
+    """
+    from ray.data import RandomSeedConfig
+
+    src = open_source(source) if isinstance(source, str) else source
+    known = src.category_ids
+    collector = ErrorCollector.create() if collect_errors else None
+    if collector is not None and src.planning_errors:
+        collector.report(0, RunSummary(rejected=Counter(e.reason for e in src.planning_errors)), src.planning_errors)
+    ds = src.read(rows_per_block=rows_per_block)
+    if shuffle if shuffle is not None else train:
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    ds = ds.map_batches(
+        _prepare_batch,
+        batch_format="pyarrow",
+        batch_size=rows_per_block,
+        concurrency=concurrency,
+        fn_kwargs={
+            "config": transforms,
+            "train": train,
+            "seed": seed,
+            "epoch": epoch,
+            "known_categories": None if known is None else frozenset(known),
+            "limits": limits,
+            "collector": collector,
+        },
+    )
+    if group_aspect_ratio_window > 0:
+        ds = ds.map_batches(_group_by_aspect_ratio, batch_size=group_aspect_ratio_window, batch_format="numpy")
+    return DetectionDataset(ds, collector, src.categories, src)

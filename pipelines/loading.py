@@ -1,0 +1,144 @@
+"""From a record to a checked image: read the bytes, decode, orient the boxes, validate.
+
+`load_record` is the single path every job uses to turn a record into pixels and
+trustworthy annotations; it never raises for a bad record, it returns the
+errors instead. `decode_batch` is the same for Ray Data batches without
+annotations (what a labelling job feeds its model actors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Collection, Mapping
+
+import numpy as np
+
+from pipelines import errors as E
+from pipelines import storage
+from pipelines.decode import DecodedImage, DecodeLimits, decode_image, orient_boxes
+from pipelines.records import box_array, float_array, int_array
+from pipelines.validation import CheckedAnnotations, check_annotations
+
+
+@dataclass
+class LoadedImage:
+    """A decoded image (display orientation, RGB) and its validated annotations (None: unlabelled)."""
+
+    key: str
+    source: str
+    image_id: int
+    data: bytes
+    image: DecodedImage
+    annotations: CheckedAnnotations | None
+    repairs: list[str] = field(default_factory=list)
+
+
+def read_record_bytes(record: Mapping[str, Any]) -> bytes:
+    """The record's inline bytes, or the bytes at its path; raises PipelineError(read_error)."""
+    data = record.get("bytes")
+    if data is not None:
+        return bytes(data)
+    path = record.get("path") or ""
+    try:
+        return storage.read_bytes(path)
+    except (OSError, ValueError) as exc:
+        raise E.PipelineError(E.READ_ERROR, f"{path or record.get('key')}: cannot read ({exc})") from None
+
+
+def _boxes_in_display_frame(record: Mapping[str, Any], decoded: DecodedImage, boxes: np.ndarray) -> np.ndarray:
+    """Move boxes annotated on the stored pixels through the EXIF orientation, like the pixels.
+
+    An annotation file that recorded the *displayed* size (which differs from the
+    stored one only for 90-degree orientations) was made on the displayed image:
+    its boxes are left alone.
+    """
+    if decoded.orientation == 1 or len(boxes) == 0 or record.get("boxes_in_display_frame"):
+        return boxes
+    annotated = (int(record.get("annotated_height") or 0), int(record.get("annotated_width") or 0))
+    shown = (decoded.height, decoded.width)
+    if annotated == shown and shown != tuple(decoded.stored_size):
+        return boxes
+    return orient_boxes(boxes, decoded.orientation, decoded.stored_size)
+
+
+def load_record(
+    record: Mapping[str, Any],
+    known_categories: Collection[int] | None = None,
+    limits: DecodeLimits = DecodeLimits(),
+) -> tuple[LoadedImage | None, list[E.ErrorRecord]]:
+    """Load one record. Returns (image or None when rejected, error rows for the errors table)."""
+    key = str(record.get("key", ""))
+    source = str(record.get("source", ""))
+    if record.get("error_reason"):
+        return None, [E.ErrorRecord(source, key, str(record["error_reason"]), str(record.get("error_detail", "")))]
+    try:
+        data = read_record_bytes(record)
+        decoded = decode_image(data, key, limits)
+    except E.PipelineError as exc:
+        return None, [E.ErrorRecord(source, key, exc.reason, exc.detail)]
+    repairs = list(decoded.repairs)
+    checked = None
+    errors: list[E.ErrorRecord] = []
+    if record.get("has_annotations"):
+        boxes = _boxes_in_display_frame(record, decoded, box_array(record.get("boxes")))
+        checked = check_annotations(
+            boxes,
+            int_array(record.get("category_ids")),
+            int_array(record.get("iscrowd"), np.int8),
+            float_array(record.get("area")),
+            int_array(record.get("annotation_ids")),
+            decoded.width,
+            decoded.height,
+            known_categories,
+        )
+        errors = [E.ErrorRecord(source, key, reason, detail) for reason, detail in checked.rejected]
+        repairs += [E.REPAIR_BOX_CLIPPED] * checked.repaired
+    loaded = LoadedImage(key, source, int(record.get("image_id", 0)), data, decoded, checked, repairs)
+    return loaded, errors
+
+
+def tally(summary: E.RunSummary, loaded: LoadedImage | None, errors: list[E.ErrorRecord]) -> None:
+    """Count one loaded record into a run summary."""
+    summary.images_read += 1
+    if loaded is not None:
+        summary.images_kept += 1
+        summary.images_repaired += int(bool(loaded.repairs))
+        summary.repairs.update(loaded.repairs)
+        if loaded.annotations is not None:
+            summary.annotations_kept += len(loaded.annotations.boxes)
+    summary.rejected.update(e.reason for e in errors)
+
+
+def decode_batch(batch: Mapping[str, Any], limits: DecodeLimits = DecodeLimits()) -> dict[str, Any]:
+    """Ray Data batch of records -> `key`, `image_id`, `image` (HWC uint8 RGB, display orientation),
+    `height`, `width`, `error_reason`, `error_detail`. Bad rows stay, with an empty image and a reason,
+    so that the caller decides where they go (nothing is dropped silently)."""
+    keys = list(batch["key"])
+    out: dict[str, list] = {k: [] for k in ("key", "image_id", "image", "height", "width", "error_reason", "error_detail")}
+    for i, key in enumerate(keys):
+        record = {name: batch[name][i] for name in ("key", "source", "path", "bytes", "error_reason", "error_detail")
+                  if name in batch}
+        image = np.zeros((0, 0, 3), np.uint8)
+        reason = detail = ""
+        if record.get("error_reason"):
+            reason, detail = str(record["error_reason"]), str(record.get("error_detail", ""))
+        else:
+            try:
+                image = decode_image(read_record_bytes(record), str(key), limits).array
+            except E.PipelineError as exc:
+                reason, detail = exc.reason, exc.detail
+        out["key"].append(str(key))
+        out["image_id"].append(int(batch["image_id"][i]) if "image_id" in batch else 0)
+        out["image"].append(image)
+        out["height"].append(int(image.shape[0]))
+        out["width"].append(int(image.shape[1]))
+        out["error_reason"].append(reason)
+        out["error_detail"].append(detail)
+    return {
+        "key": np.array(out["key"], dtype=object),
+        "image_id": np.array(out["image_id"], dtype=np.int64),
+        "image": out["image"],
+        "height": np.array(out["height"], dtype=np.int64),
+        "width": np.array(out["width"], dtype=np.int64),
+        "error_reason": np.array(out["error_reason"], dtype=object),
+        "error_detail": np.array(out["error_detail"], dtype=object),
+    }

@@ -1,0 +1,80 @@
+"""What every source offers: categories, deterministic work units, and records.
+
+A source is split into *units* of work, each a small, picklable description
+(a chunk of planned records, one archive, one Parquet file). Units are the
+grain of parallelism for Ray Data readers and the grain of determinism and
+resumption for `detr ingest`: the same input always gives the same units in the
+same order, and each unit always yields the same records in the same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from pipelines.errors import ErrorRecord
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of a source: `name` is stable (used in shard names), `payload` says what to read."""
+
+    name: str
+    kind: str  # "records", "archive" or "parquet"
+    payload: Any
+    size_hint: int = 0  # number of records when known
+
+
+@dataclass
+class Source:
+    """A readable collection of images, optionally with annotations and a category table."""
+
+    kind: str
+    path: str
+    units: list[Unit]
+    categories: list[dict] | None = None  # COCO categories; None for unlabelled sources
+    planning_errors: list[ErrorRecord] = field(default_factory=list)
+
+    @property
+    def category_ids(self) -> set[int] | None:
+        return None if self.categories is None else {int(c["id"]) for c in self.categories}
+
+    def iter_records(self) -> Iterator[dict]:
+        """All records, in order, without Ray (for tools, tests and single-process baselines)."""
+        for unit in self.units:
+            yield from iter_unit_records(unit)
+
+    def read(self, **kwargs):
+        """The records as a lazy, streaming Ray Dataset (see pipelines.reader)."""
+        from pipelines.reader import read_source
+
+        return read_source(self, **kwargs)
+
+
+_UNIT_READERS: dict[str, Callable[[Unit], Iterator[dict]]] = {}
+
+
+def register_unit_reader(kind: str):
+    def wrap(fn: Callable[[Unit], Iterator[dict]]):
+        _UNIT_READERS[kind] = fn
+        return fn
+
+    return wrap
+
+
+def iter_unit_records(unit: Unit) -> Iterator[dict]:
+    if unit.kind == "records":
+        yield from unit.payload
+        return
+    if unit.kind not in _UNIT_READERS:
+        # Importing the source modules registers their readers.
+        import pipelines.sources  # noqa: F401
+    yield from _UNIT_READERS[unit.kind](unit)
+
+
+def record_units(records: list[dict], prefix: str, rows_per_unit: int) -> list[Unit]:
+    """Chunks of planned records as units named `{prefix}-00000`, `{prefix}-00001`, ..."""
+    return [
+        Unit(name=f"{prefix}-{i // rows_per_unit:05d}", kind="records",
+             payload=records[i: i + rows_per_unit], size_hint=len(records[i: i + rows_per_unit]))
+        for i in range(0, len(records), rows_per_unit)
+    ]

@@ -1,0 +1,42 @@
+"""The same samples as a plain `torch.utils.data.Dataset`, without Ray.
+
+For single-process tools and for the benchmark's baseline (a DataLoader with
+the same transforms and worker count as the Ray pipeline). Rejected records
+yield None and are skipped by `collate_skipping_rejected`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.utils.data
+
+from pipelines.collate import collate_samples
+from pipelines.decode import DecodeLimits
+from pipelines.sources import Source
+from pipelines.samples import make_sample
+from pipelines.transforms import TransformsConfig, build_transform
+
+
+class DetectionTorchDataset(torch.utils.data.Dataset):
+    """Random access over a source's records (planned sources: COCO, YOLO, VOC, folders)."""
+
+    def __init__(self, source: Source, *, train: bool, transforms: TransformsConfig = TransformsConfig(),
+                 seed: int | None = 0, epoch: int = 0, limits: DecodeLimits = DecodeLimits()):
+        if any(u.kind != "records" for u in source.units):
+            raise ValueError(f"{source.path}: a {source.kind} source streams; use the Ray pipeline instead")
+        self.records = list(source.iter_records())
+        self.known = source.category_ids
+        self.transform = build_transform(transforms, train)
+        self.seed, self.epoch, self.limits = seed, epoch, limits
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        sample, _, _ = make_sample(self.records[index], self.transform, seed=self.seed, epoch=self.epoch,
+                                   known_categories=self.known, limits=self.limits)
+        return sample
+
+
+def collate_skipping_rejected(samples: list[dict[str, Any] | None]):
+    return collate_samples([s for s in samples if s is not None])
