@@ -8,10 +8,15 @@ Forward contract: `model(images, mask)` with `images` float [B,3,H,W]
 - `"pred_boxes"` [B, Q, 4]: boxes as normalised (cx, cy, w, h) in [0, 1], relative
   to each image's own (unpadded) size;
 - `"aux_outputs"`: the same two entries for every decoder layer but the last
-  (when `aux_loss` is on), for the auxiliary losses.
+  (when `aux_loss` is on), for the auxiliary losses;
+- `"group_outputs"` (training with `query_groups > 1` only): one dict like the
+  above for each extra query group, for their own losses.
 """
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,6 +24,19 @@ from .backbone import Backbone
 from .config import DETRConfig
 from .position_encoding import build_position_encoding
 from .transformer import Transformer
+
+
+FOCAL_PRIOR = 0.01
+"""Initial class probability of a focal-loss class head."""
+
+TRAINING_ONLY_PREFIXES = ("extra_query_embed.",)
+"""State-dict entries that only training uses (absent from official checkpoints and exports)."""
+
+
+def group_attention_mask(groups: int, queries_per_group: int, device: torch.device) -> Tensor:
+    """[G*Q, G*Q] bool self-attention mask, True between queries of different groups (blocked)."""
+    group = torch.arange(groups * queries_per_group, device=device) // queries_per_group
+    return group[:, None] != group[None, :]
 
 
 class MLP(nn.Module):
@@ -46,7 +64,14 @@ class DETR(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(
-            config.backbone, config.dilation, config.train_backbone, padding_invariant=config.padding_invariant
+            config.backbone,
+            config.dilation,
+            config.train_backbone,
+            return_stages=(f"layer{config.backbone_stages}",),
+            padding_invariant=config.padding_invariant,
+            norm=config.backbone_norm,
+            train_stem=config.train_backbone_stem,
+            num_stages=config.backbone_stages,
         )
         if config.backbone_weights:
             self.backbone.load_torchvision_weights(config.backbone_weights)
@@ -62,7 +87,16 @@ class DETR(nn.Module):
             pre_norm=config.pre_norm,
         )
         self.query_embed = nn.Embedding(config.num_queries, config.hidden_dim)
+        self.extra_query_embed = (
+            nn.Embedding((config.query_groups - 1) * config.num_queries, config.hidden_dim)
+            if config.query_groups > 1
+            else None
+        )
         self.class_embed = nn.Linear(config.hidden_dim, config.num_classes + 1)
+        if config.focal_loss:
+            # Start every class at p = 0.01, as with any sigmoid focal loss: otherwise the many
+            # background queries dominate the first steps (RetinaNet, Deformable DETR).
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
         self.bbox_embed = MLP(config.hidden_dim, config.hidden_dim, 4, 3)
 
     @property
@@ -79,8 +113,16 @@ class DETR(nn.Module):
         src, src_mask = features[-1], masks[-1]
         pos = self.position_encoding(src_mask).to(src.dtype)
         src_proj = self.input_proj(src)
-        hs, memory = self.transformer(src_proj, src_mask, self.query_embed.weight, pos)
-        return self.predict_from_decoder(hs)
+        queries, attn_mask = self.query_embed.weight, None
+        if self.training and self.extra_query_embed is not None:
+            queries = torch.cat([queries, self.extra_query_embed.weight])
+            attn_mask = group_attention_mask(self.config.query_groups, self.num_queries, queries.device)
+        hs, memory = self.transformer(src_proj, src_mask, queries, pos, attn_mask)
+        out = self.predict_from_decoder(hs[:, :, : self.num_queries])
+        if attn_mask is not None:
+            groups = hs[:, :, self.num_queries :].split(self.num_queries, dim=2)
+            out["group_outputs"] = [self.predict_from_decoder(group) for group in groups]
+        return out
 
     def predict_from_decoder(self, hs: Tensor) -> dict:
         """Class and box heads over every decoder layer's output [L,B,Q,C]."""

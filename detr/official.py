@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .config import DETRConfig
-from .model import DETR
+from .model import DETR, TRAINING_ONLY_PREFIXES
 
 _RESNET_BY_BLOCKS = {
     ((2, 2, 2, 2), False): "resnet18",
@@ -128,9 +128,12 @@ def to_raydetr_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def official_state_dict(model: DETR) -> dict[str, Tensor]:
-    """The model's weights under the official key names (for tools built on the official repository)."""
+    """The model's weights under the official key names (for tools built on the official repository);
+    training-only weights (see `TRAINING_ONLY_PREFIXES`) are left out."""
     out = {}
     for key, value in model.state_dict().items():
+        if key.startswith(TRAINING_ONLY_PREFIXES):
+            continue
         for official, ours in _KEY_MAP:
             if key.startswith(ours):
                 key = official + key[len(ours):]
@@ -176,7 +179,9 @@ def from_official(
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise ValueError(f"{where}: weights do not fit the inferred model {config}: {exc}") from exc
-    missing = [k for k in missing if not (k.startswith("class_embed.") and num_classes is not None)]
+    # A fresh class head (new num_classes) and training-only weights (e.g. query groups) start from scratch.
+    missing = [k for k in missing if not (k.startswith("class_embed.") and num_classes is not None)
+               and not k.startswith(TRAINING_ONLY_PREFIXES)]
     if missing or unexpected:
         raise ValueError(
             f"{where}: weights do not fit the inferred model {config}: missing {missing[:8]}, "
