@@ -16,6 +16,16 @@ striding (feature cell i covers input pixel stride*i, which is exactly how the
 ResNet's strided convolutions and pooling place their outputs). A batch then
 gives each image the detections it gets alone. `padding_invariant=False`
 reproduces the official behaviour bit for bit (for official numbers).
+
+Training from scratch. Frozen batch norm only makes sense with pretrained
+statistics; with random weights it is the identity and the ResNet trains without
+any normalisation, and a frozen random stem is a fixed random filter bank.
+`norm="batch"` makes every normalisation layer a `TrainableBatchNorm2d` (batch
+statistics over the real pixels in training, the frozen affine map in eval mode,
+the same state-dict keys, so a checkpoint keeps the official layout and loads
+into a frozen-norm model unchanged), and `train_stem=True` trains the stem and
+stage 1 too. `num_stages=3` stops after stage 3 (stride 16, half the channels):
+cheaper and finer for small images.
 """
 from __future__ import annotations
 
@@ -29,10 +39,13 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .config import RESNET_CHANNELS
+from .config import BACKBONE_NORMS, RESNET_CHANNELS
 
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 """Stages that train when the backbone trains (the official recipe)."""
+
+STEM_AND_STAGE1 = ("conv1", "bn1", "layer1")
+"""What stays frozen in the paper's recipe, trained too with `train_stem=True`."""
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 MAX_STRIDE = 64
@@ -75,6 +88,51 @@ class PaddingAwareFrozenBatchNorm2d(FrozenBatchNorm2d):
         return out if valid is None else out * valid
 
 
+class TrainableBatchNorm2d(nn.Module):
+    """Batch norm that trains, and in eval mode is exactly `FrozenBatchNorm2d` (same keys, same output).
+
+    Training normalises with the batch's statistics over the real pixels only (the
+    padded area of a padded batch is left out, and zeroed in the output, as
+    `PaddingAwareFrozenBatchNorm2d` does) and updates the running statistics; there
+    is no `num_batches_tracked`, so the state dict has FrozenBatchNorm2d's four
+    entries and the trained statistics are what a frozen-norm model loads.
+    """
+
+    def __init__(self, num_features: int, region: _ValidRegion | None = None, eps: float = 1e-5,
+                 momentum: float = 0.1) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.eps = eps
+        self.momentum = momentum
+        self._region = region
+
+    def forward(self, x: Tensor) -> Tensor:
+        valid = self._region.at(x.shape[-2:]) if self._region is not None else None
+        if not self.training:
+            mean, var = self.running_mean, self.running_var
+        elif valid is None:
+            mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+            self._update_running_stats(mean, var, x.numel() / x.shape[1])
+        else:
+            count = valid.sum() * 1.0
+            mean = (x * valid).sum((0, 2, 3)) / count
+            var = (((x - mean[:, None, None]) * valid) ** 2).sum((0, 2, 3)) / count
+            self._update_running_stats(mean, var, float(count))
+        scale = self.weight * (var + self.eps).rsqrt()
+        shift = self.bias - mean * scale
+        out = x * scale[:, None, None] + shift[:, None, None]
+        return out if valid is None else out * valid
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: float) -> None:
+        unbiased = var * (count / max(count - 1.0, 1.0))
+        self.running_mean.lerp_(mean.detach(), self.momentum)
+        self.running_var.lerp_(unbiased.detach(), self.momentum)
+
+
 class Backbone(nn.Module):
     """ResNet trunk returning the stage outputs it is asked for, each with its padding mask.
 
@@ -89,42 +147,56 @@ class Backbone(nn.Module):
         train_backbone: bool = True,
         return_stages: tuple[str, ...] = ("layer4",),
         padding_invariant: bool = True,
+        norm: str = "frozen",
+        train_stem: bool = False,
+        num_stages: int = 4,
     ) -> None:
         super().__init__()
+        if norm not in BACKBONE_NORMS:
+            raise ValueError(f"unknown backbone norm {norm!r}; choose one of {BACKBONE_NORMS}")
+        if num_stages not in (3, 4):
+            raise ValueError(f"num_stages must be 3 or 4, got {num_stages}")
         if name not in RESNET_CHANNELS:
             raise ValueError(f"unsupported backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}")
-        unknown = [s for s in return_stages if s not in STAGES]
+        unknown = [s for s in return_stages if s not in STAGES[:num_stages]]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES[:num_stages]}")
         self.padding_invariant = padding_invariant
         self._region = _ValidRegion()
-        norm_layer = (
-            functools.partial(PaddingAwareFrozenBatchNorm2d, region=self._region)
-            if padding_invariant
-            else FrozenBatchNorm2d
-        )
+        region = self._region if padding_invariant else None
+        if norm == "batch":
+            norm_layer = functools.partial(TrainableBatchNorm2d, region=region)
+        elif padding_invariant:
+            norm_layer = functools.partial(PaddingAwareFrozenBatchNorm2d, region=self._region)
+        else:
+            norm_layer = FrozenBatchNorm2d
         body = getattr(torchvision.models, name)(
             weights=None,
             replace_stride_with_dilation=[False, False, dilation],
             norm_layer=norm_layer,
         )
-        # The classifier is not part of a detection backbone.
+        # The classifier is not part of a detection backbone, nor are the stages after the last one used.
         del body.fc, body.avgpool
+        self.num_stages = num_stages
+        if num_stages == 3:
+            del body.layer4
         self.body = body
         self.return_stages = tuple(return_stages)
-        self.num_channels = RESNET_CHANNELS[name]
-        self.set_trainable(train_backbone)
+        self.num_channels = RESNET_CHANNELS[name] // (2 if num_stages == 3 else 1)
+        self.set_trainable(train_backbone, train_stem)
 
-    def set_trainable(self, train_backbone: bool) -> None:
-        """Freeze everything, or everything but stages 2-4 (the stem and stage 1 always stay frozen)."""
+    def set_trainable(self, train_backbone: bool, train_stem: bool = False) -> None:
+        """Freeze everything, or train stages 2-4 (and the stem and stage 1 too with `train_stem`)."""
+        stages = TRAINABLE_STAGES + (STEM_AND_STAGE1 if train_stem else ())
         for param_name, param in self.body.named_parameters():
-            trainable = train_backbone and param_name.split(".", 1)[0] in TRAINABLE_STAGES
+            trainable = train_backbone and param_name.split(".", 1)[0] in stages
             param.requires_grad_(trainable)
 
     def load_torchvision_weights(self, path: str | Path) -> None:
         """Load a torchvision ResNet state dict (such as ImageNet weights saved from torchvision).
 
-        The classifier (`fc.*`) is ignored; every other tensor must match, so a file for
+        The classifier (`fc.*`) and stages this backbone does not use are ignored; every
+        other tensor must match, so a file for
         the wrong depth fails loudly instead of half-loading.
         """
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -132,7 +204,8 @@ class Backbone(nn.Module):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a ResNet state dict, found {type(state).__name__}")
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        unused = ("fc.",) + tuple(f"{stage}." for stage in STAGES[self.num_stages:])
+        state = {k: v for k, v in state.items() if not k.startswith(unused)}
         missing, unexpected = self.body.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -166,12 +239,10 @@ class Backbone(nn.Module):
         if valid is not None:
             x = x * valid
         features = []
-        for stage in STAGES:
+        for stage in STAGES[: STAGES.index(self.return_stages[-1]) + 1]:
             x = getattr(b, stage)(x)
             if stage in self.return_stages:
                 features.append(x)
-            if stage == self.return_stages[-1]:
-                break
         return features
 
 

@@ -34,6 +34,7 @@ BOTTLENECK_BACKBONES = frozenset({"resnet50", "resnet101"})
 """Backbones built from bottleneck blocks: the only ones torchvision can dilate (DC5)."""
 
 POSITION_EMBEDDINGS = ("sine", "learned")
+BACKBONE_NORMS = ("frozen", "batch")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,16 @@ class DETRConfig:
     padding_invariant: bool = True
     """Compute each image of a padded batch exactly as if it were alone (see `backbone.py`);
     False reproduces the official implementation, whose features near padding depend on it."""
+    backbone_norm: str = "frozen"
+    """"frozen" (the paper: fixed statistics, right for pretrained weights) or "batch": batch norm
+    that trains, for a backbone learning from scratch; in eval mode it is the frozen layer with the
+    learnt statistics (same checkpoint keys). Fast-convergence option, see `detr.recipes`."""
+    train_backbone_stem: bool = False
+    """Also train the stem and stage 1, which the paper keeps frozen (pretrained edge filters);
+    a random backbone needs them to learn. Fast-convergence option."""
+    backbone_stages: int = 4
+    """ResNet stages used: 4 (the paper, stride 32) or 3 (stride 16, half the channels: cheaper
+    and finer features for small images; a different model, not for official weights)."""
 
     # Positional encoding and transformer
     position_embedding: str = "sine"
@@ -65,6 +76,11 @@ class DETRConfig:
     dropout: float = 0.1
     pre_norm: bool = False
     num_queries: int = 100
+    query_groups: int = 1
+    """Train with this many groups of `num_queries` queries, each matched one-to-one on its own and
+    blind to the others in self-attention (Group DETR): more positive supervision per image. Only
+    the first group runs at inference; the others' embeddings (`extra_query_embed`) are
+    training-only weights, left out of official exports. Fast-convergence option."""
     aux_loss: bool = True
     """Supervise every decoder layer (losses suffixed `_0`, `_1`, ...), as the paper does."""
 
@@ -79,6 +95,13 @@ class DETRConfig:
     giou_loss_coef: float = 2.0
     eos_coef: float = 0.1
     """Relative classification weight of the no-object class."""
+    focal_loss: bool = False
+    """Classify with a sigmoid focal loss over the real classes and match with the focal cost
+    (Deformable DETR) instead of softmax cross-entropy; the class head keeps its num_classes + 1
+    outputs (the last goes unused), so the layout is the official one, and detections are scored
+    with sigmoids. Fast-convergence option, see `detr.recipes`."""
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
 
     # Segmentation (the paper's section 4.4): a mask head on top of the detector
     masks: bool = False
@@ -107,11 +130,23 @@ class DETRConfig:
                 f"dilation (DC5) needs a bottleneck backbone ({sorted(BOTTLENECK_BACKBONES)}); "
                 f"{self.backbone} uses basic blocks, which torchvision cannot dilate"
             )
+        if self.backbone_norm not in BACKBONE_NORMS:
+            problems.append(f"backbone_norm {self.backbone_norm!r} is not one of {BACKBONE_NORMS}")
+        if self.backbone_norm == "batch" and not self.train_backbone:
+            problems.append('backbone_norm="batch" trains the backbone\'s norms: it needs train_backbone=True')
+        if self.train_backbone_stem and not self.train_backbone:
+            problems.append("train_backbone_stem needs train_backbone=True")
+        if self.backbone_stages not in (3, 4):
+            problems.append(f"backbone_stages must be 3 or 4, got {self.backbone_stages}")
+        elif self.backbone_stages == 3 and self.dilation:
+            problems.append("dilation (DC5) dilates stage 4, which backbone_stages=3 leaves out")
+        if self.backbone_stages == 3 and self.masks:
+            problems.append("the mask head reads stage 4's features: masks need backbone_stages=4")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             problems.append(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
         if self.num_classes < 1:
             problems.append(f"num_classes must be >= 1 (largest category id + 1), got {self.num_classes}")
-        for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries"):
+        for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries", "query_groups"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.enc_layers < 0:
@@ -122,6 +157,8 @@ class DETRConfig:
             problems.append(f"hidden_dim must be even for the 2-D positional encoding, got {self.hidden_dim}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.focal_alpha < 1.0 or self.focal_gamma < 0:
+            problems.append(f"focal_alpha must be in (0, 1) and focal_gamma >= 0, got {self.focal_alpha}, {self.focal_gamma}")
         if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
             problems.append("the matcher costs cannot all be 0")
         if self.masks and self.hidden_dim >= 1 and self.nheads >= 1:
@@ -136,7 +173,8 @@ class DETRConfig:
 
     @property
     def backbone_channels(self) -> int:
-        return RESNET_CHANNELS[self.backbone]
+        """Channels of the last backbone stage used (stage 3 has half of stage 4's)."""
+        return RESNET_CHANNELS[self.backbone] // (2 if self.backbone_stages == 3 else 1)
 
     @property
     def fpn_dims(self) -> tuple[int, int, int]:
@@ -201,4 +239,5 @@ PRESETS: dict[str, DETRConfig] = {
 }
 """Named configurations: the paper's four COCO models, `tiny` for tests and `tiny_panoptic` (with masks)."""
 
-__all__ = ["DETRConfig", "PRESETS", "RESNET_CHANNELS", "RESNET_STAGE_CHANNELS", "BOTTLENECK_BACKBONES", "MASK_HEAD_GROUPS"]
+__all__ = ["DETRConfig", "PRESETS", "RESNET_CHANNELS", "RESNET_STAGE_CHANNELS", "BOTTLENECK_BACKBONES",
+           "MASK_HEAD_GROUPS", "BACKBONE_NORMS"]

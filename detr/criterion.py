@@ -2,10 +2,13 @@
 
 Loss names are the official implementation's, so users recognise them:
 `loss_ce` (weighted cross-entropy, the no-object class down-weighted by
-`eos_coef`), `loss_bbox` (L1 on normalised cxcywh boxes), `loss_giou`
+`eos_coef`; with `focal_loss`, the sigmoid focal loss over the real classes,
+normalised by the number of boxes as in Deformable DETR), `loss_bbox` (L1 on normalised cxcywh boxes), `loss_giou`
 (1 - generalised IoU), and the logged-only `class_error` and `cardinality_error`;
 with auxiliary losses, every decoder layer but the last adds the same terms with
-the suffix `_0`, `_1`, ...
+the suffix `_0`, `_1`, ...; with `query_groups > 1`, each extra query group g is
+matched on its own and adds its terms (and its auxiliary terms) with the suffix
+`_g{g}` (Group DETR).
 
 Normalisation is global across distributed workers: box losses are divided by
 the number of target boxes averaged over workers (as in the official code), and
@@ -31,12 +34,12 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .config import DETRConfig
 from .distributed import all_reduce_mean
 from .matcher import HungarianMatcher, MatchIndices
-from .segmentation import dice_loss, masks_to_image, sigmoid_focal_loss
+from .segmentation import dice_loss, mask_focal_loss, masks_to_image
 
 DEFAULT_LOSSES = ("labels", "boxes", "cardinality")
 MASK_LOSSES = ("masks",)
@@ -49,6 +52,8 @@ def loss_weights(config: DETRConfig) -> dict[str, float]:
     if config.aux_loss:
         for i in range(config.dec_layers - 1):
             weights.update({f"{k}_{i}": v for k, v in base.items()})
+    for g in range(1, config.query_groups):
+        weights.update({f"{k}_g{g}": v for k, v in list(weights.items()) if "_g" not in k})
     if config.masks:
         weights.update({"loss_mask": config.mask_loss_coef, "loss_dice": config.dice_loss_coef})
     return weights
@@ -71,7 +76,9 @@ class SetCriterion(nn.Module):
         eos_coef: float = 0.1,
         losses: Sequence[str] = DEFAULT_LOSSES,
         padding_invariant: bool = True,
+        focal: tuple[float, float] | None = None,
     ) -> None:
+        """`focal=(alpha, gamma)` replaces the cross-entropy by the sigmoid focal loss."""
         super().__init__()
         unknown = set(losses) - set(DEFAULT_LOSSES) - set(MASK_LOSSES)
         if unknown:
@@ -82,16 +89,18 @@ class SetCriterion(nn.Module):
         self.weight_dict = dict(weight_dict)
         self.eos_coef = eos_coef
         self.losses = tuple(losses)
+        self.focal = focal
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
     @classmethod
     def from_config(cls, config: DETRConfig) -> "SetCriterion":
-        matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou)
+        focal = (config.focal_alpha, config.focal_gamma) if config.focal_loss else None
+        matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou, focal)
         losses = DEFAULT_LOSSES + (MASK_LOSSES if config.masks else ())
         return cls(config.num_classes, matcher, loss_weights(config), config.eos_coef, losses,
-                   padding_invariant=config.padding_invariant)
+                   padding_invariant=config.padding_invariant, focal=focal)
 
     # -- individual losses -------------------------------------------------------------
     def loss_labels(
@@ -102,15 +111,23 @@ class SetCriterion(nn.Module):
         matched_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).long()
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[idx] = matched_classes
-        ce_sum = F.cross_entropy(
-            logits.transpose(1, 2).float(), target_classes, self.empty_weight, reduction="sum"
-        )
-        losses = {"loss_ce": ce_sum / norms["ce_weight"]}
+        if self.focal is None:
+            ce_sum = F.cross_entropy(
+                logits.transpose(1, 2).float(), target_classes, self.empty_weight, reduction="sum"
+            )
+            losses = {"loss_ce": ce_sum / norms["ce_weight"]}
+        else:
+            # One-hot over num_classes + 1 columns, then the no-object column is dropped: background is all-zero.
+            one_hot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()
+            alpha, gamma = self.focal
+            focal_sum = sigmoid_focal_loss(logits[..., :-1].float(), one_hot, alpha, gamma, reduction="sum")
+            losses = {"loss_ce": focal_sum / norms["num_boxes"]}
         if log:
             if matched_classes.numel() == 0:
                 losses["class_error"] = torch.zeros((), device=logits.device)
             else:
-                correct = (logits[idx].argmax(-1) == matched_classes).float().mean()
+                scored = logits[idx] if self.focal is None else logits[idx][..., :-1]
+                correct = (scored.argmax(-1) == matched_classes).float().mean()
                 losses["class_error"] = 100.0 - 100.0 * correct
         return losses
 
@@ -121,7 +138,10 @@ class SetCriterion(nn.Module):
         """Mean absolute error of the number of non-"no object" predictions (logged, not trained)."""
         logits = outputs["pred_logits"]
         target_counts = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device, dtype=torch.float)
-        predicted_counts = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        if self.focal is None:
+            predicted_counts = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        else:
+            predicted_counts = (logits[..., :-1].max(-1).values > 0).sum(1).float()  # some p(class) > 0.5
         return {"cardinality_error": F.l1_loss(predicted_counts, target_counts)}
 
     def loss_boxes(
@@ -153,7 +173,7 @@ class SetCriterion(nn.Module):
                 target_masks = t["masks"][cols]
                 src.append(masks_to_image(pred[i, rows], target_masks.shape[-2:]).flatten(1))
                 tgt.append(target_masks.flatten(1).to(src[-1].dtype))
-            focal = sum((sigmoid_focal_loss(s, g).sum() for s, g in zip(src, tgt)), pred.sum() * 0.0)
+            focal = sum((mask_focal_loss(s, g).sum() for s, g in zip(src, tgt)), pred.sum() * 0.0)
             dice = sum((dice_loss(s, g).sum() for s, g in zip(src, tgt)), pred.sum() * 0.0)
         else:
             # The official computation: the padded target masks of the batch, the padded logits
@@ -174,7 +194,7 @@ class SetCriterion(nn.Module):
             src_masks = F.interpolate(src_masks[:, None].float(), size=(max_h, max_w), mode="bilinear",
                                       align_corners=False)[:, 0].flatten(1)
             target_masks = target_masks.flatten(1)
-            focal = sigmoid_focal_loss(src_masks, target_masks).sum()
+            focal = mask_focal_loss(src_masks, target_masks).sum()
             dice = dice_loss(src_masks, target_masks).sum()
         return {"loss_mask": focal / norms["num_boxes"], "loss_dice": dice / norms["num_boxes"]}
 
@@ -230,14 +250,25 @@ class SetCriterion(nn.Module):
         ("labels" [N] int64, "boxes" [N,4] normalised cxcywh)."""
         self._check_targets(outputs, targets)
         norms = self._normalisers(outputs, targets)
+        losses = self._set_losses(outputs, targets, norms, log=True)
+        for g, group in enumerate(outputs.get("group_outputs", []), start=1):
+            terms = self._set_losses(group, targets, norms, log=False)
+            losses.update({f"{k}_g{g}": v for k, v in terms.items()})
+        return losses
+
+    def _set_losses(self, outputs: Mapping, targets: Sequence[Mapping], norms: dict, log: bool) -> dict[str, Tensor]:
+        """The terms of one query set: its last layer, then each auxiliary layer (suffix `_i`), each matched
+        on its own. Without `log`, only the trained terms (no class_error, no cardinality_error)."""
         losses: dict[str, Tensor] = {}
-        last = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        names = self.losses if log else [n for n in self.losses if n != "cardinality"]
+        last = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "group_outputs")}
         indices = self.matcher(last, targets)
-        for name in self.losses:
-            losses.update(self.get_loss(name, last, targets, indices, norms))
+        for name in names:
+            kwargs = {} if log or name != "labels" else {"log": False}
+            losses.update(self.get_loss(name, last, targets, indices, norms, **kwargs))
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets)
-            for name in self.losses:
+            for name in names:
                 if name == "masks":
                     continue  # too costly per layer; the official code skips them too
                 kwargs = {"log": False} if name == "labels" else {}

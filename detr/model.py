@@ -9,6 +9,8 @@ Forward contract: `model(images, mask)` with `images` float [B,3,H,W]
   to each image's own (unpadded) size;
 - `"aux_outputs"`: the same two entries for every decoder layer but the last
   (when `aux_loss` is on), for the auxiliary losses;
+- `"group_outputs"` (training with `query_groups > 1` only): one dict like the
+  above for each extra query group, for their own losses;
 - with `config.masks`, `"pred_masks"` [B, Q, H/4, W/4]: mask logits of every query (see
   `detr.segmentation` for the head and the mask geometry), and `"padding_invariant"` (bool),
   which tells post-processing how the masks relate to padding.
@@ -22,6 +24,7 @@ outputs carry the selection as `"mask_queries"`.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -35,6 +38,19 @@ from .segmentation import UNCOMPUTED_MASK_LOGIT, MaskHeadSmallConv, MHAttentionM
 from .transformer import Transformer
 
 MaskQueries = Tensor | Callable[[dict], Tensor] | None
+
+
+FOCAL_PRIOR = 0.01
+"""Initial class probability of a focal-loss class head."""
+
+TRAINING_ONLY_PREFIXES = ("extra_query_embed.",)
+"""State-dict entries that only training uses (absent from official checkpoints and exports)."""
+
+
+def group_attention_mask(groups: int, queries_per_group: int, device: torch.device) -> Tensor:
+    """[G*Q, G*Q] bool self-attention mask, True between queries of different groups (blocked)."""
+    group = torch.arange(groups * queries_per_group, device=device) // queries_per_group
+    return group[:, None] != group[None, :]
 
 
 class MLP(nn.Module):
@@ -62,9 +78,15 @@ class DETR(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(
-            config.backbone, config.dilation, config.train_backbone, padding_invariant=config.padding_invariant,
+            config.backbone,
+            config.dilation,
+            config.train_backbone,
             # The mask head also reads the stride-4, 8 and 16 features.
-            return_stages=STAGES if config.masks else ("layer4",),
+            return_stages=STAGES if config.masks else (f"layer{config.backbone_stages}",),
+            padding_invariant=config.padding_invariant,
+            norm=config.backbone_norm,
+            train_stem=config.train_backbone_stem,
+            num_stages=config.backbone_stages,
         )
         if config.backbone_weights:
             self.backbone.load_torchvision_weights(config.backbone_weights)
@@ -80,7 +102,16 @@ class DETR(nn.Module):
             pre_norm=config.pre_norm,
         )
         self.query_embed = nn.Embedding(config.num_queries, config.hidden_dim)
+        self.extra_query_embed = (
+            nn.Embedding((config.query_groups - 1) * config.num_queries, config.hidden_dim)
+            if config.query_groups > 1
+            else None
+        )
         self.class_embed = nn.Linear(config.hidden_dim, config.num_classes + 1)
+        if config.focal_loss:
+            # Start every class at p = 0.01, as with any sigmoid focal loss: otherwise the many
+            # background queries dominate the first steps (RetinaNet, Deformable DETR).
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
         self.bbox_embed = MLP(config.hidden_dim, config.hidden_dim, 4, 3)
         if config.masks:
             self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0)
@@ -111,10 +142,18 @@ class DETR(nn.Module):
         src, src_mask = features[-1], masks[-1]
         pos = self.position_encoding(src_mask).to(src.dtype)
         src_proj = self.input_proj(src)
-        hs, memory = self.transformer(src_proj, src_mask, self.query_embed.weight, pos)
-        out = self.predict_from_decoder(hs)
+        queries, attn_mask = self.query_embed.weight, None
+        if self.training and self.extra_query_embed is not None:
+            queries = torch.cat([queries, self.extra_query_embed.weight])
+            attn_mask = group_attention_mask(self.config.query_groups, self.num_queries, queries.device)
+        hs, memory = self.transformer(src_proj, src_mask, queries, pos, attn_mask)
+        out = self.predict_from_decoder(hs[:, :, : self.num_queries])
+        if attn_mask is not None:
+            groups = hs[:, :, self.num_queries :].split(self.num_queries, dim=2)
+            out["group_outputs"] = [self.predict_from_decoder(group) for group in groups]
         if self.config.masks:
-            out.update(self.predict_masks(out, hs[-1], memory, src_proj, features, masks, mask, mask_queries))
+            out.update(self.predict_masks(out, hs[-1, :, : self.num_queries], memory, src_proj, features, masks,
+                                          mask, mask_queries))
         return out
 
     def predict_masks(

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .config import DETRConfig
-from .model import DETR
+from .model import DETR, TRAINING_ONLY_PREFIXES
 
 _RESNET_BY_BLOCKS = {
     ((2, 2, 2, 2), False): "resnet18",
@@ -161,10 +161,13 @@ def to_raydetr_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def official_state_dict(model: DETR) -> dict[str, Tensor]:
     """The model's weights under the official key names (for tools built on the official repository):
-    the detection layout, or for a model with masks the panoptic one (detector under `detr.`)."""
+    the detection layout, or for a model with masks the panoptic one (detector under `detr.`);
+    training-only weights (see `TRAINING_ONLY_PREFIXES`) are left out."""
     out = {}
     panoptic = bool(getattr(model, "config", None) is not None and model.config.masks)
     for key, value in model.state_dict().items():
+        if key.startswith(TRAINING_ONLY_PREFIXES):
+            continue
         for official, ours in _KEY_MAP:
             if key.startswith(ours):
                 key = official + key[len(ours):]
@@ -217,8 +220,10 @@ def from_official(
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise ValueError(f"{where}: weights do not fit the inferred model {config}: {exc}") from exc
+    # A fresh class head (new num_classes) and training-only weights (e.g. query groups) start from scratch.
     missing = [k for k in missing if not (k.startswith("class_embed.") and num_classes is not None)
-               and not (k.startswith(MASK_PREFIXES) and not is_panoptic_state(state))]
+               and not (k.startswith(MASK_PREFIXES) and not is_panoptic_state(state))
+               and not k.startswith(TRAINING_ONLY_PREFIXES)]
     if missing or unexpected:
         raise ValueError(
             f"{where}: weights do not fit the inferred model {config}: missing {missing[:8]}, "

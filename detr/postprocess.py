@@ -1,7 +1,9 @@
 """From raw model outputs to detections in pixel coordinates.
 
-Scores are the softmax probabilities without the no-object class; each query's
-label is its most probable real class; boxes go from normalised (cx, cy, w, h)
+Scores are the softmax probabilities without the no-object class (or, for a
+model trained with the focal loss, `sigmoid_scores=True`, the sigmoid of each real
+class's logit; `PostProcess.for_model` picks the right one); each query's label is
+its most probable real class; boxes go from normalised (cx, cy, w, h)
 to absolute (x0, y0, x1, y1) in each image's target size, given as (height,
 width). Without options every query is returned, as in the official code (COCO
 evaluation wants them all); `score_threshold` and `top_k` trim the list for
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
+
+from .checkpoint import unwrap_model
 
 Detections = dict[str, Tensor]
 """Per image: "scores" [N] float, "labels" [N] int64, "boxes" [N,4] float xyxy in pixels."""
@@ -30,12 +34,20 @@ def _as_size_tensor(target_sizes: Tensor | Sequence[Sequence[int]], device: torc
 class PostProcess(nn.Module):
     """Turns `pred_logits`/`pred_boxes` into per-image scores, labels and pixel xyxy boxes."""
 
-    def __init__(self, score_threshold: float | None = None, top_k: int | None = None) -> None:
+    def __init__(
+        self, score_threshold: float | None = None, top_k: int | None = None, sigmoid_scores: bool = False
+    ) -> None:
         super().__init__()
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.score_threshold = score_threshold
         self.top_k = top_k
+        self.sigmoid_scores = sigmoid_scores
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kwargs) -> "PostProcess":
+        """The post-processing that scores `model`'s outputs as it was trained (softmax or focal sigmoid)."""
+        return cls(sigmoid_scores=unwrap_model(model).config.focal_loss, **kwargs)
 
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], target_sizes: Tensor | Sequence[Sequence[int]]) -> list[Detections]:
@@ -45,8 +57,11 @@ class PostProcess(nn.Module):
         sizes = _as_size_tensor(target_sizes, logits.device)
         if len(sizes) != len(logits):
             raise ValueError(f"{len(sizes)} target sizes for a batch of {len(logits)} images")
-        prob = F.softmax(logits.float(), -1)
-        scores, labels = prob[..., :-1].max(-1)
+        if self.sigmoid_scores:
+            prob = logits[..., :-1].float().sigmoid()
+        else:
+            prob = F.softmax(logits.float(), -1)[..., :-1]
+        scores, labels = prob.max(-1)
         img_h, img_w = sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(prob)
         boxes = box_convert(boxes.float(), "cxcywh", "xyxy") * scale[:, None, :]

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
 
 from .config import MASK_HEAD_GROUPS
 
@@ -184,15 +185,10 @@ def masks_to_image(logits: Tensor, size: Sequence[int]) -> Tensor:
 
 
 # -- losses ------------------------------------------------------------------------------------
-def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """RetinaNet's focal loss per mask: [N, P] logits and binary targets -> [N] (mean over pixels)."""
-    prob = inputs.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1)
+def mask_focal_loss(inputs: Tensor, targets: Tensor) -> Tensor:
+    """RetinaNet's focal loss (torchvision's, alpha 0.25, gamma 2) per mask: [N, P] logits and binary
+    targets -> [N], the mean over pixels, as the official mask loss."""
+    return sigmoid_focal_loss(inputs, targets, reduction="none").mean(1)
 
 
 def dice_loss(inputs: Tensor, targets: Tensor) -> Tensor:
@@ -212,5 +208,5 @@ __all__ = [
     "dice_loss",
     "mask_cells",
     "masks_to_image",
-    "sigmoid_focal_loss",
+    "mask_focal_loss",
 ]

@@ -173,9 +173,10 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(
-        self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor
+        self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor, query_attn_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """src [B,C,H,W], mask [B,H,W], query_embed [Q,C], pos_embed [B,C,H,W].
+        """src [B,C,H,W], mask [B,H,W], query_embed [Q,C], pos_embed [B,C,H,W]; `query_attn_mask` [Q,Q]
+        bool, True where a query may not attend to another in self-attention (None: all may).
 
         Returns the decoder outputs of every layer [L,B,Q,C] and the memory [B,C,H,W].
         """
@@ -185,5 +186,5 @@ class Transformer(nn.Module):
         key_padding_mask = mask.flatten(1)
         query_pos = query_embed.unsqueeze(0).expand(bs, -1, -1)
         memory = self.encoder(src_seq, key_padding_mask=key_padding_mask, pos=pos_seq)
-        hs = self.decoder(torch.zeros_like(query_pos), memory, key_padding_mask, pos_seq, query_pos)
+        hs = self.decoder(torch.zeros_like(query_pos), memory, key_padding_mask, pos_seq, query_pos, query_attn_mask)
         return hs, memory.transpose(1, 2).reshape(bs, c, h, w)
