@@ -90,10 +90,9 @@ def predict(
     """Detections for every image of `batches`, in the original image's pixels, keyed by image id.
 
     Each target must carry "image_id" and "orig_size" (height, width), as the data
-    pipeline's evaluation batches do. The default post-processing is the model's own
-    (`PostProcess.for_model`).
+    pipeline's evaluation batches do.
     """
-    postprocess = postprocess or PostProcess.for_model(model)
+    postprocess = postprocess or PostProcess()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -202,6 +202,8 @@ class DETR(nn.Module):
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
         out: dict = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.config.focal_loss:
+            out["sigmoid_scores"] = True  # how post-processing turns these logits into scores
         if self.config.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from .postprocess import class_probabilities
 from .segmentation import masks_to_image
 
 SMALL_SEGMENT_AREA = 4
@@ -91,6 +92,8 @@ class PanopticPostProcess(nn.Module):
     def queries_to_keep(self, outputs: Mapping[str, Tensor]) -> Tensor:
         """bool [B, Q]: the queries the merge can use (pass as the model's `mask_queries` to compute only them)."""
         logits = outputs["pred_logits"]
+        if outputs.get("sigmoid_scores", False):
+            return class_probabilities(outputs).max(-1).values > self.threshold
         scores, labels = logits.float().softmax(-1).max(-1)
         return labels.ne(logits.shape[-1] - 1) & (scores > self.threshold)
 
@@ -111,14 +114,15 @@ class PanopticPostProcess(nn.Module):
                              f"of {len(logits)} images")
         crop = _crop_padding(outputs, self.crop_padding)
         keep_all = self.queries_to_keep(outputs)
+        probabilities = class_probabilities(outputs)
         return [
-            self._one(lg, mk, keep, _size_tuple(size), _size_tuple(target), crop)
-            for lg, mk, keep, size, target in zip(logits, masks, keep_all, processed_sizes, target_sizes)
+            self._one(prob, mk, keep, _size_tuple(size), _size_tuple(target), crop)
+            for prob, mk, keep, size, target in zip(probabilities, masks, keep_all, processed_sizes, target_sizes)
         ]
 
-    def _one(self, logits: Tensor, masks: Tensor, keep: Tensor, size: tuple[int, int],
+    def _one(self, prob: Tensor, masks: Tensor, keep: Tensor, size: tuple[int, int],
              target: tuple[int, int], crop: bool) -> dict[str, Any]:
-        scores, labels = logits.float().softmax(-1).max(-1)
+        scores, labels = prob.max(-1)  # kept queries have a real class as their most probable
         queries = keep.nonzero(as_tuple=True)[0]
         scores, labels = scores[queries], labels[queries]
         kept = masks[queries].float()
@@ -133,8 +137,8 @@ class PanopticPostProcess(nn.Module):
         while True:
             n = len(labels)
             if n == 0:
-                id_map = torch.full(target, -1, dtype=torch.long, device=logits.device)
-                area = torch.zeros(0, dtype=torch.long, device=logits.device)
+                id_map = torch.full(target, -1, dtype=torch.long, device=prob.device)
+                area = torch.zeros(0, dtype=torch.long, device=prob.device)
                 break
             # The per-pixel winner among the kept queries (softmax first, like the official code: same ties).
             winner = kept.transpose(0, 1).softmax(-1).argmax(-1)
@@ -177,7 +181,7 @@ class InstanceMaskPostProcess(nn.Module):
     @torch.no_grad()
     def queries_to_keep(self, outputs: Mapping[str, Tensor]) -> Tensor:
         """bool [B, Q]: the queries this post-processing returns (the model's `mask_queries`)."""
-        scores = outputs["pred_logits"].float().softmax(-1)[..., :-1].max(-1).values
+        scores = class_probabilities(outputs).max(-1).values
         keep = torch.ones_like(scores, dtype=torch.bool)
         if self.score_threshold is not None:
             keep &= scores > self.score_threshold
@@ -203,8 +207,7 @@ class InstanceMaskPostProcess(nn.Module):
         if not (len(logits) == len(sizes) == len(targets)):
             raise ValueError(f"{len(sizes)} processed and {len(targets)} target sizes for a batch of {len(logits)}")
         crop = _crop_padding(outputs, self.crop_padding)
-        prob = logits.float().softmax(-1)
-        scores, labels = prob[..., :-1].max(-1)
+        scores, labels = class_probabilities(outputs).max(-1)
         keep = self.queries_to_keep(outputs)
         max_size = (max(s[0] for s in sizes), max(s[1] for s in sizes))
         results = []

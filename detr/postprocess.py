@@ -1,8 +1,8 @@
 """From raw model outputs to detections in pixel coordinates.
 
 Scores are the softmax probabilities without the no-object class (or, for a
-model trained with the focal loss, `sigmoid_scores=True`, the sigmoid of each real
-class's logit; `PostProcess.for_model` picks the right one); each query's label is
+model trained with the focal loss, whose outputs carry `"sigmoid_scores": True`,
+the sigmoid of each real class's logit); each query's label is
 its most probable real class; boxes go from normalised (cx, cy, w, h)
 to absolute (x0, y0, x1, y1) in each image's target size, given as (height,
 width). Without options every query is returned, as in the official code (COCO
@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from .checkpoint import unwrap_model
-
 Detections = dict[str, Tensor]
 """Per image: "scores" [N] float, "labels" [N] int64, "boxes" [N,4] float xyxy in pixels."""
 
@@ -31,23 +29,24 @@ def _as_size_tensor(target_sizes: Tensor | Sequence[Sequence[int]], device: torc
     return sizes
 
 
+def class_probabilities(outputs: Mapping[str, Tensor]) -> Tensor:
+    """[B, Q, num_classes] probabilities of the real classes: the softmax without "no object", or for
+    a model trained with the focal loss (its outputs say `"sigmoid_scores": True`) the sigmoids."""
+    logits = outputs["pred_logits"].float()
+    if outputs.get("sigmoid_scores", False):
+        return logits[..., :-1].sigmoid()
+    return F.softmax(logits, -1)[..., :-1]
+
+
 class PostProcess(nn.Module):
     """Turns `pred_logits`/`pred_boxes` into per-image scores, labels and pixel xyxy boxes."""
 
-    def __init__(
-        self, score_threshold: float | None = None, top_k: int | None = None, sigmoid_scores: bool = False
-    ) -> None:
+    def __init__(self, score_threshold: float | None = None, top_k: int | None = None) -> None:
         super().__init__()
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.score_threshold = score_threshold
         self.top_k = top_k
-        self.sigmoid_scores = sigmoid_scores
-
-    @classmethod
-    def for_model(cls, model: nn.Module, **kwargs) -> "PostProcess":
-        """The post-processing that scores `model`'s outputs as it was trained (softmax or focal sigmoid)."""
-        return cls(sigmoid_scores=unwrap_model(model).config.focal_loss, **kwargs)
 
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], target_sizes: Tensor | Sequence[Sequence[int]]) -> list[Detections]:
@@ -57,10 +56,7 @@ class PostProcess(nn.Module):
         sizes = _as_size_tensor(target_sizes, logits.device)
         if len(sizes) != len(logits):
             raise ValueError(f"{len(sizes)} target sizes for a batch of {len(logits)} images")
-        if self.sigmoid_scores:
-            prob = logits[..., :-1].float().sigmoid()
-        else:
-            prob = F.softmax(logits.float(), -1)[..., :-1]
+        prob = class_probabilities(outputs)
         scores, labels = prob.max(-1)
         img_h, img_w = sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(prob)

@@ -63,11 +63,16 @@ def test_focal_matching_cost_ranks_predictions_like_the_loss():
 
 
 def test_focal_models_keep_the_class_head_and_are_scored_with_sigmoids():
-    model = build_model("tiny", num_classes=3, focal_loss=True)
+    model = build_model("tiny", num_classes=3, focal_loss=True).eval()
     assert model.class_embed.out_features == 4  # num_classes + 1, the official layout
+    images, mask = torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    with torch.no_grad():
+        assert model(images, mask)["sigmoid_scores"] is True
+        assert "sigmoid_scores" not in build_model("tiny", num_classes=3).eval()(images, mask)
     logits = torch.tensor([[[0.0, 2.0, -1.0, 5.0]]])
-    outputs = {"pred_logits": logits, "pred_boxes": torch.full((1, 1, 4), 0.5)}
-    (det,) = PostProcess.for_model(model)(outputs, [[10, 10]])
+    outputs = {"pred_logits": logits, "pred_boxes": torch.full((1, 1, 4), 0.5), "sigmoid_scores": True}
+    (det,) = PostProcess()(outputs, [[10, 10]])
     assert det["scores"].item() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
-    assert det["labels"].item() == 1
-    assert not PostProcess.for_model(build_model("tiny", num_classes=3)).sigmoid_scores
+    assert det["labels"].item() == 1  # the unused no-object column (5.0) never wins
+    (softmax,) = PostProcess()({"pred_logits": logits, "pred_boxes": outputs["pred_boxes"]}, [[10, 10]])
+    assert softmax["scores"].item() == pytest.approx(torch.softmax(logits[0, 0], -1)[1].item())
