@@ -83,6 +83,13 @@ class DETRConfig:
     training-only weights, left out of official exports. Fast-convergence option."""
     aux_loss: bool = True
     """Supervise every decoder layer (losses suffixed `_0`, `_1`, ...), as the paper does."""
+    encoder_aux_matches: int = 0
+    """> 0: a training-only dense head on the encoder output predicts a class and a box at every
+    feature cell (relative to the cell), each target matched to this many cells (one-to-many, as
+    Co-DETR's and H-DETR's auxiliary branches): direct, plentiful supervision that teaches a
+    backbone trained from scratch to localise. Losses suffixed `_enc`; needs `focal_loss`. Its
+    weights (`encoder_class_embed`, `encoder_bbox_embed`) are left out of official exports and
+    unused at inference. Fast-convergence option; 0: off (the paper)."""
 
     # Hungarian matcher costs
     set_cost_class: float = 1.0
@@ -146,6 +153,12 @@ class DETRConfig:
             problems.append(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
         if self.num_classes < 1:
             problems.append(f"num_classes must be >= 1 (largest category id + 1), got {self.num_classes}")
+        if self.encoder_aux_matches < 0:
+            problems.append(f"encoder_aux_matches must be >= 0, got {self.encoder_aux_matches}")
+        elif self.encoder_aux_matches and not self.focal_loss:
+            problems.append("encoder_aux_matches needs focal_loss=True (its many background cells need the focal loss)")
+        elif self.encoder_aux_matches and self.enc_layers == 0:
+            problems.append("encoder_aux_matches needs an encoder (enc_layers >= 1)")
         for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries", "query_groups"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

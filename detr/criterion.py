@@ -54,6 +54,8 @@ def loss_weights(config: DETRConfig) -> dict[str, float]:
             weights.update({f"{k}_{i}": v for k, v in base.items()})
     for g in range(1, config.query_groups):
         weights.update({f"{k}_g{g}": v for k, v in list(weights.items()) if "_g" not in k})
+    if config.encoder_aux_matches:
+        weights.update({f"{k}_enc": v for k, v in base.items()})
     if config.masks:
         weights.update({"loss_mask": config.mask_loss_coef, "loss_dice": config.dice_loss_coef})
     return weights
@@ -254,7 +256,20 @@ class SetCriterion(nn.Module):
         for g, group in enumerate(outputs.get("group_outputs", []), start=1):
             terms = self._set_losses(group, targets, norms, log=False)
             losses.update({f"{k}_g{g}": v for k, v in terms.items()})
+        if "enc_outputs" in outputs:
+            losses.update(self._encoder_losses(outputs["enc_outputs"], targets, norms))
         return losses
+
+    def _encoder_losses(self, enc: Mapping, targets: Sequence[Mapping], norms: dict) -> dict[str, Tensor]:
+        """One-to-many: each target repeated k times, so the matcher gives it its k best cells."""
+        k = int(enc["matches_per_target"])
+        repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+        dense = {"pred_logits": enc["pred_logits"], "pred_boxes": enc["pred_boxes"]}
+        indices = self.matcher(dense, repeated)
+        scaled = {**norms, "num_boxes": norms["num_boxes"] * k}
+        losses = self.get_loss("labels", dense, repeated, indices, scaled, log=False)
+        losses.update(self.get_loss("boxes", dense, repeated, indices, scaled))
+        return {f"{name}_enc": value for name, value in losses.items()}
 
     def _set_losses(self, outputs: Mapping, targets: Sequence[Mapping], norms: dict, log: bool) -> dict[str, Tensor]:
         """The terms of one query set: its last layer, then each auxiliary layer (suffix `_i`), each matched

@@ -11,6 +11,9 @@ Forward contract: `model(images, mask)` with `images` float [B,3,H,W]
   (when `aux_loss` is on), for the auxiliary losses;
 - `"group_outputs"` (training with `query_groups > 1` only): one dict like the
   above for each extra query group, for their own losses;
+- `"enc_outputs"` (training with `encoder_aux_matches > 0` only): the dense head's
+  `pred_logits` and `pred_boxes` for every encoder cell [B, H*W, ...], padding cells
+  scored as certain background, and `"matches_per_target"`;
 - with `config.masks`, `"pred_masks"` [B, Q, H/4, W/4]: mask logits of every query (see
   `detr.segmentation` for the head and the mask geometry), and `"padding_invariant"` (bool),
   which tells post-processing how the masks relate to padding.
@@ -43,7 +46,7 @@ MaskQueries = Tensor | Callable[[dict], Tensor] | None
 FOCAL_PRIOR = 0.01
 """Initial class probability of a focal-loss class head."""
 
-TRAINING_ONLY_PREFIXES = ("extra_query_embed.",)
+TRAINING_ONLY_PREFIXES = ("extra_query_embed.", "encoder_class_embed.", "encoder_bbox_embed.")
 """State-dict entries that only training uses (absent from official checkpoints and exports)."""
 
 
@@ -113,6 +116,12 @@ class DETR(nn.Module):
             # background queries dominate the first steps (RetinaNet, Deformable DETR).
             nn.init.constant_(self.class_embed.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
         self.bbox_embed = MLP(config.hidden_dim, config.hidden_dim, 4, 3)
+        if config.encoder_aux_matches:
+            self.encoder_class_embed = nn.Linear(config.hidden_dim, config.num_classes + 1)
+            nn.init.constant_(self.encoder_class_embed.bias, -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR))
+            self.encoder_bbox_embed = MLP(config.hidden_dim, config.hidden_dim, 4, 3)
+            nn.init.zeros_(self.encoder_bbox_embed.layers[-1].weight)  # start at each cell's own box
+            nn.init.zeros_(self.encoder_bbox_embed.layers[-1].bias)
         if config.masks:
             self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0)
             self.mask_head = MaskHeadSmallConv(config.hidden_dim + config.nheads, config.fpn_dims, config.hidden_dim)
@@ -151,6 +160,8 @@ class DETR(nn.Module):
         if attn_mask is not None:
             groups = hs[:, :, self.num_queries :].split(self.num_queries, dim=2)
             out["group_outputs"] = [self.predict_from_decoder(group) for group in groups]
+        if self.training and self.config.encoder_aux_matches:
+            out["enc_outputs"] = self.predict_from_encoder(memory, src_mask)
         if self.config.masks:
             out.update(self.predict_masks(out, hs[-1, :, : self.num_queries], memory, src_proj, features, masks,
                                           mask, mask_queries))
@@ -196,6 +207,26 @@ class DETR(nn.Module):
         if selected is not None:
             result["mask_queries"] = selected
         return result
+
+    def predict_from_encoder(self, memory: Tensor, mask: Tensor) -> dict:
+        """The dense auxiliary head: a class and a box per encoder cell [B, H*W, ...]. Boxes are
+        offsets (in logit space) from the cell's own box: centred on the cell, two cells wide,
+        in the image's own (unpadded) normalised coordinates."""
+        batch, _, height, width = memory.shape
+        valid = ~mask
+        valid_h = valid[:, :, 0].sum(1).clamp(min=1).to(memory.dtype)
+        valid_w = valid[:, 0, :].sum(1).clamp(min=1).to(memory.dtype)
+        ys = (torch.arange(height, device=memory.device, dtype=memory.dtype) + 0.5)[None, :, None] / valid_h[:, None, None]
+        xs = (torch.arange(width, device=memory.device, dtype=memory.dtype) + 0.5)[None, None, :] / valid_w[:, None, None]
+        cells = torch.stack([xs.expand(batch, height, width), ys.expand(batch, height, width),
+                             (2 / valid_w)[:, None, None].expand(batch, height, width),
+                             (2 / valid_h)[:, None, None].expand(batch, height, width)], dim=-1)
+        reference = torch.logit(cells.flatten(1, 2).clamp(1e-3, 1 - 1e-3))
+        tokens = memory.flatten(2).transpose(1, 2)
+        logits = self.encoder_class_embed(tokens)
+        logits = logits.masked_fill(mask.flatten(1)[..., None], -1e4)  # padding is never an object
+        boxes = (reference + self.encoder_bbox_embed(tokens)).sigmoid()
+        return {"pred_logits": logits, "pred_boxes": boxes, "matches_per_target": self.config.encoder_aux_matches}
 
     def predict_from_decoder(self, hs: Tensor) -> dict:
         """Class and box heads over every decoder layer's output [L,B,Q,C]."""

@@ -4,6 +4,7 @@ and optimiser, in `detr.DETRConfig` and `detr.optim.OptimizerConfig`).
 
 Example (YAML; TOML works the same way):
 
+    recipe: fast                          # optional: jobs.recipes fills in what the file leaves out
     data:
       train: data/shapes/train.json      # any source the pipelines read
       val: data/shapes/val.json
@@ -27,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 from detr.config import DETRConfig
 from detr.optim import OptimizerConfig
+from jobs.recipes import apply_recipe
 from jobs.config_files import ConfigError, unknown_key_error, apply_overrides, build_dataclass, read_config_file
 
 
@@ -39,7 +41,7 @@ class DataSection:
     val: str | None = None
     val_images: str | None = None
     transforms: str = "paper"
-    """Augmentation preset of `pipelines.transforms.TransformsConfig`: paper | small."""
+    """Augmentation preset of `pipelines.transforms.TransformsConfig`: paper | small | native."""
     batch_size: int = 4
     """Images per worker per step (the paper: 4 per GPU)."""
     eval_batch_size: int = 4
@@ -121,6 +123,8 @@ class TrainJobConfig:
     (models:/name@alias, models:/name/3, runs:/RUN_ID/model). The class head is replaced when
     the class count differs."""
     freeze_backbone: bool = False
+    recipe: str | None = None
+    """A named recipe of `jobs.recipes` (paper | fast) whose values fill in what the file leaves out."""
 
     def __post_init__(self) -> None:
         self.model_config(num_classes=self.model.get("num_classes", 2))  # validate early
@@ -153,7 +157,7 @@ class TrainJobConfig:
 def load_train_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainJobConfig:
     """Read a config file (optional) and apply `--set` overrides."""
     data: Mapping[str, Any] = read_config_file(path) if path else {}
-    data = apply_overrides(dict(data), overrides)
+    data = apply_recipe(apply_overrides(dict(data), overrides))
     config = build_dataclass(TrainJobConfig, data)
     if not config.data.train:
         raise ConfigError("data.train is required: the training source (e.g. a COCO JSON)")

@@ -33,7 +33,7 @@ from detr.checkpoint import unwrap_model
 from detr.config import DETRConfig
 from detr.engine import predict, predict_panoptic, train_step
 from detr.evaluation import coco_ground_truth, evaluate_coco
-from detr.optim import build_lr_scheduler, build_optimizer
+from detr.optim import build_lr_scheduler, build_optimizer, build_warmup_scheduler
 from jobs.config_files import build_dataclass
 from jobs.train_config import TrainJobConfig
 
@@ -154,6 +154,7 @@ class Trainer:
         self.criterion = SetCriterion.from_config(self.model_config).to(self.device)
         self.optimizer = build_optimizer(unwrap_model(self.model), self.job.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, self.job.optimizer)
+        self.warmup = build_warmup_scheduler(self.optimizer, self.job.optimizer)  # per step; None without
         self.start_epoch = 0
         self.global_step = 0
         self.train_seconds = 0.0
@@ -181,6 +182,8 @@ class Trainer:
         unwrap_model(self.model).load_state_dict(model_ckpt["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.warmup is not None and state.get("warmup") is not None:
+            self.warmup.load_state_dict(state["warmup"])
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -193,6 +196,7 @@ class Trainer:
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "warmup": self.warmup.state_dict() if self.warmup is not None else None,
             "epoch": epoch + 1,
             "global_step": self.global_step,
             "train_seconds": self.train_seconds,
@@ -236,6 +240,8 @@ class Trainer:
                                       self.job.optimizer.clip_max_norm, self.autocast)
             step_time += time.perf_counter() - t1
             images += sum(len(b[2]) for b in micro)
+            if self.warmup is not None:
+                self.warmup.step()
             steps += 1
             self.global_step += 1
             metrics.add(self.global_step, step_metrics)

@@ -68,8 +68,14 @@ class TransformsConfig:
         return cls().scaled(0.16)
 
     @classmethod
+    def native(cls) -> "TransformsConfig":
+        """The recipe at 0.12 scale, about the own size of 64-160 px images (shorter sides 58..96,
+        evaluation at 96): small images are not upscaled, which keeps training steps cheap."""
+        return cls().scaled(0.12)
+
+    @classmethod
     def preset(cls, name: str) -> "TransformsConfig":
-        presets = {"paper": cls.paper, "small": cls.small}
+        presets = {"paper": cls.paper, "small": cls.small, "native": cls.native}
         if name not in presets:
             raise ValueError(f"unknown transforms preset {name!r}; choose from {sorted(presets)}")
         return presets[name]()
