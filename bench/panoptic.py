@@ -12,9 +12,12 @@ project's own pieces and no Ray (one process, `--threads` torch threads):
    computed only for the matched queries;
 3. PQ, SQ and RQ (overall, things, stuff) on the held-out images at their original
    size, with `detr.panoptic_evaluation.PanopticEvaluator`, and mask AP of things;
-4. the cost of masks: images/s of panoptic labelling (one forward with masks for
-   the kept queries, the merge, RLE of every segment and the panoptic PNG) against
-   detection-only labelling (forward, boxes), same model, same images, alternated.
+4. the cost of masks: images/s of `detr label --task panoptic`'s model actor
+   (`PanopticLabelPredictor`: one forward with masks for the kept queries, the merge,
+   RLE of every segment, the panoptic PNG, the result table) against the detection
+   actor (`LabelPredictor`: forward, boxes), same model, same prepared batches (the
+   job's `prepare_batch`, done once, outside the timing), alternated. The actors
+   are what limits the job's rate; the driver writes rows and PNGs meanwhile.
 
 The whole run stays within the two training budgets plus about a minute. Prints a
 table and writes the figures as JSON under `--out` (default bench/results/).
@@ -22,6 +25,7 @@ table and writes the figures as JSON under `--out` (default bench/results/).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -31,20 +35,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detr import SetCriterion, build_model  # noqa: E402
+from detr.checkpoint import checkpoint_dict  # noqa: E402
 from detr.config import DETRConfig  # noqa: E402
 from detr.engine import Batch, train_step  # noqa: E402
 from detr.optim import OptimizerConfig, build_optimizer  # noqa: E402
 from detr.panoptic_evaluation import PanopticEvaluator, instance_ground_truth, mask_ap  # noqa: E402
 from pipelines.decode import decode_image  # noqa: E402
-from pipelines.inference import Detector  # noqa: E402
+from pipelines.inference import Detector, transforms_to_metadata  # noqa: E402
+from pipelines.labelling.key_digests import DIGEST_DTYPE  # noqa: E402
+from pipelines.labelling.panoptic_predictor import PanopticLabelPredictor  # noqa: E402
+from pipelines.labelling.pipeline import GROUP_WINDOW_BATCHES  # noqa: E402
+from pipelines.labelling.predictor import LabelPredictor  # noqa: E402
+from pipelines.labelling.prepare import prepare_batch  # noqa: E402
 from pipelines.loading import read_record_bytes  # noqa: E402
-from pipelines.panoptic import decode_panoptic_png, encode_panoptic_png, panoptic_categories  # noqa: E402
+from pipelines.panoptic import decode_panoptic_png, panoptic_categories  # noqa: E402
+from pipelines.records import records_table  # noqa: E402
 from pipelines.panoptic_inference import segment_images  # noqa: E402
 from pipelines.sources import open_source  # noqa: E402
 from pipelines.storage import read_bytes  # noqa: E402
@@ -168,28 +180,49 @@ def evaluate(detector: Detector, val_json: str, threshold: float) -> dict[str, A
             "per_class_PQ": {int(k): round(v["PQ"], 4) for k, v in stats["per_class"].items()}}
 
 
-def labelling_speed(detector: Detector, images: list[np.ndarray], threshold: float, batch: int,
-                    rounds: int) -> dict[str, float]:
-    """Images/s of detection-only and panoptic labelling, alternated so both see the same machine load."""
+def checkpoint_bytes(model: torch.nn.Module, categories: list[dict], transforms: TransformsConfig) -> bytes:
+    """The model as the checkpoint bytes the labelling job ships to its actors."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint_dict(model, {"categories": categories, "transforms": transforms_to_metadata(transforms)}),
+               buffer)
+    return buffer.getvalue()
 
-    def detection() -> None:
-        for i in range(0, len(images), batch):
-            detector.detect(images[i:i + batch])
 
-    def panoptic() -> None:
-        for i in range(0, len(images), batch):
-            for out in segment_images(detector, images[i:i + batch], threshold):
-                encode_panoptic_png(out["id_map"])  # what the labelling job writes beside its rows
+def prepared_batches(records: list[dict], transforms: TransformsConfig, batch: int) -> list[pa.Table]:
+    """The actors' input batches, as the job makes them: `prepare_batch` over windows of
+    GROUP_WINDOW_BATCHES batches (decoded, resized, ordered by shape), then cut into batches."""
+    window = GROUP_WINDOW_BATCHES * batch
+    none_done = np.zeros(0, dtype=DIGEST_DTYPE)
+    batches = []
+    for start in range(0, len(records), window):
+        prepared = prepare_batch(records_table(records[start:start + window]), done=none_done, transforms=transforms)
+        batches += [prepared.slice(i, batch) for i in range(0, prepared.num_rows, batch)]
+    return batches
 
-    detection(), panoptic()  # warm-up
-    times = {"detection": [], "panoptic": []}
+
+def labelling_speed(checkpoint: bytes, batches: list[pa.Table], threshold: float, rounds: int,
+                    threads: int) -> dict[str, float]:
+    """Images/s of the label job's detection actor and its panoptic actor on the same prepared batches,
+    alternated so both see the same machine load."""
+    common = {"score_threshold": 0.5, "top_k": None, "classes": None, "threads": threads}
+    actors = {"detection": LabelPredictor(checkpoint, **common),
+              "panoptic": PanopticLabelPredictor(checkpoint, panoptic_threshold=threshold, **common)}
+    images = sum(b.num_rows for b in batches)
+
+    def label_all(name: str) -> None:
+        for b in batches:
+            actors[name](b)
+
+    for name in actors:
+        label_all(name)  # warm-up
+    times = {name: [] for name in actors}
     for _ in range(rounds):
-        for name, fn in (("detection", detection), ("panoptic", panoptic)):
+        for name in actors:
             start = time.perf_counter()
-            fn()
+            label_all(name)
             times[name].append(time.perf_counter() - start)
-    det = len(images) / float(np.median(times["detection"]))
-    pan = len(images) / float(np.median(times["panoptic"]))
+    det = images / float(np.median(times["detection"]))
+    pan = images / float(np.median(times["panoptic"]))
     return {"detection_images_per_s": det, "panoptic_images_per_s": pan, "ratio": pan / det}
 
 
@@ -244,9 +277,10 @@ def main() -> None:
     # 3. PQ on held-out images, 4. the cost of masks.
     detector = Detector(model.eval(), plan.transforms, categories, device=torch.device("cpu"))
     quality = evaluate(detector, paths["val"], args.threshold)
-    val = open_source(paths["val"])
-    images = [decode_image(read_record_bytes(r), r["key"]).array for r in val.iter_records()][: args.speed_images]
-    speed = labelling_speed(detector, images, args.threshold, batch=4, rounds=3)
+    records = list(open_source(paths["val"]).iter_records())[: args.speed_images]
+    batches = prepared_batches(records, plan.transforms, batch=4)
+    speed = labelling_speed(checkpoint_bytes(model, categories, plan.transforms), batches, args.threshold, rounds=3,
+                            threads=args.threads)
     total = time.perf_counter() - started
 
     report = {"recipe": plan.name, "model": plan.model.to_dict(), "threshold": args.threshold,

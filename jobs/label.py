@@ -4,6 +4,8 @@
                --output s3://bucket/labels/2026 --concurrency 4 --batch-size 8 --score-threshold 0.5
     detr label --model run/model.pt --input photos/ --output labels/ --classes person,car
                --coco-json labels/coco_results.json --draw 20
+    detr label --task panoptic --model models:/shapes-panoptic@champion --input photos/ --output pan/
+               --coco-panoptic-json pan/panoptic.json
 
 MODEL is a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION), an MLflow run
 (runs:/ID/model), one of our checkpoints or an official DETR checkpoint (COCO
@@ -17,6 +19,11 @@ this driver commits rows in atomic Parquet parts, one row per image (OUT/labels)
 unreadable images in an errors table (OUT/errors). Re-running the same command
 resumes: every image ends up in exactly one row or one error, however often the
 job was killed. OUT/manifest.json records the model, the settings and each run.
+
+`--task panoptic` (a model with a mask head) adds to each row its panoptic
+segments (category, is-thing, area, score, COCO RLE at the original size) and
+writes its segment-id PNG (COCO panoptic encoding) to OUT/panoptic/ before the
+row is committed; boxes come from the same forward pass.
 """
 from __future__ import annotations
 
@@ -49,11 +56,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=("coco", "yolo", "voc", "folder", "archive", "parquet"),
                         help="input kind (default: detected from the path)")
     parser.add_argument("--images", help="image folder of a COCO JSON input (default: the JSON's folder)")
+    parser.add_argument("--task", choices=("detection", "panoptic"), default=DEFAULTS.task,
+                        help="panoptic: also the segments and a panoptic PNG per image (a model with masks)")
+    parser.add_argument("--panoptic-threshold", type=float, default=DEFAULTS.panoptic_threshold,
+                        help="panoptic: keep queries whose top probability exceeds this (default: %(default)s)")
     parser.add_argument("--score-threshold", type=float, default=DEFAULTS.score_threshold,
                         help="keep detections scoring above this (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="at most this many detections per image")
     parser.add_argument("--classes", help="keep only these classes: names or ids, comma separated (person,car,3)")
     parser.add_argument("--coco-json", metavar="FILE", help="also write every detection as a COCO results JSON")
+    parser.add_argument("--coco-panoptic-json", metavar="FILE",
+                        help="panoptic: also write every image's segments as a COCO panoptic JSON "
+                             "(its PNGs are OUT/panoptic/)")
     parser.add_argument("--draw", type=int, default=DEFAULTS.draw, metavar="N",
                         help="PNGs with drawn boxes for the first N images labelled (OUT/previews/)")
     parser.add_argument("--concurrency", type=int, default=DEFAULTS.concurrency, help="model actors")
@@ -82,8 +96,11 @@ class LabelResult:
     seconds: float
     label_run: str
     removed_temporaries: int = 0
+    task: str = "detection"
     coco_json: str | None = None
     coco_detections: int = 0
+    coco_panoptic_json: str | None = None
+    coco_panoptic_images: int = 0
     manifest: dict = field(default_factory=dict)
 
     @property
@@ -100,6 +117,7 @@ class LoadedModel:
     sha256: str
     transforms: TransformsConfig
     categories: list | None
+    masks: bool  # the model has a mask head (can label --task panoptic)
 
     def identity(self) -> dict:
         r = self.resolved
@@ -119,7 +137,17 @@ def load_model(spec: str, tracking_uri: str | None) -> LoadedModel:
     resolved = resolve_model(spec, uri)
     data = storage.read_bytes(resolved.checkpoint)
     detector = Detector.from_checkpoint(resolved.checkpoint)  # checks the file; the actors load their own
-    return LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories)
+    return LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories,
+                       bool(detector.model.config.masks))
+
+
+def check_task(options: LabelOptions, loaded: LoadedModel, spec: str, coco_panoptic_json: str | None) -> None:
+    """Refuse, before any work, a panoptic task without a mask head, or a panoptic export without the task."""
+    if options.task == "panoptic" and not loaded.masks:
+        raise ValueError(f"--task panoptic needs a model with a mask head; {spec} has none (DETRConfig.masks is "
+                         "false): label it with --task detection, or use a panoptic model")
+    if coco_panoptic_json and options.task != "panoptic":
+        raise ValueError("--coco-panoptic-json needs --task panoptic")
 
 
 def _gpus_per_actor(configured: float | None) -> float:
@@ -132,7 +160,8 @@ def _gpus_per_actor(configured: float | None) -> float:
 
 def label(model: str, input_path: str, output: str, options: LabelOptions = DEFAULTS, *, classes: str | None = None,
           kind: str | None = None, images: str | None = None, coco_json: str | None = None,
-          tracking_uri: str | None = None, address: str | None = None) -> LabelResult:
+          coco_panoptic_json: str | None = None, tracking_uri: str | None = None,
+          address: str | None = None) -> LabelResult:
     """Label `input_path` with `model` into `output` (resuming what is there); see the module docstring."""
     import ray
 
@@ -141,11 +170,13 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     from pipelines.labelling.manifest import ManifestRun
     from pipelines.labelling.options import parse_classes
     from pipelines.labelling.output import LabelOutput
+    from pipelines.labelling.panoptic_export import write_coco_panoptic
     from pipelines.labelling.pipeline import build_label_dataset, check_cluster_fits
     from pipelines.labelling.writer import ChunkWriter, ModelIdentity
     from pipelines.sources import open_source
 
     loaded = load_model(model, tracking_uri)
+    check_task(options, loaded, model, coco_panoptic_json)
     options = dataclasses.replace(options, classes=parse_classes(classes, loaded.categories)) if classes else options
     source = open_source(input_path, kind, images=images)
     connect(address)
@@ -172,11 +203,15 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     seconds = time.perf_counter() - start
 
     c = writer.counts
-    result = LabelResult(output, c, {}, seconds, label_run, removed)
+    result = LabelResult(output, c, {}, seconds, label_run, removed, options.task)
     if coco_json:
         result.coco_json, result.coco_detections = coco_json, write_coco_results(out, coco_json)
+    if coco_panoptic_json:
+        result.coco_panoptic_json = coco_panoptic_json
+        result.coco_panoptic_images = write_coco_panoptic(out, coco_panoptic_json, loaded.categories)
     result.totals = manifest.finish(
-        committed, writer.next_part, labelled=c.labelled, errors=c.errors, detections=c.detections, parts=c.parts,
+        committed, writer.next_part, labelled=c.labelled, errors=c.errors, detections=c.detections,
+        **({"segments": c.segments} if options.task == "panoptic" else {}), parts=c.parts,
         rejected=dict(c.rejected), duplicates_dropped=c.duplicates_dropped, removed_temporaries=removed,
         already_done=committed.labelled + committed.errors, seconds=round(seconds, 3),
         images_per_s=round(result.images_per_s, 3))
@@ -186,9 +221,10 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
 
 def format_result(result: LabelResult) -> str:
     c, t = result.counts, result.totals
+    segments = f", {c.segments} segments" if result.task == "panoptic" else ""
     lines = [
-        f"labelled {c.labelled} images ({c.detections} detections), {c.errors} errors, in {result.seconds:.1f} s: "
-        f"{result.images_per_s:.2f} images/s",
+        f"labelled {c.labelled} images ({c.detections} detections{segments}), {c.errors} errors, "
+        f"in {result.seconds:.1f} s: {result.images_per_s:.2f} images/s",
         f"output {result.output}: {t['images_labelled']} images labelled (labels/), {t['errors']} errors (errors/), "
         f"{t['detections']} detections in {t['parts']} parts; manifest {result.output}/manifest.json",
     ]
@@ -198,6 +234,9 @@ def format_result(result: LabelResult) -> str:
         lines.append(f"{c.previews} previews in {result.output}/previews/")
     if result.coco_json:
         lines.append(f"COCO results: {result.coco_detections} detections -> {result.coco_json}")
+    if result.coco_panoptic_json:
+        lines.append(f"COCO panoptic: {result.coco_panoptic_images} images -> {result.coco_panoptic_json} "
+                     f"(PNGs in {result.output}/panoptic/)")
     if result.removed_temporaries:
         lines.append(f"removed {result.removed_temporaries} unfinished temporary files of an earlier run")
     return "\n".join(lines)
@@ -205,14 +244,15 @@ def format_result(result: LabelResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     options = LabelOptions(
-        score_threshold=args.score_threshold, top_k=args.top_k, batch_size=args.batch_size,
+        task=args.task, panoptic_threshold=args.panoptic_threshold, score_threshold=args.score_threshold,
+        top_k=args.top_k, batch_size=args.batch_size,
         concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
         rows_per_file=args.rows_per_file, commit_seconds=args.commit_seconds, draw=args.draw,
         max_pixels=args.max_pixels,
     )
     result = label(args.model, args.input, args.output, options, classes=args.classes, kind=args.kind,
-                   images=args.images, coco_json=args.coco_json, tracking_uri=args.tracking_uri,
-                   address=args.address)
+                   images=args.images, coco_json=args.coco_json, coco_panoptic_json=args.coco_panoptic_json,
+                   tracking_uri=args.tracking_uri, address=args.address)
     print(format_result(result), flush=True)
     return 0
 

@@ -133,8 +133,8 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     assert compared > 16 and all(len(r["labels"]) <= 5 for r in rows)
 
     manifest = json.loads(Path(out, "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["settings"] == {"score_threshold": 0.2, "top_k": 5,
-                                                                         "classes": None}
+    assert manifest["status"] == "complete" and manifest["settings"] == {"task": "detection", "score_threshold": 0.2,
+                                                                         "top_k": 5, "classes": None}
     assert manifest["totals"]["images_labelled"] == 16 and manifest["totals"]["detections"] == compared
     results = json.loads(Path(coco).read_text())
     assert len(results) == compared and {r["image_id"] for r in results} == {r["image_id"] for r in rows}

@@ -1,9 +1,9 @@
 """The output's manifest: which model and settings made the rows, the totals, and every run.
 
 A re-run into an existing output must use the same model (name, version, run id
-and the checkpoint's sha256) and the same row settings (threshold, top-k,
-classes); otherwise the dataset would mix rows that mean different things, so
-the job refuses with a message that says what differs. Each run is recorded
+and the checkpoint's sha256) and the same row settings (task, threshold, top-k,
+classes, panoptic threshold); otherwise the dataset would mix rows that mean
+different things, so the job refuses with a message that says what differs. Each run is recorded
 when it starts (status "running": a run that was killed stays so) and completed
 when it ends.
 """
@@ -13,6 +13,10 @@ import time
 from typing import Any, Mapping
 
 from pipelines.labelling.output import FORMAT, Committed, LabelOutput
+
+
+# What a setting was before the manifest recorded it: outputs made before tasks existed hold detections.
+SETTING_DEFAULTS = {"task": "detection"}
 
 
 def _now() -> str:
@@ -31,9 +35,11 @@ def check_compatible(existing: Mapping[str, Any] | None, model: Mapping[str, str
         before, now = existing["model"].get(name, ""), model.get(name, "")
         if before != now:
             problems.append(f"model {name} {before!r} (now {now!r})")
-    for name, now in settings.items():
-        if existing["settings"].get(name) != now:
-            problems.append(f"{name} {existing['settings'].get(name)!r} (now {now!r})")
+    recorded = existing["settings"]
+    for name in dict.fromkeys([*recorded, *settings]):  # a setting only one side has differs too
+        before, now = recorded.get(name, SETTING_DEFAULTS.get(name)), settings.get(name, SETTING_DEFAULTS.get(name))
+        if before != now:
+            problems.append(f"{name} {before!r} (now {now!r})")
     if problems:
         raise ValueError(f"{where} was labelled with " + ", ".join(problems)
                          + "; use the same model and settings to resume, or a new --output")

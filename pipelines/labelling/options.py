@@ -1,8 +1,9 @@
 """The labelling job's settings: one dataclass holds every default, and the class filter's parser.
 
-Settings that change what a row says (threshold, top-k, classes) are recorded in
-the output's manifest; a re-run into the same output must use the same ones, so
-that every row of a dataset means the same thing.
+Settings that change what a row says (the task, threshold, top-k, classes, and
+the panoptic threshold of `--task panoptic`) are recorded in the output's
+manifest; a re-run into the same output must use the same ones, so that every
+row of a dataset means the same thing.
 """
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from typing import Sequence
 
 from pipelines.decode import DEFAULT_MAX_PIXELS
 
+TASKS = ("detection", "panoptic")
+
 
 @dataclass(frozen=True)
 class LabelOptions:
-    """How to label: detection filters, parallelism, and how often rows are committed."""
+    """How to label: the task, detection filters, parallelism, and how often rows are committed."""
 
+    task: str = "detection"  # "panoptic": also the segments and a panoptic PNG per image (a model with masks)
+    panoptic_threshold: float = 0.85  # panoptic: keep queries whose top probability exceeds this (the paper's)
     score_threshold: float | None = 0.5  # keep detections scoring above this (None: every query)
     top_k: int | None = None  # then keep at most this many per image, best first
     classes: tuple[int, ...] | None = None  # category ids to keep (None: all)
@@ -30,6 +35,8 @@ class LabelOptions:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
         for name in ("batch_size", "concurrency", "rows_per_file", "max_pixels"):
@@ -49,10 +56,12 @@ class LabelOptions:
         return max(1, int(self.cpus_per_actor))
 
     def row_settings(self) -> dict:
-        """The settings that shape the rows (recorded in the manifest, checked on re-runs)."""
+        """The settings that shape the rows (recorded in the manifest, checked on re-runs); the panoptic
+        threshold only for the panoptic task (it changes nothing in detection rows)."""
+        names = ("task", "score_threshold", "top_k", "classes") + (
+            ("panoptic_threshold",) if self.task == "panoptic" else ())
         settings = asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()
-                if k in ("score_threshold", "top_k", "classes")}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items() if k in names}
 
 
 def parse_classes(spec: str | None, categories: Sequence[dict] | None) -> tuple[int, ...] | None:

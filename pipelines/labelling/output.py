@@ -3,11 +3,15 @@
     OUT/labels/part-000000.parquet   label rows (schema.LABEL_SCHEMA), one per labelled image
     OUT/errors/part-000000.parquet   images that could not be read (source, image, reason, detail)
     OUT/previews/*.png               drawn detections for the first N images (--draw N)
+    OUT/panoptic/*.png               --task panoptic: each labelled image's segment ids (COCO panoptic PNG)
     OUT/manifest.json                model, settings, totals and the history of runs
 
 A chunk is committed by writing it under a hidden temporary name and renaming it
 (`storage.write_bytes_atomic`), so a killed job leaves either a whole part or a
-hidden temporary file that readers skip and the next run deletes. Part numbers
+hidden temporary file that readers skip and the next run deletes. A panoptic
+PNG is written (atomically too) before the part holding its row is committed,
+so every committed row's PNG exists; a PNG whose row a killed run never
+committed is written again, whole, when the image is labelled again. Part numbers
 grow by one per commit (labels and errors of one commit share it), so file
 order is commit order. The writer never commits a key twice; readers still
 defend against it (a copied or hand-made file): `iter_rows` keeps the first
@@ -33,6 +37,7 @@ from pipelines.labelling.schema import LABEL_SCHEMA
 LABELS = "labels"
 ERRORS = "errors"
 PREVIEWS = "previews"
+PANOPTIC = "panoptic"
 MANIFEST = "manifest.json"
 FORMAT = "raydetr-labels-v1"
 KEY_COLUMN = {LABELS: "key", ERRORS: "image"}  # the errors table names the image in `image`
@@ -41,6 +46,12 @@ _PART = re.compile(r"^part-(\d+)\.parquet$")
 
 def part_name(number: int) -> str:
     return f"part-{number:06d}.parquet"
+
+
+def image_file_name(key: str, image_id: int, suffix: str = ".png") -> str:
+    """A file name for an image's preview or panoptic PNG: its base name made safe, plus its id (unique)."""
+    base = re.split(r"[/!\\]", key)[-1].rsplit(".", 1)[0]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', base)[:80]}-{image_id}{suffix}"
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -83,7 +94,7 @@ class LabelOutput:
 
     def remove_temporaries(self) -> int:
         """Delete the hidden temporary files a killed run left behind; returns how many."""
-        stale = [info.path for kind in (LABELS, ERRORS, PREVIEWS) for info in self._list(kind)
+        stale = [info.path for kind in (LABELS, ERRORS, PREVIEWS, PANOPTIC) for info in self._list(kind)
                  if info.base_name.startswith(".") and storage.TEMPORARY_MARK in info.base_name]
         for path in stale:
             self.fs.delete_file(path)
@@ -142,6 +153,12 @@ class LabelOutput:
 
     def write_preview(self, name: str, png: bytes) -> None:
         storage.write_bytes_atomic(f"{self.root}/{PREVIEWS}/{name}", png)
+
+    def write_panoptic(self, name: str, png: bytes) -> str:
+        """Write a panoptic PNG (replacing one a killed run left); returns its path relative to the root."""
+        relative = f"{PANOPTIC}/{name}"
+        storage.write_bytes_atomic(f"{self.root}/{relative}", png)
+        return relative
 
     def read_manifest(self) -> dict | None:
         path = f"{self.root}/{MANIFEST}"

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipelines.decode import DecodeLimits
 from pipelines.labelling.options import LabelOptions
+from pipelines.labelling.panoptic_predictor import PanopticLabelPredictor
 from pipelines.labelling.predictor import LabelPredictor
 from pipelines.labelling.prepare import prepare_batch
 from pipelines.sources import Source
@@ -58,8 +59,8 @@ def check_cluster_fits(options: LabelOptions, gpus_per_actor: float, resources: 
 
 def build_label_dataset(source: Source, checkpoint: bytes, transforms: TransformsConfig, options: LabelOptions,
                         done: np.ndarray, gpus_per_actor: float = 0.0):
-    """The result rows (schema.RESULT_SCHEMA) of labelling `source`, skipping keys whose digests are in
-    `done` (sorted, see key_digests); a lazy ray.data.Dataset."""
+    """The result rows (schema.RESULT_SCHEMA, or PANOPTIC_RESULT_SCHEMA for the panoptic task) of labelling
+    `source`, skipping keys whose digests are in `done` (sorted, see key_digests); a lazy ray.data.Dataset."""
     import ray
 
     prepared = source.read(rows_per_block=ROWS_PER_READ_BLOCK).map_batches(
@@ -68,8 +69,11 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
         batch_format="pyarrow",
         fn_kwargs={"done": done, "transforms": transforms, "limits": DecodeLimits(max_pixels=options.max_pixels)},
     )
+    predictor, task_options = LabelPredictor, {}
+    if options.task == "panoptic":
+        predictor, task_options = PanopticLabelPredictor, {"panoptic_threshold": options.panoptic_threshold}
     results = prepared.map_batches(
-        LabelPredictor,
+        predictor,
         compute=ray.data.ActorPoolStrategy(size=options.concurrency),
         batch_size=options.batch_size,
         batch_format="pyarrow",
@@ -78,7 +82,7 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
         udf_modifying_row_count=False,
         fn_constructor_kwargs={
             "checkpoint": checkpoint, "score_threshold": options.score_threshold, "top_k": options.top_k,
-            "classes": options.classes, "draw": options.draw, "threads": options.torch_threads,
+            "classes": options.classes, "draw": options.draw, "threads": options.torch_threads, **task_options,
         },
     )
     limits = results.context.execution_options.resource_limits

@@ -6,7 +6,8 @@ travel through the object store, so actors on any node can load a model the
 driver downloaded), runs on a GPU when Ray gave it one, with one torch thread per
 reserved CPU otherwise, under `torch.inference_mode`. A batch is split where
 padding would waste too much (`shapes.padding_groups`); rows that failed to
-decode pass through with their error reason.
+decode pass through with their error reason. `infer` is the one forward pass per
+group: `PanopticLabelPredictor` replaces it (and adds its result columns).
 """
 from __future__ import annotations
 
@@ -53,18 +54,24 @@ class LabelPredictor:
         input_shapes = list(zip(batch["input_height"].to_pylist(), batch["input_width"].to_pylist()))
         pixels = batch["pixels"]
         ok = [i for i in range(n) if not reasons[i]]
-        detections: list[dict | None] = [None] * n
+        found: list[dict | None] = [None] * n
         images: dict[int, torch.Tensor] = {}
         for group in padding_groups([input_shapes[i] for i in ok], self.max_waste):
             rows = [ok[g] for g in group]
             for i in rows:
                 images[i] = torch.from_numpy(pixels_array(pixels[i].as_py(), *input_shapes[i]).copy())
-            found = self.detector.detect_resized([images[i] for i in rows], [(heights[i], widths[i]) for i in rows])
-            for i, det in zip(rows, found):
-                detections[i] = select_detections(det, self.classes, self.top_k)
+            for i, result in zip(rows, self.infer([images[i] for i in rows], [(heights[i], widths[i]) for i in rows])):
+                found[i] = result
+        detections = [r["detections"] if r is not None else None for r in found]
         previews = [self._preview(images[i], detections[i], heights[i], widths[i]) if i in images else None
                     for i in range(n)]
-        return self._result_table(batch, detections, previews)
+        return self._result_table(batch, found, previews)
+
+    def infer(self, images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[dict]:
+        """One padded forward pass over resized uint8 images -> per image {"detections": ...} (filtered),
+        expressed in the original `sizes` (height, width)."""
+        return [{"detections": select_detections(det, self.classes, self.top_k)}
+                for det in self.detector.detect_resized(images, sizes)]
 
     def _preview(self, image, detections: dict, height: int, width: int) -> bytes | None:
         """PNG of the model-size image with the boxes drawn (boxes scaled from the original size)."""
@@ -77,9 +84,9 @@ class LabelPredictor:
         draw_detections(image.permute(1, 2, 0).numpy(), scaled, self.detector.label_name, -1.0).save(buffer, "PNG")
         return buffer.getvalue()
 
-    def _result_table(self, batch: pa.Table, detections: list[dict | None], previews: list) -> pa.Table:
+    def _result_table(self, batch: pa.Table, found: list[dict | None], previews: list) -> pa.Table:
         empty = {"boxes": [], "scores": [], "labels": []}
-        dets = [{k: v.tolist() for k, v in d.items()} if d is not None else empty for d in detections]
+        dets = [{k: v.tolist() for k, v in r["detections"].items()} if r is not None else empty for r in found]
         columns = {name: batch[name] for name in
                    ("key", "source", "image_id", "width", "height", "content_hash", "error_reason", "error_detail")}
         columns["boxes"] = pa.array([d["boxes"] for d in dets], RESULT_SCHEMA.field("boxes").type)

@@ -3,15 +3,16 @@
 Results stream into the driver as small Arrow tables. The writer drops any row
 whose key is already committed or already buffered (one `KeyDigestSet` holds
 both, seeded from the output's committed parts), splits the rest into label rows
-and error rows, saves previews, and commits a part when `rows_per_file` rows are
+and error rows, saves previews and (panoptic task) each row's segment-id PNG at
+once, before the row can be committed, and commits a part when `rows_per_file` rows are
 buffered or `commit_seconds` have passed, so a killed job loses at most that much
 work and never leaves a key in two parts.
 """
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -20,8 +21,10 @@ import pyarrow.compute as pc
 
 from pipelines.errors import ErrorRecord, errors_to_table
 from pipelines.labelling.key_digests import key_digests
-from pipelines.labelling.output import Committed, LabelOutput
+from pipelines.labelling.output import Committed, LabelOutput, image_file_name
 from pipelines.labelling.schema import model_columns
+
+PNG_WRITE_THREADS = 8  # panoptic PNGs are written in parallel: an object store takes a request per file
 
 
 @dataclass(frozen=True)
@@ -40,16 +43,11 @@ class RunCounts:
     labelled: int = 0
     errors: int = 0
     detections: int = 0
+    segments: int = 0  # panoptic task
     duplicates_dropped: int = 0
     previews: int = 0
     parts: int = 0
     rejected: Counter = field(default_factory=Counter)
-
-
-def preview_name(key: str, image_id: int) -> str:
-    """A file name for an image's preview: its base name made safe, plus its id (unique)."""
-    base = re.split(r"[/!\\]", key)[-1].rsplit(".", 1)[0]
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', base)[:80]}-{image_id}.png"
 
 
 class ChunkWriter:
@@ -74,11 +72,14 @@ class ChunkWriter:
         return table if new.all() else table.filter(pa.array(new))
 
     def add(self, results: pa.Table) -> None:
-        """Buffer a table of actor results (schema.RESULT_SCHEMA); commits when a part is full or due."""
+        """Buffer a table of actor results (schema.RESULT_SCHEMA or PANOPTIC_RESULT_SCHEMA); commits when a
+        part is full or due."""
         results = self._only_new(results, "key")
         failed = pc.not_equal(results["error_reason"], "")
         labelled = results.filter(pc.invert(failed))
         self._save_previews(labelled)
+        if "panoptic_png" in labelled.column_names:
+            labelled = self._write_panoptic(labelled)
         if labelled.num_rows:
             self._labels.append(model_columns(labelled, self.model.name, self.model.version, self.model.run_id,
                                               self.label_run))
@@ -92,6 +93,15 @@ class ChunkWriter:
         if self._buffered >= self.rows_per_file or (
                 self._buffered and time.monotonic() - self._last_commit >= self.commit_seconds):
             self.flush()
+
+    def _write_panoptic(self, labelled: pa.Table) -> pa.Table:
+        """Write each row's panoptic PNG; returns the rows with its path (`panoptic_file`) instead of its bytes."""
+        rows = labelled.select(["key", "image_id", "panoptic_png"]).to_pylist()
+        with ThreadPoolExecutor(min(PNG_WRITE_THREADS, max(1, len(rows)))) as pool:
+            files = list(pool.map(lambda row: self.output.write_panoptic(
+                image_file_name(row["key"], row["image_id"]), row["panoptic_png"]), rows))
+        self.counts.segments += int(pc.sum(pc.list_value_length(labelled["segments"])).as_py() or 0)
+        return labelled.drop_columns(["panoptic_png"]).append_column("panoptic_file", pa.array(files, pa.string()))
 
     def add_errors(self, records: Iterable[ErrorRecord]) -> None:
         """Buffer errors found before any image was read (a source's planning errors)."""
@@ -110,7 +120,7 @@ class ChunkWriter:
             return
         drawn = labelled.filter(pc.is_valid(labelled["preview_png"])).slice(0, self.previews_left)
         for row in drawn.select(["key", "image_id", "preview_png"]).to_pylist():
-            self.output.write_preview(preview_name(row["key"], row["image_id"]), row["preview_png"])
+            self.output.write_preview(image_file_name(row["key"], row["image_id"]), row["preview_png"])
         self.previews_left -= drawn.num_rows
         self.counts.previews += drawn.num_rows
 

@@ -1,0 +1,48 @@
+"""Ray Data actor for `detr label --task panoptic`: boxes and panoptic segments from one forward pass.
+
+The same actor as `LabelPredictor` (model loaded once, batches split by padding,
+error rows passed through); its forward pass is `segment_preprocessed`, which
+computes masks only for the queries the panoptic merge keeps (`mask_queries`),
+and each labelled image also gets its segments (COCO RLE at the original size)
+and its segment-id PNG, encoded here so the driver only writes bytes.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pyarrow as pa
+import torch
+
+from detr import PostProcess
+from pipelines.labelling.predictor import LabelPredictor, select_detections
+from pipelines.labelling.schema import PANOPTIC_RESULT_SCHEMA
+from pipelines.labelling.segments import segments_array
+from pipelines.panoptic import encode_panoptic_png
+from pipelines.panoptic_inference import segment_preprocessed
+
+
+class PanopticLabelPredictor(LabelPredictor):
+    """Callable class for `map_batches`: PREPARED_SCHEMA batches in, PANOPTIC_RESULT_SCHEMA batches out."""
+
+    def __init__(self, checkpoint: bytes, *, score_threshold: float | None, panoptic_threshold: float,
+                 **options: Any) -> None:
+        super().__init__(checkpoint, score_threshold=score_threshold, **options)
+        if not self.detector.model.config.masks:
+            raise ValueError("--task panoptic needs a model with a mask head (DETRConfig.masks)")
+        self.panoptic_threshold = panoptic_threshold
+        self.postprocess = PostProcess(score_threshold)
+
+    def infer(self, images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[dict]:
+        """Per image: filtered `detections`, `segments` and `panoptic_png` (COCO panoptic PNG bytes)."""
+        normalize = self.detector.preprocessing.normalize
+        results = segment_preprocessed(self.detector, [normalize(img) for img in images], sizes,
+                                       self.panoptic_threshold, self.postprocess)
+        return [{"detections": select_detections(r["detections"], self.classes, self.top_k),
+                 "segments": r["segments"], "panoptic_png": encode_panoptic_png(r["id_map"])} for r in results]
+
+    def _result_table(self, batch: pa.Table, found: list[dict | None], previews: list) -> pa.Table:
+        table = super()._result_table(batch, found, previews)
+        table = table.append_column("segments", segments_array([r["segments"] if r else None for r in found]))
+        table = table.append_column("panoptic_png", pa.array([r["panoptic_png"] if r else None for r in found],
+                                                             pa.binary()))
+        return table.cast(PANOPTIC_RESULT_SCHEMA)

@@ -1,0 +1,57 @@
+"""A tiny random-weight panoptic model whose segments are decided by the model, not by rounding.
+
+Two things a random `tiny_panoptic` lacks: its queries all call "no object" (the
+panoptic merge would keep none), and its queries' masks differ by ~1e-5 (the
+attention maps are tiny next to the shared features), so which query wins a
+pixel would be rounding noise. The class head is fitted to give query q the
+class q % 4 + 1 (classes 1-2 things, 3-4 stuff), and the mask head's attention
+inputs are scaled up (as tests/test_segmentation.py does), so every image gets
+things and stuff with clear masks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import detr
+from pipelines.inference import Detector, transforms_to_metadata
+from pipelines.synthetic import SyntheticConfig, write_dataset
+from pipelines.transforms import TransformsConfig
+
+PANOPTIC_SHAPES = SyntheticConfig(images=6, classes=2, min_image_size=80, max_image_size=80, max_object_size=32,
+                                  max_objects=2, val_fraction=0.0, seed=6, panoptic=True, stuff_classes=2)
+"""Images all 80x80: a batch of them carries no padding, so batched results equal single-image ones bit for
+bit (padded batches agree only to float rounding, which can move a boundary pixel between two segments)."""
+CATEGORIES = PANOPTIC_SHAPES.panoptic_categories()  # 1-2 things (isthing 1), 3-4 stuff (isthing 0)
+
+
+def save_tiny_panoptic(path: Path, transforms: TransformsConfig, masks: bool = True) -> str:
+    """The model described above, saved with `detr.save_checkpoint` (categories with isthing, transforms)."""
+    torch.manual_seed(0)
+    model = detr.build_model("tiny_panoptic", num_classes=5, num_queries=8, enc_layers=1, dim_feedforward=128,
+                             masks=masks, freeze_detector=False).eval()
+    decoded = []
+    hook = model.class_embed.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0][-1]))
+    rng = np.random.default_rng(0)
+    Detector(model, transforms).detect([rng.integers(0, 255, (80, 80, 3), dtype=np.uint8) for _ in range(8)])
+    hook.remove()
+    features = decoded[0].reshape(-1, model.config.hidden_dim).clone()
+    target = torch.arange(model.config.num_queries).repeat(8) % 4 + 1
+    optimizer = torch.optim.Adam(model.class_embed.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model.class_embed(features), target).backward()
+        optimizer.step()
+    if masks:
+        with torch.no_grad():
+            model.mask_head.lay1.weight[:, model.config.hidden_dim:] *= 1000
+    detr.save_checkpoint(model, path, {"categories": CATEGORIES, "transforms": transforms_to_metadata(transforms)})
+    return str(path)
+
+
+def panoptic_images(folder: Path) -> list[Path]:
+    """The PANOPTIC_SHAPES images (PNGs), written by the synthetic panoptic generator."""
+    write_dataset(str(folder), PANOPTIC_SHAPES)
+    return sorted((folder / "images").iterdir())
