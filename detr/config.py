@@ -91,6 +91,14 @@ class DETRConfig:
     weights (`encoder_class_embed`, `encoder_bbox_embed`) are left out of official exports and
     unused at inference. Fast-convergence option; 0: off (the paper)."""
 
+    two_stage: bool = False
+    """Decoder queries from the encoder (Deformable DETR's two-stage): the dense head's best
+    `num_queries` cells become the queries, their boxes (through a sine embedding and a small
+    MLP, `proposal_pos`) the positional queries, and the decoder predicts boxes relative to them.
+    The decoder then starts from proposals instead of learning where to look. Needs the dense
+    head (`encoder_aux_matches` > 0), which then runs at inference too; not exportable to the
+    official layout. Fast-convergence option."""
+
     # Hungarian matcher costs
     set_cost_class: float = 1.0
     set_cost_bbox: float = 5.0
@@ -159,6 +167,10 @@ class DETRConfig:
             problems.append("encoder_aux_matches needs focal_loss=True (its many background cells need the focal loss)")
         elif self.encoder_aux_matches and self.enc_layers == 0:
             problems.append("encoder_aux_matches needs an encoder (enc_layers >= 1)")
+        if self.two_stage and not self.encoder_aux_matches:
+            problems.append("two_stage takes its queries from the dense encoder head: it needs encoder_aux_matches >= 1")
+        if self.two_stage and self.query_groups > 1:
+            problems.append("two_stage selects one set of queries per image: it needs query_groups=1")
         for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries", "query_groups"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

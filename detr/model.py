@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .backbone import STAGES, Backbone
 from .config import DETRConfig
-from .position_encoding import build_position_encoding
+from .position_encoding import box_sine_embedding, build_position_encoding
 from .segmentation import UNCOMPUTED_MASK_LOGIT, MaskHeadSmallConv, MHAttentionMap
 from .transformer import Transformer
 
@@ -122,6 +122,10 @@ class DETR(nn.Module):
             self.encoder_bbox_embed = MLP(config.hidden_dim, config.hidden_dim, 4, 3)
             nn.init.zeros_(self.encoder_bbox_embed.layers[-1].weight)  # start at each cell's own box
             nn.init.zeros_(self.encoder_bbox_embed.layers[-1].bias)
+        if config.two_stage:
+            self.proposal_pos = MLP(config.hidden_dim, config.hidden_dim, config.hidden_dim, 2)
+            nn.init.zeros_(self.bbox_embed.layers[-1].weight)  # start at the proposals
+            nn.init.zeros_(self.bbox_embed.layers[-1].bias)
         if config.masks:
             self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0)
             self.mask_head = MaskHeadSmallConv(config.hidden_dim + config.nheads, config.fpn_dims, config.hidden_dim)
@@ -151,6 +155,8 @@ class DETR(nn.Module):
         src, src_mask = features[-1], masks[-1]
         pos = self.position_encoding(src_mask).to(src.dtype)
         src_proj = self.input_proj(src)
+        if self.config.two_stage:
+            return self._forward_two_stage(src_proj, src_mask, pos, features, masks, mask, mask_queries)
         queries, attn_mask = self.query_embed.weight, None
         if self.training and self.extra_query_embed is not None:
             queries = torch.cat([queries, self.extra_query_embed.weight])
@@ -208,6 +214,23 @@ class DETR(nn.Module):
             result["mask_queries"] = selected
         return result
 
+    def _forward_two_stage(self, src_proj: Tensor, src_mask: Tensor, pos: Tensor, features: list[Tensor],
+                           masks: list[Tensor], mask: Tensor, mask_queries: MaskQueries) -> dict:
+        memory = self.transformer.encode(src_proj, src_mask, pos)
+        enc = self.predict_from_encoder(memory, src_mask)
+        scores = enc["pred_logits"][..., :-1].max(-1).values  # padding cells sit at -1e4
+        count = min(self.num_queries, scores.shape[1])
+        top = scores.topk(count, dim=1).indices
+        reference = enc["pred_boxes"].gather(1, top[..., None].expand(-1, -1, 4)).detach()
+        query_pos = self.proposal_pos(box_sine_embedding(reference, self.config.hidden_dim))
+        hs = self.transformer.decode(memory, src_mask, query_pos, pos)
+        out = self.predict_from_decoder(hs, reference)
+        if self.training:
+            out["enc_outputs"] = enc
+        if self.config.masks:
+            out.update(self.predict_masks(out, hs[-1], memory, src_proj, features, masks, mask, mask_queries))
+        return out
+
     def predict_from_encoder(self, memory: Tensor, mask: Tensor) -> dict:
         """The dense auxiliary head: a class and a box per encoder cell [B, H*W, ...]. Boxes are
         offsets (in logit space) from the cell's own box: centred on the cell, two cells wide,
@@ -228,10 +251,14 @@ class DETR(nn.Module):
         boxes = (reference + self.encoder_bbox_embed(tokens)).sigmoid()
         return {"pred_logits": logits, "pred_boxes": boxes, "matches_per_target": self.config.encoder_aux_matches}
 
-    def predict_from_decoder(self, hs: Tensor) -> dict:
-        """Class and box heads over every decoder layer's output [L,B,Q,C]."""
+    def predict_from_decoder(self, hs: Tensor, reference: Tensor | None = None) -> dict:
+        """Class and box heads over every decoder layer's output [L,B,Q,C]; with `reference` boxes
+        [B,Q,4] (two-stage) the box head predicts offsets from them in logit space."""
         logits = self.class_embed(hs)
-        boxes = self.bbox_embed(hs).sigmoid()
+        deltas = self.bbox_embed(hs)
+        if reference is not None:
+            deltas = deltas + torch.logit(reference.clamp(1e-3, 1 - 1e-3))
+        boxes = deltas.sigmoid()
         out: dict = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.config.focal_loss:
             out["sigmoid_scores"] = True  # how post-processing turns these logits into scores

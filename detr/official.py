@@ -163,6 +163,8 @@ def official_state_dict(model: DETR) -> dict[str, Tensor]:
     """The model's weights under the official key names (for tools built on the official repository):
     the detection layout, or for a model with masks the panoptic one (detector under `detr.`);
     training-only weights (see `TRAINING_ONLY_PREFIXES`) are left out."""
+    if getattr(model, "config", None) is not None and model.config.two_stage:
+        raise ValueError("a two_stage model takes its queries from its encoder: the official layout cannot hold it")
     out = {}
     panoptic = bool(getattr(model, "config", None) is not None and model.config.masks)
     for key, value in model.state_dict().items():

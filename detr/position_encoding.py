@@ -76,6 +76,19 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
 
 
+def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """[..., 4] normalised boxes -> [..., dim]: each coordinate as `dim // 4` sines and cosines,
+    scaled by 2*pi as the 2-D sine encoding is (positional queries from boxes, DAB/Deformable DETR)."""
+    per_coord = dim // 4
+    if per_coord * 4 != dim or per_coord % 2:
+        raise ValueError(f"box embedding size must be a multiple of 8, got {dim}")
+    dim_t = torch.arange(per_coord, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / per_coord)
+    angles = boxes.float()[..., None] * (2 * math.pi) / dim_t  # [..., 4, per_coord]
+    embedding = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+    return embedding.flatten(-2).to(boxes.dtype)
+
+
 def build_position_encoding(kind: str, hidden_dim: int) -> nn.Module:
     """The encoding named in the config, producing `hidden_dim` channels."""
     if kind == "sine":

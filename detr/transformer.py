@@ -180,11 +180,21 @@ class Transformer(nn.Module):
 
         Returns the decoder outputs of every layer [L,B,Q,C] and the memory [B,C,H,W].
         """
+        memory = self.encode(src, mask, pos_embed)
+        return self.decode(memory, mask, query_embed, pos_embed, query_attn_mask), memory
+
+    def encode(self, src: Tensor, mask: Tensor, pos_embed: Tensor) -> Tensor:
+        """The encoder alone: src [B,C,H,W] -> memory [B,C,H,W]."""
         bs, c, h, w = src.shape
-        src_seq = src.flatten(2).transpose(1, 2)
-        pos_seq = pos_embed.flatten(2).transpose(1, 2)
-        key_padding_mask = mask.flatten(1)
-        query_pos = query_embed.unsqueeze(0).expand(bs, -1, -1)
-        memory = self.encoder(src_seq, key_padding_mask=key_padding_mask, pos=pos_seq)
-        hs = self.decoder(torch.zeros_like(query_pos), memory, key_padding_mask, pos_seq, query_pos, query_attn_mask)
-        return hs, memory.transpose(1, 2).reshape(bs, c, h, w)
+        memory = self.encoder(src.flatten(2).transpose(1, 2), key_padding_mask=mask.flatten(1),
+                              pos=pos_embed.flatten(2).transpose(1, 2))
+        return memory.transpose(1, 2).reshape(bs, c, h, w)
+
+    def decode(self, memory: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
+               query_attn_mask: Tensor | None = None) -> Tensor:
+        """The decoder alone over memory [B,C,H,W]; `query_embed` [Q,C] shared by the batch or
+        [B,Q,C] per image. Returns every layer's output [L,B,Q,C]."""
+        bs = memory.shape[0]
+        query_pos = query_embed if query_embed.dim() == 3 else query_embed.unsqueeze(0).expand(bs, -1, -1)
+        return self.decoder(torch.zeros_like(query_pos), memory.flatten(2).transpose(1, 2), mask.flatten(1),
+                            pos_embed.flatten(2).transpose(1, 2), query_pos, query_attn_mask)

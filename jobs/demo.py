@@ -85,6 +85,9 @@ def demo(settings: DemoSettings) -> dict:
     import ray
 
     from jobs.evaluate import evaluate, format_result
+    from jobs.label import format_result as format_label_result
+    from jobs.label import label
+    from pipelines.labelling.options import LabelOptions
     from jobs.promote import promote
     from jobs.tracking import resolve_tracking_uri
     from jobs.train import train
@@ -117,6 +120,12 @@ def demo(settings: DemoSettings) -> dict:
                            tracking_uri=tracking_uri)
         print("    " + decision.describe())
         _done(t)
+
+        t = _step(f"5. Label {settings.label_images} new images with models:/{settings.name}@champion (Ray Data)")
+        labelled = label(f"models:/{settings.name}@champion", paths["inbox"], os.path.join(settings.workdir, "labels"),
+                         LabelOptions(concurrency=2, batch_size=4, draw=8), tracking_uri=tracking_uri)
+        print("    " + format_label_result(labelled).replace("\n", "\n    "))
+        _done(t)
     finally:
         ray.shutdown()
     print(f"\n=== Done in {(time.perf_counter() - began) / 60:.1f} minutes")
@@ -124,7 +133,8 @@ def demo(settings: DemoSettings) -> dict:
     print(f"    see it:            mlflow ui --backend-store-uri {tracking_uri}")
     print(f"    best checkpoint:   {result.checkpoint_dir}")
     print(f"    champion model:    models:/{settings.name}@champion")
-    return {"train": result, "evaluation": evaluation, "decision": decision, "paths": paths}
+    print(f"    labels:            {labelled.output}/labels (Parquet), previews in {labelled.output}/previews")
+    return {"train": result, "evaluation": evaluation, "decision": decision, "labels": labelled, "paths": paths}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,3 +46,43 @@ def test_each_target_gets_k_cells_and_the_head_is_training_only():
 def test_the_dense_head_needs_the_focal_loss():
     with pytest.raises(ValueError, match="focal_loss"):
         DETRConfig(encoder_aux_matches=2)
+
+
+def two_stage_model():
+    torch.manual_seed(0)
+    return build_model("tiny", num_classes=4, focal_loss=True, encoder_aux_matches=K, two_stage=True,
+                       num_queries=4, dropout=0.0)
+
+
+def test_two_stage_queries_are_the_best_cells_and_start_at_their_boxes():
+    model = two_stage_model().eval()
+    images, mask = pad_images([torch.randn(3, 96, 128), torch.randn(3, 64, 64)])  # 3x4 and 2x2 cells
+    with torch.no_grad():
+        out = model(images, mask)
+        features, masks = model.backbone(images, mask)
+        src, src_mask = model.input_proj(features[-1]), masks[-1]
+        memory = model.transformer.encode(src, src_mask, model.position_encoding(src_mask))
+        enc = model.predict_from_encoder(memory, src_mask)
+    scores = enc["pred_logits"][..., :-1].max(-1).values
+    for i in range(2):
+        best = scores[i].topk(4).indices
+        # The decoder's box head starts at zero: each query's box is its proposal's.
+        torch.testing.assert_close(out["pred_boxes"][i], enc["pred_boxes"][i, best], atol=1e-3, rtol=0)
+    valid_cells = enc["pred_boxes"][1].view(3, 4, 4)[:2, :2]  # the small image's own 2x2 cells
+    assert set(map(tuple, out["pred_boxes"][1].round(decimals=3).tolist())) == set(
+        map(tuple, valid_cells.reshape(-1, 4).round(decimals=3).tolist()))
+    with pytest.raises(ValueError, match="official layout"):
+        official_state_dict(model)
+
+
+def test_two_stage_trains_end_to_end():
+    model = two_stage_model().train()
+    criterion = SetCriterion.from_config(model.config)
+    images, mask = pad_images([torch.randn(3, 96, 96)])
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.3]])}]
+    losses = criterion(model(images, mask), targets)
+    criterion.total(losses).backward()
+    assert model.proposal_pos.layers[0].weight.grad.abs().sum() > 0
+    assert model.encoder_class_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="encoder_aux_matches"):
+        DETRConfig(focal_loss=True, two_stage=True)
