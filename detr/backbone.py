@@ -24,8 +24,8 @@ any normalisation, and a frozen random stem is a fixed random filter bank.
 statistics over the real pixels in training, the frozen affine map in eval mode,
 the same state-dict keys, so a checkpoint keeps the official layout and loads
 into a frozen-norm model unchanged), and `train_stem=True` trains the stem and
-stage 1 too. `num_stages=3` stops after stage 3 (stride 16, half the channels):
-cheaper and finer for small images.
+stage 1 too. `num_stages=3` (or 2) stops after stage 3 (stride 16, half the
+channels) or stage 2 (stride 8, a quarter): cheaper and finer for small images.
 """
 from __future__ import annotations
 
@@ -154,8 +154,8 @@ class Backbone(nn.Module):
         super().__init__()
         if norm not in BACKBONE_NORMS:
             raise ValueError(f"unknown backbone norm {norm!r}; choose one of {BACKBONE_NORMS}")
-        if num_stages not in (3, 4):
-            raise ValueError(f"num_stages must be 3 or 4, got {num_stages}")
+        if num_stages not in (2, 3, 4):
+            raise ValueError(f"num_stages must be 2, 3 or 4, got {num_stages}")
         if name not in RESNET_CHANNELS:
             raise ValueError(f"unsupported backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}")
         unknown = [s for s in return_stages if s not in STAGES[:num_stages]]
@@ -178,11 +178,11 @@ class Backbone(nn.Module):
         # The classifier is not part of a detection backbone, nor are the stages after the last one used.
         del body.fc, body.avgpool
         self.num_stages = num_stages
-        if num_stages == 3:
-            del body.layer4
+        for stage in STAGES[num_stages:]:
+            delattr(body, stage)
         self.body = body
         self.return_stages = tuple(return_stages)
-        self.num_channels = RESNET_CHANNELS[name] // (2 if num_stages == 3 else 1)
+        self.num_channels = RESNET_CHANNELS[name] // 2 ** (4 - num_stages)
         self.set_trainable(train_backbone, train_stem)
 
     def set_trainable(self, train_backbone: bool, train_stem: bool = False) -> None:

@@ -63,8 +63,9 @@ class DETRConfig:
     """Also train the stem and stage 1, which the paper keeps frozen (pretrained edge filters);
     a random backbone needs them to learn. Fast-convergence option."""
     backbone_stages: int = 4
-    """ResNet stages used: 4 (the paper, stride 32) or 3 (stride 16, half the channels: cheaper
-    and finer features for small images; a different model, not for official weights)."""
+    """ResNet stages used: 4 (the paper, stride 32), 3 (stride 16, half the channels) or 2 (stride
+    8, a quarter): cheaper and finer features for small images; a different model, not for
+    official weights. Fast-convergence option."""
 
     # Positional encoding and transformer
     position_embedding: str = "sine"
@@ -151,11 +152,11 @@ class DETRConfig:
             problems.append('backbone_norm="batch" trains the backbone\'s norms: it needs train_backbone=True')
         if self.train_backbone_stem and not self.train_backbone:
             problems.append("train_backbone_stem needs train_backbone=True")
-        if self.backbone_stages not in (3, 4):
-            problems.append(f"backbone_stages must be 3 or 4, got {self.backbone_stages}")
-        elif self.backbone_stages == 3 and self.dilation:
-            problems.append("dilation (DC5) dilates stage 4, which backbone_stages=3 leaves out")
-        if self.backbone_stages == 3 and self.masks:
+        if self.backbone_stages not in (2, 3, 4):
+            problems.append(f"backbone_stages must be 2, 3 or 4, got {self.backbone_stages}")
+        elif self.backbone_stages < 4 and self.dilation:
+            problems.append(f"dilation (DC5) dilates stage 4, which backbone_stages={self.backbone_stages} leaves out")
+        if self.backbone_stages < 4 and self.masks:
             problems.append("the mask head reads stage 4's features: masks need backbone_stages=4")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             problems.append(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
@@ -198,8 +199,8 @@ class DETRConfig:
 
     @property
     def backbone_channels(self) -> int:
-        """Channels of the last backbone stage used (stage 3 has half of stage 4's)."""
-        return RESNET_CHANNELS[self.backbone] // (2 if self.backbone_stages == 3 else 1)
+        """Channels of the last backbone stage used (each stage has twice the channels of the one before)."""
+        return RESNET_CHANNELS[self.backbone] // 2 ** (4 - self.backbone_stages)
 
     @property
     def fpn_dims(self) -> tuple[int, int, int]:

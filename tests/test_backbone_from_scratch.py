@@ -58,21 +58,22 @@ def test_train_backbone_stem_trains_the_stem_and_stage_1_too():
     assert trainable == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
 
 
-def test_three_stages_give_stride_16_and_half_the_channels():
-    model = build_model("tiny", num_classes=3, backbone_stages=3)
-    assert not hasattr(model.backbone.body, "layer4")
-    assert model.input_proj.in_channels == 256 == model.config.backbone_channels
+@pytest.mark.parametrize("stages, channels, stride", [(3, 256, 16), (2, 128, 8)])
+def test_fewer_stages_give_a_finer_stride_and_fewer_channels(stages, channels, stride):
+    model = build_model("tiny", num_classes=3, backbone_stages=stages)
+    assert not hasattr(model.backbone.body, "layer4") and hasattr(model.backbone.body, f"layer{stages}")
+    assert model.input_proj.in_channels == channels == model.config.backbone_channels
     images, mask = pad_images([torch.randn(3, 128, 96)])
     with torch.no_grad():
         (features,), (feature_mask,) = model.backbone(images, mask)
-    assert features.shape[-2:] == (8, 6) == feature_mask.shape[-2:]
+    assert features.shape[-2:] == (128 // stride, 96 // stride) == feature_mask.shape[-2:]
 
 
 @pytest.mark.parametrize(
     "fields, message",
     [({"backbone_norm": "group"}, "backbone_norm"),
      ({"backbone_norm": "batch", "train_backbone": False}, "train_backbone=True"),
-     ({"backbone_stages": 2}, "backbone_stages"),
+     ({"backbone_stages": 1}, "backbone_stages"),
      ({"backbone": "resnet50", "dilation": True, "backbone_stages": 3}, "dilation")],
 )
 def test_invalid_backbone_options_are_rejected(fields, message):
