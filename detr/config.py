@@ -156,8 +156,8 @@ class DETRConfig:
             problems.append(f"backbone_stages must be 2, 3 or 4, got {self.backbone_stages}")
         elif self.backbone_stages < 4 and self.dilation:
             problems.append(f"dilation (DC5) dilates stage 4, which backbone_stages={self.backbone_stages} leaves out")
-        if self.backbone_stages < 4 and self.masks:
-            problems.append("the mask head reads stage 4's features: masks need backbone_stages=4")
+        if self.backbone_stages < 3 and self.masks:
+            problems.append("the mask head reads the stride 16, 8 and 4 features: masks need backbone_stages >= 3")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             problems.append(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
         if self.num_classes < 1:

@@ -85,7 +85,7 @@ class DETR(nn.Module):
             config.dilation,
             config.train_backbone,
             # The mask head also reads the stride-4, 8 and 16 features.
-            return_stages=STAGES if config.masks else (f"layer{config.backbone_stages}",),
+            return_stages=STAGES[: config.backbone_stages] if config.masks else (f"layer{config.backbone_stages}",),
             padding_invariant=config.padding_invariant,
             norm=config.backbone_norm,
             train_stem=config.train_backbone_stem,
@@ -196,7 +196,7 @@ class DETR(nn.Module):
                                  f"got shape {tuple(selected.shape)}")
         valid = None
         if self.config.padding_invariant and bool(image_mask.any()):
-            valid = [(~m)[:, None].to(src_proj.dtype) for m in (masks[3], masks[2], masks[1], masks[0])]
+            valid = [(~m)[:, None].to(src_proj.dtype) for m in (masks[-1], masks[2], masks[1], masks[0])]
         fpns = [features[2], features[1], features[0]]
         size = features[0].shape[-2:]
         if selected is None:
