@@ -7,7 +7,7 @@ textured background regions as stuff; held-out validation images), with the
 project's own pieces and no Ray (one process, `--threads` torch threads):
 
 1. the detector (no masks) trains on the boxes of every segment, things and stuff,
-   with the named recipe of `detr.recipes` (the fast-convergence one by default);
+   with the named recipe of `jobs.recipes` (the fast-convergence one by default);
 2. the mask head trains on top of it, detector frozen (the paper's recipe), masks
    computed only for the matched queries;
 3. PQ, SQ and RQ (overall, things, stuff) on the held-out images at their original
@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,7 +45,10 @@ from detr import SetCriterion, build_model  # noqa: E402
 from detr.checkpoint import checkpoint_dict  # noqa: E402
 from detr.config import DETRConfig  # noqa: E402
 from detr.engine import Batch, train_step  # noqa: E402
-from detr.optim import OptimizerConfig, build_optimizer  # noqa: E402
+from detr.optim import OptimizerConfig, build_optimizer, build_warmup_scheduler  # noqa: E402
+from jobs.config_files import build_dataclass  # noqa: E402
+from jobs.recipes import apply_recipe  # noqa: E402
+from jobs.train_config import TrainJobConfig  # noqa: E402
 from detr.panoptic_evaluation import PanopticEvaluator, instance_ground_truth, mask_ap  # noqa: E402
 from pipelines.decode import decode_image  # noqa: E402
 from pipelines.inference import Detector, transforms_to_metadata  # noqa: E402
@@ -67,6 +70,10 @@ from pipelines.transforms import TransformsConfig  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+MODEL = {"preset": "tiny_panoptic", "enc_layers": 3, "dec_layers": 3, "dim_feedforward": 512, "masks": False}
+"""The detector both stages use: ResNet-18 from random weights, hidden size 128 (the mask head's minimum)."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a recipe gives this benchmark: model, optimiser, batch size, augmentation."""
@@ -76,23 +83,13 @@ class Plan:
     optimizer: OptimizerConfig
     batch_size: int
     transforms: TransformsConfig
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_from_recipe(name: str, num_classes: int) -> Plan:
-    """The named recipe of `detr.recipes` (when that module exists), made mask-head compatible."""
-    try:
-        from detr.recipes import get_recipe
-    except ImportError:
-        get_recipe = None
-    if get_recipe is not None and name != "builtin":
-        recipe = get_recipe(name)
-        model = recipe.model_config(num_classes)
-        return Plan(name, model, recipe.optimizer, recipe.batch_size, recipe.transforms, {"recipe": recipe})
-    # Without detr.recipes: the CPU-sized model and the paper's optimiser at a higher rate.
-    model = DETRConfig.preset("tiny_panoptic", num_classes=num_classes, masks=False, enc_layers=3, dec_layers=3,
-                              dim_feedforward=512, dropout=0.0)
-    return Plan("builtin", model, OptimizerConfig(lr=2e-4, lr_backbone=2e-5), 8, TransformsConfig.small())
+    """The named recipe of `jobs.recipes` over MODEL, layered exactly as `detr train` layers it."""
+    job = build_dataclass(TrainJobConfig, apply_recipe({"recipe": name, "data": {"train": "-"}, "model": dict(MODEL)}))
+    return Plan(name, job.model_config(num_classes), job.optimizer, job.data.batch_size,
+                TransformsConfig.preset(job.data.transforms))
 
 
 def dataset_config(train_images: int, val_images: int, seed: int) -> SyntheticConfig:
@@ -137,20 +134,6 @@ def train_for(model, criterion, optimizer, data: Iterator[Batch], minutes: float
                                                                          "loss_dice")}
             print(f"  {label} step {steps} ({time.perf_counter() - start:.0f}s): {shown}", flush=True)
     return {"steps": steps, "seconds": time.perf_counter() - start, **{f"final_{k}": v for k, v in last.items()}}
-
-
-def warmup_scheduler(plan: Plan, optimizer):
-    try:
-        from detr.optim import build_warmup_scheduler
-    except ImportError:
-        return None
-    recipe = plan.extras.get("recipe")
-    if recipe is None:
-        return None
-    try:
-        return build_warmup_scheduler(optimizer, recipe.optimizer)
-    except Exception:  # noqa: BLE001 - a recipe without warmup settings trains without
-        return None
 
 
 def evaluate(detector: Detector, val_json: str, threshold: float) -> dict[str, Any]:
@@ -228,7 +211,7 @@ def labelling_speed(checkpoint: bytes, batches: list[pa.Table], threshold: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="fast", help="a detr.recipes name ('builtin' without that module)")
+    parser.add_argument("--recipe", default="fast", help="a jobs.recipes name")
     parser.add_argument("--detector-minutes", type=float, default=9.0)
     parser.add_argument("--mask-minutes", type=float, default=4.0)
     parser.add_argument("--mask-lr", type=float, default=5e-4, help="mask head learning rate")
@@ -261,7 +244,7 @@ def main() -> None:
     data = batches(DetectionTorchDataset(source, train=True, transforms=plan.transforms, seed=args.seed),
                    plan.batch_size, args.seed)
     detector_stats = train_for(detector_model, criterion, optimizer, data, args.detector_minutes,
-                               plan.optimizer.clip_max_norm, "detector", warmup_scheduler(plan, optimizer))
+                               plan.optimizer.clip_max_norm, "detector", build_warmup_scheduler(optimizer, plan.optimizer))
 
     # 2. The mask head on top of it, detector frozen.
     config = detector_model.config.replace(masks=True, freeze_detector=True)

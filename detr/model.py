@@ -49,6 +49,10 @@ FOCAL_PRIOR = 0.01
 TRAINING_ONLY_PREFIXES = ("extra_query_embed.", "encoder_class_embed.", "encoder_bbox_embed.")
 """State-dict entries that only training uses (absent from official checkpoints and exports)."""
 
+NON_OFFICIAL_PREFIXES = TRAINING_ONLY_PREFIXES + ("proposal_pos.",)
+"""Weights of the fast-convergence options, absent from official checkpoints: they start fresh
+when official (or detection-only) weights are loaded into a model that has them."""
+
 
 def group_attention_mask(groups: int, queries_per_group: int, device: torch.device) -> Tensor:
     """[G*Q, G*Q] bool self-attention mask, True between queries of different groups (blocked)."""

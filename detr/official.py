@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .config import DETRConfig
-from .model import DETR, TRAINING_ONLY_PREFIXES
+from .model import DETR, NON_OFFICIAL_PREFIXES, TRAINING_ONLY_PREFIXES
 
 _RESNET_BY_BLOCKS = {
     ((2, 2, 2, 2), False): "resnet18",
@@ -222,10 +222,10 @@ def from_official(
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise ValueError(f"{where}: weights do not fit the inferred model {config}: {exc}") from exc
-    # A fresh class head (new num_classes) and training-only weights (e.g. query groups) start from scratch.
+    # A fresh class head (new num_classes) and the fast-convergence options' weights start from scratch.
     missing = [k for k in missing if not (k.startswith("class_embed.") and num_classes is not None)
                and not (k.startswith(MASK_PREFIXES) and not is_panoptic_state(state))
-               and not k.startswith(TRAINING_ONLY_PREFIXES)]
+               and not k.startswith(NON_OFFICIAL_PREFIXES)]
     if missing or unexpected:
         raise ValueError(
             f"{where}: weights do not fit the inferred model {config}: missing {missing[:8]}, "

@@ -8,11 +8,12 @@ file < `--set`. A recipe never names data sources, scaling, storage or tracking.
   paper's augmentation): a pretrained, frozen-norm backbone, AdamW 1e-4 / 1e-5, 300 epochs.
 - `fast`: what makes a randomly initialised DETR learn in minutes on small images
   (measured by `bench/convergence.py`): a backbone that learns from scratch (trainable
-  batch norm, stem included, three stages), sigmoid focal classification with the focal
-  matching cost, Group DETR query groups, a tenfold learning rate with warm-up, no dropout,
-  and the augmentation at about the images' own size. Every one of these is an option of
-  the model library, off by default, and none changes the layout of the weights at inference
-  (official checkpoints load and fine-tune with them).
+  batch norm, stem included, stopped at stride 16), sigmoid focal classification with the
+  focal matching cost, a dense encoder head trained one-to-many whose best cells become the
+  decoder's queries (two-stage), a higher learning rate with warm-up, no dropout, and the
+  augmentation at about the images' own size. Every one of these is an option of the model
+  library, off by default; official checkpoints still load into such a model (its extra
+  heads start fresh) and fine-tune.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ RECIPES: dict[str, dict[str, Any]] = {
             "focal_loss": True,
             "set_cost_class": 2.0,
             "ce_loss_coef": 2.0,
-            "query_groups": 4,
+            "encoder_aux_matches": 2,
+            "two_stage": True,
         },
         "optimizer": {"lr": 2.0e-4, "lr_backbone": 2.0e-4, "warmup_steps": 100},
         "data": {"transforms": "native", "batch_size": 8},

@@ -33,6 +33,7 @@ from detr.checkpoint import unwrap_model
 from detr.config import DETRConfig
 from detr.engine import predict, predict_panoptic, train_step
 from detr.evaluation import coco_ground_truth, evaluate_coco
+from detr.model import NON_OFFICIAL_PREFIXES
 from detr.optim import build_lr_scheduler, build_optimizer, build_warmup_scheduler
 from jobs.config_files import build_dataclass
 from jobs.train_config import TrainJobConfig
@@ -146,8 +147,9 @@ class Trainer:
         model = build_model(self.model_config)
         if loop_config.get("init_state") is not None:
             missing, unexpected = model.load_state_dict(loop_config["init_state"], strict=False)
-            # A new class head, and a mask head on top of a detector, start fresh.
-            fresh = ("class_embed.",) + (model.MASK_MODULES if self.model_config.masks else ())
+            # A new class head, a mask head on top of a detector and the fast-convergence options'
+            # heads (absent from official checkpoints) start fresh.
+            fresh = ("class_embed.",) + (model.MASK_MODULES if self.model_config.masks else ()) + NON_OFFICIAL_PREFIXES
             if unexpected or any(not k.startswith(fresh) for k in missing):
                 raise ValueError(f"init_from weights do not fit the model: missing {missing}, unexpected {unexpected}")
         self.model = ray.train.torch.prepare_model(model)

@@ -86,3 +86,16 @@ def test_two_stage_trains_end_to_end():
     assert model.encoder_class_embed.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="encoder_aux_matches"):
         DETRConfig(focal_loss=True, two_stage=True)
+
+
+def test_official_weights_load_into_a_two_stage_model_whose_new_heads_start_fresh(tmp_path):
+    from detr import from_official
+
+    torch.manual_seed(0)
+    plain = build_model("tiny", num_classes=4, dropout=0.0)
+    path = tmp_path / "official.pth"
+    torch.save({"model": official_state_dict(plain)}, path)
+    model = from_official(path, focal_loss=True, encoder_aux_matches=K, two_stage=True)
+    assert model.config.two_stage and model.config.hidden_dim == plain.config.hidden_dim
+    torch.testing.assert_close(model.transformer.state_dict(), plain.transformer.state_dict())
+    torch.testing.assert_close(model.backbone.state_dict(), plain.backbone.state_dict())

@@ -12,7 +12,7 @@ from jobs.train_config import load_train_config
 
 def test_a_recipe_fills_in_what_the_file_leaves_out_and_the_file_wins(tmp_path):
     path = tmp_path / "train.yaml"
-    path.write_text("recipe: fast\ndata: {train: x.json, batch_size: 2}\nmodel: {preset: tiny, query_groups: 2}\n")
+    path.write_text("recipe: fast\ndata: {train: x.json, batch_size: 2}\nmodel: {preset: tiny, encoder_aux_matches: 3}\n")
     config = load_train_config(path, ["optimizer.lr=3e-4"])
     fast = RECIPES["fast"]
     assert config.recipe == "fast"
@@ -21,7 +21,7 @@ def test_a_recipe_fills_in_what_the_file_leaves_out_and_the_file_wins(tmp_path):
     assert config.optimizer.lr_backbone == fast["optimizer"]["lr_backbone"]
     assert config.optimizer.warmup_steps == fast["optimizer"]["warmup_steps"]
     model = config.model_config(num_classes=5)
-    assert model.query_groups == 2 and model.hidden_dim == 64  # the file and the preset beat the recipe
+    assert model.encoder_aux_matches == 3 and model.hidden_dim == 64  # the file and the preset beat the recipe
     assert model.focal_loss and model.backbone_norm == "batch" and model.dropout == 0.0
 
 
