@@ -65,13 +65,14 @@ def ensure_dataset(root: Path, config: SyntheticConfig) -> dict[str, str]:
 
 
 def training_batches(dataset: DetectionTorchDataset, batch_size: int, seed: int) -> Iterator[Batch]:
-    """Endless shuffled batches; each epoch draws new augmentations (the dataset's epoch)."""
+    """Endless shuffled batches; each epoch draws new augmentations (the dataset's epoch). One loader
+    process decodes and augments while the model trains, as Ray Data's tasks do in `detr train`."""
     generator = torch.Generator().manual_seed(seed)
     epoch = 0
     while True:
         dataset.epoch = epoch
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                              collate_fn=collate_skipping_rejected, num_workers=0, drop_last=True)
+                              collate_fn=collate_skipping_rejected, num_workers=1, drop_last=True)
         epoch += 1
 
 

@@ -70,8 +70,10 @@ from pipelines.transforms import TransformsConfig  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-MODEL = {"preset": "tiny_panoptic", "enc_layers": 3, "dec_layers": 3, "dim_feedforward": 512, "masks": False}
-"""The detector both stages use: ResNet-18 from random weights, hidden size 128 (the mask head's minimum)."""
+MODEL = {"preset": "tiny_panoptic", "enc_layers": 3, "dec_layers": 3, "dim_feedforward": 512, "masks": False,
+         "backbone_stages": 3}
+"""The detector both stages use: ResNet-18 from random weights, hidden size 128 (the mask head's minimum),
+three backbone stages at most (the mask head reads the stride 16, 8 and 4 features)."""
 
 
 @dataclass(frozen=True)

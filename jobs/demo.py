@@ -5,8 +5,8 @@
 Runs on an embedded default: a local Ray started in this process and MLflow's own
 default store, a SQLite database in the working directory (`mlflow.db`; set
 MLFLOW_TRACKING_URI to use a server instead). It generates a synthetic dataset
-of shapes, trains DETR with two Ray Train workers, evaluates the model with
-pycocotools, registers it and promotes it to the `champion` alias if it beats
+of shapes, trains DETR from random weights with the fast recipe on two Ray Train
+workers, evaluates the model with pycocotools, registers it and promotes it to the `champion` alias if it beats
 the current champion, labels a folder of new images with `models:/NAME@champion`,
 and prints where everything is.
 """
@@ -71,7 +71,7 @@ def train_config(settings: DemoSettings, paths: dict[str, str]):
     from jobs.train_config import load_train_config
 
     return load_train_config(None, [
-        f"data.train={paths['train']}", f"data.val={paths['val']}", "data.transforms=small", "data.batch_size=4",
+        "recipe=fast", f"data.train={paths['train']}", f"data.val={paths['val']}",
         "model.preset=tiny", "model.num_queries=20",
         "schedule.epochs=1000", f"schedule.time_budget_minutes={settings.minutes}", "schedule.eval_every=1000",
         "schedule.log_every_steps=10", f"scaling.num_workers={settings.workers}",

@@ -8,7 +8,7 @@ file < `--set`. A recipe never names data sources, scaling, storage or tracking.
   paper's augmentation): a pretrained, frozen-norm backbone, AdamW 1e-4 / 1e-5, 300 epochs.
 - `fast`: what makes a randomly initialised DETR learn in minutes on small images
   (measured by `bench/convergence.py`): a backbone that learns from scratch (trainable
-  batch norm, stem included, stopped at stride 16), sigmoid focal classification with the
+  batch norm, stem included, stopped at stride 8), sigmoid focal classification with the
   focal matching cost, a dense encoder head trained one-to-many whose best cells become the
   decoder's queries (two-stage), a higher learning rate with warm-up, no dropout, and the
   augmentation at about the images' own size. Every one of these is an option of the model
@@ -26,7 +26,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model": {
             "backbone_norm": "batch",
             "train_backbone_stem": True,
-            "backbone_stages": 3,
+            "backbone_stages": 2,
             "dropout": 0.0,
             "focal_loss": True,
             "set_cost_class": 2.0,
