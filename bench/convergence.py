@@ -5,8 +5,9 @@
 Generates the synthetic shapes dataset once (`pipelines.synthetic`: 64-128 px images,
 1-4 shapes of 16-48 px, 4 classes, a held-out val split), then trains one model per
 recipe from random weights: the same ResNet-18 DETR (hidden size 128, 3+3 layers, 20
-queries, the sizes a new user tries on a CPU), each recipe of `jobs.recipes` layered
-under that model exactly as `detr train` layers it (`recipe: fast` in a config file).
+queries, the sizes a new user tries on a CPU) with the same augmentation at about the
+images' own size, each recipe of `jobs.recipes` layered under those settings exactly as
+`detr train` layers it (`recipe: fast` in a config file).
 Training uses the project's own pieces: the pipelines' transforms and collation, the
 model and criterion, `detr.engine.train_step`, `detr.evaluation.evaluate_coco`
 (pycocotools). The recipes train in turns of `--eval-every` minutes, each followed by
@@ -24,7 +25,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detr import SetCriterion, build_model  # noqa: E402
-from detr.engine import Batch, predict, train_step  # noqa: E402
+from detr.engine import predict, train_step  # noqa: E402
 from detr.evaluation import evaluate_coco  # noqa: E402
 from detr.optim import build_optimizer, build_warmup_scheduler  # noqa: E402
 from jobs.config_files import build_dataclass  # noqa: E402
@@ -40,13 +40,16 @@ from jobs.recipes import RECIPES, apply_recipe  # noqa: E402
 from jobs.train_config import TrainJobConfig  # noqa: E402
 from pipelines.sources import open_source  # noqa: E402
 from pipelines.synthetic import SyntheticConfig, write_dataset  # noqa: E402
-from pipelines.torch_dataset import DetectionTorchDataset, collate_skipping_rejected  # noqa: E402
+from pipelines.torch_dataset import DetectionTorchDataset, collate_skipping_rejected, endless_batches  # noqa: E402
 from pipelines.transforms import TransformsConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = {"preset": "tiny", "hidden_dim": 128, "nheads": 8, "enc_layers": 3, "dec_layers": 3,
          "dim_feedforward": 512, "num_queries": 20}
 """The model both recipes train: ResNet-18 from random weights, the CPU sizes the issue names."""
+TRANSFORMS = "native"
+"""Both recipes see the images at about their own size (the paper's 800 px scales would upsample
+64-128 px images tenfold): the comparison is of the training recipes, not of image sizes."""
 
 
 def dataset_config(train_images: int, val_images: int, seed: int) -> SyntheticConfig:
@@ -64,18 +67,6 @@ def ensure_dataset(root: Path, config: SyntheticConfig) -> dict[str, str]:
     return {"train": str(root / "train.json"), "val": str(root / "val.json")}
 
 
-def training_batches(dataset: DetectionTorchDataset, batch_size: int, seed: int) -> Iterator[Batch]:
-    """Endless shuffled batches; each epoch draws new augmentations (the dataset's epoch). One loader
-    process decodes and augments while the model trains, as Ray Data's tasks do in `detr train`."""
-    generator = torch.Generator().manual_seed(seed)
-    epoch = 0
-    while True:
-        dataset.epoch = epoch
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                              collate_fn=collate_skipping_rejected, num_workers=1, drop_last=True)
-        epoch += 1
-
-
 @dataclass
 class RecipeRun:
     """One recipe's model, optimiser and data stream, trained in slices and evaluated between them."""
@@ -90,7 +81,7 @@ class RecipeRun:
 
     def __post_init__(self) -> None:
         job = build_dataclass(TrainJobConfig, apply_recipe(
-            {"recipe": self.name, "data": {"train": self.train_json}, "model": dict(MODEL)}))
+            {"recipe": self.name, "data": {"train": self.train_json, "transforms": TRANSFORMS}, "model": dict(MODEL)}))
         source = open_source(self.train_json)
         torch.manual_seed(self.seed)
         self.model_config = job.model_config(max(source.category_ids) + 1)
@@ -101,7 +92,8 @@ class RecipeRun:
         self.warmup = build_warmup_scheduler(self.optimizer, job.optimizer)
         transforms = TransformsConfig.preset(job.data.transforms)
         train_set = DetectionTorchDataset(source, train=True, transforms=transforms, seed=self.seed)
-        self.batches = training_batches(train_set, job.data.batch_size, self.seed)
+        # One loader process decodes and augments while the model trains, as Ray Data's tasks do in `detr train`.
+        self.batches = endless_batches(train_set, job.data.batch_size, self.seed, workers=1)
         val_set = DetectionTorchDataset(open_source(self.val_json), train=False, transforms=transforms)
         self.val_batches = list(DataLoader(val_set, batch_size=16, collate_fn=collate_skipping_rejected))
 

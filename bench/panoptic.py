@@ -37,7 +37,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,7 +63,7 @@ from pipelines.panoptic_inference import segment_images  # noqa: E402
 from pipelines.sources import open_source  # noqa: E402
 from pipelines.storage import read_bytes  # noqa: E402
 from pipelines.synthetic import SyntheticConfig, write_dataset  # noqa: E402
-from pipelines.torch_dataset import DetectionTorchDataset, collate_skipping_rejected  # noqa: E402
+from pipelines.torch_dataset import DetectionTorchDataset, endless_batches  # noqa: E402
 from pipelines.transforms import TransformsConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,16 +108,6 @@ def ensure_dataset(root: Path, config: SyntheticConfig) -> dict[str, str]:
     write_dataset(str(root), config, workers=2)
     stamp.write_text(wanted)
     return names
-
-
-def batches(dataset: DetectionTorchDataset, batch_size: int, seed: int) -> Iterator[Batch]:
-    generator = torch.Generator().manual_seed(seed)
-    epoch = 0
-    while True:
-        dataset.epoch = epoch
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                              collate_fn=collate_skipping_rejected, num_workers=0, drop_last=True)
-        epoch += 1
 
 
 def train_for(model, criterion, optimizer, data: Iterator[Batch], minutes: float, clip: float, label: str,
@@ -243,7 +232,7 @@ def main() -> None:
     detector_model = build_model(plan.model.replace(masks=False))
     criterion = SetCriterion.from_config(detector_model.config)
     optimizer = build_optimizer(detector_model, plan.optimizer)
-    data = batches(DetectionTorchDataset(source, train=True, transforms=plan.transforms, seed=args.seed),
+    data = endless_batches(DetectionTorchDataset(source, train=True, transforms=plan.transforms, seed=args.seed),
                    plan.batch_size, args.seed)
     detector_stats = train_for(detector_model, criterion, optimizer, data, args.detector_minutes,
                                plan.optimizer.clip_max_norm, "detector", build_warmup_scheduler(optimizer, plan.optimizer))

@@ -6,8 +6,9 @@ yield None and are skipped by `collate_skipping_rejected`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 import torch.utils.data
 
 from pipelines.collate import collate_samples
@@ -41,3 +42,17 @@ class DetectionTorchDataset(torch.utils.data.Dataset):
 
 def collate_skipping_rejected(samples: list[dict[str, Any] | None]):
     return collate_samples([s for s in samples if s is not None])
+
+
+def endless_batches(dataset: DetectionTorchDataset, batch_size: int, seed: int = 0,
+                    workers: int = 0) -> Iterator[Any]:
+    """Shuffled training batches without end (single-process training loops, benchmarks); each
+    pass sets the dataset's epoch, so it draws new augmentations, reproducibly for `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        dataset.epoch = epoch
+        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                                               collate_fn=collate_skipping_rejected, num_workers=workers,
+                                               drop_last=True)
+        epoch += 1
