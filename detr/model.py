@@ -127,6 +127,9 @@ class DETR(nn.Module):
             nn.init.zeros_(self.encoder_bbox_embed.layers[-1].weight)  # start at each cell's own box
             nn.init.zeros_(self.encoder_bbox_embed.layers[-1].bias)
         if config.two_stage:
+            # The queries come from the encoder: `query_embed` stays (official weights load) but does not train
+            # (an unused trainable parameter would stall DDP, which waits for every gradient).
+            self.query_embed.requires_grad_(False)
             self.proposal_pos = MLP(config.hidden_dim, config.hidden_dim, config.hidden_dim, 2)
             nn.init.zeros_(self.bbox_embed.layers[-1].weight)  # start at the proposals
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)

@@ -9,6 +9,17 @@ import pytest
 pytest_plugins = ("mlflow_fixtures",)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Code run in-process (a labelling actor, an evaluation actor) sets torch's thread count for its
+    process; restore it so later tests compute with the same thread count (float sums depend on it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster: a head node and one worker node (2 nodes), shared by all tests.

@@ -84,6 +84,9 @@ def test_two_stage_trains_end_to_end():
     criterion.total(losses).backward()
     assert model.proposal_pos.layers[0].weight.grad.abs().sum() > 0
     assert model.encoder_class_embed.weight.grad.abs().sum() > 0
+    # DDP waits for a gradient of every trainable parameter: none may be left out.
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert not model.query_embed.weight.requires_grad
     with pytest.raises(ValueError, match="encoder_aux_matches"):
         DETRConfig(focal_loss=True, two_stage=True)
 

@@ -1,0 +1,136 @@
+"""Evaluation, the model registry and promotion against a real MLflow server and a real Ray cluster.
+
+Two models are trained with the training job: one for a single step and one
+with the fast recipe, so one is clearly better. Both are registered by training;
+promotion puts the first in place (no holder), moves the alias to the better
+one, refuses a candidate that fails the gate, records every decision on the
+version, and rollback restores the previous holder. The pyfunc model predicts
+on image files and bytes.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
+
+MODEL = "shapes-registry"
+
+
+def test_the_gate_decides_on_the_gain():
+    from jobs.promote import decide
+
+    assert decide(0.30, None, 0.005, "AP") == (True, "no current holder")
+    assert decide(0.306, 0.30, 0.005, "AP")[0] is True
+    promoted, reason = decide(0.303, 0.30, 0.005, "AP")
+    assert promoted is False and "+0.0030 < 0.0050" in reason
+
+
+@pytest.fixture(scope="module")
+def easy_shapes(tmp_path_factory):
+    """Large, isolated shapes of two classes: a few minutes of training find them."""
+    from pipelines.synthetic import SyntheticConfig, write_dataset
+
+    out = tmp_path_factory.mktemp("easy-shapes")
+    config = SyntheticConfig(images=120, classes=2, min_objects=1, max_objects=1, min_object_size=28,
+                             max_object_size=44, min_image_size=64, max_image_size=80, val_fraction=0.2, seed=11)
+    return write_dataset(str(out), config)
+
+
+def _train(easy_shapes, tmp_path, uri, name, overrides):
+    from jobs.train import train
+    from jobs.train_config import load_train_config
+
+    config = load_train_config(None, [
+        f"data.train={easy_shapes['train']}", f"data.val={easy_shapes['val']}", "data.transforms=small",
+        "scaling.num_workers=2", f"storage.path={tmp_path / 'ray_results'}", f"storage.run_name={name}",
+        f"tracking.uri={uri}", "tracking.experiment=test-registry", f"tracking.registered_model={MODEL}",
+        "schedule.log_images=0", *overrides])
+    return train(config)
+
+
+def test_train_register_promote_gate_and_rollback(ray_cluster, mlflow_server, easy_shapes, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.evaluate import evaluate
+    from jobs.promote import promote
+    from jobs.registry import alias_history
+    from jobs.rollback import rollback
+
+    weak = _train(easy_shapes, tmp_path, mlflow_server, "weak",
+                  ["model.preset=tiny", "schedule.epochs=1", "schedule.max_steps_per_epoch=1"])
+    strong = _train(easy_shapes, tmp_path, mlflow_server, "strong",
+                    ["recipe=fast", "model.preset=tiny", "schedule.epochs=1000", "schedule.time_budget_minutes=2.5"])
+    assert (weak.registered_version, strong.registered_version) == ("1", "2")
+    client = MlflowClient(mlflow_server)
+    assert client.get_model_version(MODEL, "2").tags["raydetr.train_run_id"] == strong.run_id
+
+    data = easy_shapes["val"]
+    first = promote(MODEL, "1", data, tracking_uri=mlflow_server)
+    assert first.promoted and first.reason == "no current holder"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+    dry = promote(MODEL, "2", data, tracking_uri=mlflow_server, dry_run=True)
+    assert dry.promoted and client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert "raydetr.promotion.champion.promoted" not in client.get_model_version(MODEL, "2").tags
+
+    better = promote(MODEL, "2", data, tracking_uri=mlflow_server, min_gain=0.005)
+    assert better.promoted, better.describe()
+    assert better.candidate_value >= better.holder_value + 0.005
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
+    tags = client.get_model_version(MODEL, "2").tags
+    assert tags["raydetr.promotion.champion.promoted"] == "True"
+    assert float(tags["raydetr.promotion.champion.holder_value"]) == pytest.approx(better.holder_value)
+    assert tags["raydetr.promotion.champion.dataset_digest"] == better.dataset_digest
+
+    # Evaluations of a version on data with the same digest are reused, not recomputed.
+    again = evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server)
+    assert again.reused and again.metrics["AP"] == pytest.approx(better.candidate_value)
+
+    # The weak model fails the gate against the strong champion: the alias stays.
+    refused = promote(MODEL, "1", data, tracking_uri=mlflow_server, min_gain=0.005)
+    assert not refused.promoted and client.get_model_version_by_alias(MODEL, "champion").version == "2"
+    assert client.get_model_version(MODEL, "1").tags["raydetr.promotion.champion.promoted"] == "False"
+
+    assert alias_history(client, MODEL, "champion") == ["1", "2"]
+    assert rollback(MODEL, "champion", mlflow_server) == ("2", "1")
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    with pytest.raises(ValueError, match="no previous holder"):
+        rollback(MODEL, "champion", mlflow_server)
+
+
+def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path):
+    import mlflow
+    from PIL import Image
+
+    from detr import build_model, save_checkpoint
+    from jobs.mlflow_model import log_detector_model
+    from jobs.tracking import TrackedRun
+    from pipelines.inference import Detector
+
+    model = build_model("tiny", num_classes=3)
+    checkpoint = save_checkpoint(model, tmp_path / "model.pt",
+                                 metadata={"categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]})
+    run = TrackedRun.start(mlflow_server, "test-pyfunc")
+    info = log_detector_model(mlflow_server, run.run_id, checkpoint, registered_model_name="pyfunc-test")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    buf = io.BytesIO()
+    Image.fromarray(pixels[:40]).save(buf, "JPEG")
+
+    mlflow.set_tracking_uri(mlflow_server)
+    loaded = mlflow.pyfunc.load_model(f"models:/pyfunc-test/{info.registered_model_version}")
+    assert loaded.metadata.signature is not None and loaded.metadata.saved_input_example_info is not None
+    frame = pd.DataFrame({"path": [str(tmp_path / "a.png"), None, str(tmp_path / "missing.png")],
+                          "image": [None, buf.getvalue(), None]})
+    out = loaded.predict(frame, params={"score_threshold": 0.0, "top_k": 5})
+    assert list(out["width"][:2]) == [80, 80] and list(out["height"][:2]) == [60, 40]
+    assert out["error"][0] == "" and out["error"][1] == "" and "missing.png" in out["error"][2]
+    expected = Detector.from_checkpoint(str(checkpoint)).detect([pixels])[0]
+    order = expected["scores"].argsort(descending=True)[:5]
+    np.testing.assert_allclose(np.array(list(out["boxes"][0]), dtype=float), expected["boxes"][order].numpy(), atol=1e-3)
+    assert set(out["label_names"][0]) <= {"0", "circle", "square"}
