@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import detr
-from pipelines.inference import Detector, transforms_to_metadata
+from pipelines.inference import transforms_to_metadata
+from query_classes import fit_query_classes
 from pipelines.synthetic import SyntheticConfig, write_dataset
 from pipelines.transforms import TransformsConfig
 
@@ -32,18 +32,7 @@ def save_tiny_panoptic(path: Path, transforms: TransformsConfig, masks: bool = T
     torch.manual_seed(0)
     model = detr.build_model("tiny_panoptic", num_classes=5, num_queries=8, enc_layers=1, dim_feedforward=128,
                              masks=masks, freeze_detector=False).eval()
-    decoded = []
-    hook = model.class_embed.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0][-1]))
-    rng = np.random.default_rng(0)
-    Detector(model, transforms).detect([rng.integers(0, 255, (80, 80, 3), dtype=np.uint8) for _ in range(8)])
-    hook.remove()
-    features = decoded[0].reshape(-1, model.config.hidden_dim).clone()
-    target = torch.arange(model.config.num_queries).repeat(8) % 4 + 1
-    optimizer = torch.optim.Adam(model.class_embed.parameters(), lr=0.05)
-    for _ in range(200):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model.class_embed(features), target).backward()
-        optimizer.step()
+    fit_query_classes(model, transforms, (80, 80))
     if masks:
         with torch.no_grad():
             model.mask_head.lay1.weight[:, model.config.hidden_dim:] *= 1000

@@ -30,6 +30,7 @@ from jobs.cli import main as detr_cli
 from messy_data import corrupt_jpeg, encode, rgb_image, write_messy_coco
 from pipelines.decode import decode_image
 from pipelines.inference import Detector, transforms_to_metadata
+from query_classes import fit_query_classes
 from pipelines.labelling.output import ERRORS, LABELS, LabelOutput
 from pipelines.synthetic import SyntheticConfig, write_dataset
 from pipelines.transforms import TransformsConfig
@@ -46,18 +47,7 @@ def save_tiny(path: Path, transforms: TransformsConfig) -> str:
     model calls every query the same class, which would leave a class filter nothing to filter."""
     torch.manual_seed(0)
     model = detr.build_model("tiny", num_classes=5).eval()
-    decoded = []
-    hook = model.class_embed.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0][-1]))
-    rng = np.random.default_rng(0)
-    Detector(model, transforms).detect([rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(8)])
-    hook.remove()
-    features = decoded[0].reshape(-1, model.config.hidden_dim).clone()
-    target = torch.arange(model.config.num_queries).repeat(8) % 4 + 1
-    optimizer = torch.optim.Adam(model.class_embed.parameters(), lr=0.05)
-    for _ in range(200):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model.class_embed(features), target).backward()
-        optimizer.step()
+    fit_query_classes(model, transforms, (96, 128))
     detr.save_checkpoint(model, path, {"categories": CATEGORIES, "transforms": transforms_to_metadata(transforms)})
     return str(path)
 

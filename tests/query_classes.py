@@ -1,0 +1,25 @@
+"""Give a random DETR's queries distinct classes, so class filters and panoptic merges have work to do."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipelines.inference import Detector
+from pipelines.transforms import TransformsConfig
+
+
+def fit_query_classes(model: torch.nn.Module, transforms: TransformsConfig, image_size: tuple[int, int]) -> None:
+    """Fit the class head (on the decoder outputs for 8 random images of `image_size`) to give query q
+    the class q % 4 + 1. An untouched random model calls every query the same class."""
+    decoded = []
+    hook = model.class_embed.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0][-1]))
+    rng = np.random.default_rng(0)
+    Detector(model, transforms).detect([rng.integers(0, 255, (*image_size, 3), dtype=np.uint8) for _ in range(8)])
+    hook.remove()
+    features = decoded[0].reshape(-1, model.config.hidden_dim).clone()
+    target = torch.arange(model.config.num_queries).repeat(8) % 4 + 1
+    optimizer = torch.optim.Adam(model.class_embed.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model.class_embed(features), target).backward()
+        optimizer.step()
