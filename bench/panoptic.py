@@ -20,7 +20,8 @@ project's own pieces and no Ray (one process, `--threads` torch threads):
    are what limits the job's rate; the driver writes rows and PNGs meanwhile.
 
 The whole run stays within the two training budgets plus about a minute. Prints a
-table and writes the figures as JSON under `--out` (default bench/results/).
+table and writes the figures as JSON under `--out` (default bench/results/), beside the trained
+model (`panoptic_model.pt`, a checkpoint `detr label --model` takes).
 """
 from __future__ import annotations
 
@@ -253,8 +254,9 @@ def main() -> None:
     quality = evaluate(detector, paths["val"], args.threshold)
     records = list(open_source(paths["val"]).iter_records())[: args.speed_images]
     batches = prepared_batches(records, plan.transforms, batch=4)
-    speed = labelling_speed(checkpoint_bytes(model, categories, plan.transforms), batches, args.threshold, rounds=3,
-                            threads=args.threads)
+    checkpoint = checkpoint_bytes(model, categories, plan.transforms)
+    (out / "panoptic_model.pt").write_bytes(checkpoint)  # for `detr label --task panoptic` or a closer look
+    speed = labelling_speed(checkpoint, batches, args.threshold, rounds=3, threads=args.threads)
     total = time.perf_counter() - started
 
     report = {"recipe": plan.name, "model": plan.model.to_dict(), "threshold": args.threshold,

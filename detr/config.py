@@ -99,6 +99,25 @@ class DETRConfig:
     The decoder then starts from proposals instead of learning where to look. Needs the dense
     head (`encoder_aux_matches` > 0), which then runs at inference too; not exportable to the
     official layout. Fast-convergence option."""
+    box_refine: bool = False
+    """Iterative box refinement (Deformable DETR, DAB-DETR), with `two_stage`: every decoder layer
+    refines the previous layer's boxes (offsets in logit space, gradients stopped between layers)
+    and takes its positional queries from them, so each layer looks where the last one found
+    the object. Uses the existing `bbox_embed` and `proposal_pos` for every layer: no new weights.
+    Fast-convergence option."""
+    denoising_groups: int = 0
+    """> 0, with `two_stage`: DN-DETR's denoising queries in training. Each image's target boxes,
+    noised (`denoising_box_noise`) and with some labels flipped (`denoising_label_noise`), are fed
+    to the decoder this many times as extra queries (content: an embedding of the noised label,
+    `denoising_label_embed`; position: the noised box), which must reconstruct the true boxes and
+    classes. Their losses (suffix `_dn`) need no matching, a steady signal while the Hungarian
+    matching is still unstable; an attention mask keeps the real queries and the other groups
+    from seeing them. Training-only; 0: off."""
+    denoising_label_noise: float = 0.2
+    """Probability that a denoising query's label is replaced by a random class."""
+    denoising_box_noise: float = 0.4
+    """Scale of the box noise: centres move up to this fraction of half the box size, widths and
+    heights change by up to this fraction."""
 
     # Hungarian matcher costs
     set_cost_class: float = 1.0
@@ -172,6 +191,15 @@ class DETRConfig:
             problems.append("two_stage takes its queries from the dense encoder head: it needs encoder_aux_matches >= 1")
         if self.two_stage and self.query_groups > 1:
             problems.append("two_stage selects one set of queries per image: it needs query_groups=1")
+        if self.box_refine and not self.two_stage:
+            problems.append("box_refine refines the two-stage proposals: it needs two_stage=True")
+        if self.denoising_groups < 0:
+            problems.append(f"denoising_groups must be >= 0, got {self.denoising_groups}")
+        elif self.denoising_groups and not self.two_stage:
+            problems.append("denoising queries are reference boxes like the two-stage proposals: they need two_stage=True")
+        if not 0.0 <= self.denoising_label_noise <= 1.0 or self.denoising_box_noise < 0:
+            problems.append("denoising_label_noise must be in [0, 1] and denoising_box_noise >= 0, got "
+                            f"{self.denoising_label_noise}, {self.denoising_box_noise}")
         for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries", "query_groups"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

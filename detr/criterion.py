@@ -8,7 +8,8 @@ normalised by the number of boxes as in Deformable DETR), `loss_bbox` (L1 on nor
 with auxiliary losses, every decoder layer but the last adds the same terms with
 the suffix `_0`, `_1`, ...; with `query_groups > 1`, each extra query group g is
 matched on its own and adds its terms (and its auxiliary terms) with the suffix
-`_g{g}` (Group DETR).
+`_g{g}` (Group DETR); the dense encoder head adds `_enc` terms (one-to-many), the
+denoising queries `_dn` and `_dn_{i}` terms (each against its own target, no matching).
 
 Normalisation is global across distributed workers: box losses are divided by
 the number of target boxes averaged over workers (as in the official code), and
@@ -56,6 +57,11 @@ def loss_weights(config: DETRConfig) -> dict[str, float]:
         weights.update({f"{k}_g{g}": v for k, v in list(weights.items()) if "_g" not in k})
     if config.encoder_aux_matches:
         weights.update({f"{k}_enc": v for k, v in base.items()})
+    if config.denoising_groups:
+        weights.update({f"{k}_dn": v for k, v in base.items()})
+        if config.aux_loss:
+            for i in range(config.dec_layers - 1):
+                weights.update({f"{k}_dn_{i}": v for k, v in base.items()})
     if config.masks:
         weights.update({"loss_mask": config.mask_loss_coef, "loss_dice": config.dice_loss_coef})
     return weights
@@ -258,6 +264,26 @@ class SetCriterion(nn.Module):
             losses.update({f"{k}_g{g}": v for k, v in terms.items()})
         if "enc_outputs" in outputs:
             losses.update(self._encoder_losses(outputs["enc_outputs"], targets, norms))
+        if "dn_outputs" in outputs:
+            losses.update(self._denoising_losses(outputs["dn_outputs"], norms))
+        return losses
+
+    def _denoising_losses(self, dn: Mapping, norms: dict) -> dict[str, Tensor]:
+        """Each valid denoising query against the target it was noised from (no matching); every
+        group counts as a set of targets of its own for the normaliser."""
+        valid = dn["valid"]
+        restored = [{"labels": dn["labels"][valid], "boxes": dn["boxes"][valid]}]
+        pairs = torch.arange(int(valid.sum()), device=valid.device)
+        indices = [(pairs, pairs)]
+        scaled = {**norms, "num_boxes": norms["num_boxes"] * dn["groups"]}
+        losses: dict[str, Tensor] = {}
+        layers = [("", dn)] + [(f"_{i}", aux) for i, aux in enumerate(dn.get("aux_outputs", []))]
+        for suffix, layer in layers:
+            # The valid queries of the whole batch as one image's set, so the losses ignore padding slots.
+            flat = {"pred_logits": layer["pred_logits"][valid][None], "pred_boxes": layer["pred_boxes"][valid][None]}
+            terms = self.get_loss("labels", flat, restored, indices, scaled, log=False)
+            terms.update(self.get_loss("boxes", flat, restored, indices, scaled))
+            losses.update({f"{name}_dn{suffix}": value for name, value in terms.items()})
         return losses
 
     def _encoder_losses(self, enc: Mapping, targets: Sequence[Mapping], norms: dict) -> dict[str, Tensor]:

@@ -14,9 +14,15 @@ Forward contract: `model(images, mask)` with `images` float [B,3,H,W]
 - `"enc_outputs"` (training with `encoder_aux_matches > 0` only): the dense head's
   `pred_logits` and `pred_boxes` for every encoder cell [B, H*W, ...], padding cells
   scored as certain background, and `"matches_per_target"`;
+- `"dn_outputs"` (training with `denoising_groups > 0` and `targets` given only): the
+  denoising queries' predictions (like the above, with `aux_outputs`) and the slots'
+  true `labels`, `boxes` and `valid` flags (see `detr.denoising`);
 - with `config.masks`, `"pred_masks"` [B, Q, H/4, W/4]: mask logits of every query (see
   `detr.segmentation` for the head and the mask geometry), and `"padding_invariant"` (bool),
   which tells post-processing how the masks relate to padding.
+
+`model(images, mask, targets=...)` (what `detr.engine.train_step` calls) hands the
+batch's targets to the training-only denoising queries; everything else ignores them.
 
 `model(images, mask, mask_queries=...)` computes masks only for some queries, the
 expensive part of the mask head being per query: a bool tensor [B, Q], or a callable
@@ -28,7 +34,7 @@ outputs carry the selection as `"mask_queries"`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,7 @@ from torch import Tensor, nn
 
 from .backbone import STAGES, Backbone
 from .config import DETRConfig
+from .denoising import denoising_attention_mask, denoising_queries
 from .position_encoding import box_sine_embedding, build_position_encoding
 from .segmentation import UNCOMPUTED_MASK_LOGIT, MaskHeadSmallConv, MHAttentionMap
 from .transformer import Transformer
@@ -46,7 +53,7 @@ MaskQueries = Tensor | Callable[[dict], Tensor] | None
 FOCAL_PRIOR = 0.01
 """Initial class probability of a focal-loss class head."""
 
-TRAINING_ONLY_PREFIXES = ("extra_query_embed.", "encoder_class_embed.", "encoder_bbox_embed.")
+TRAINING_ONLY_PREFIXES = ("extra_query_embed.", "encoder_class_embed.", "encoder_bbox_embed.", "denoising_label_embed.")
 """State-dict entries that only training uses (absent from official checkpoints and exports)."""
 
 NON_OFFICIAL_PREFIXES = TRAINING_ONLY_PREFIXES + ("proposal_pos.",)
@@ -133,6 +140,8 @@ class DETR(nn.Module):
             self.proposal_pos = MLP(config.hidden_dim, config.hidden_dim, config.hidden_dim, 2)
             nn.init.zeros_(self.bbox_embed.layers[-1].weight)  # start at the proposals
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        if config.denoising_groups:
+            self.denoising_label_embed = nn.Embedding(config.num_classes, config.hidden_dim)
         if config.masks:
             self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0)
             self.mask_head = MaskHeadSmallConv(config.hidden_dim + config.nheads, config.fpn_dims, config.hidden_dim)
@@ -152,7 +161,8 @@ class DETR(nn.Module):
     def num_queries(self) -> int:
         return self.config.num_queries
 
-    def forward(self, images: Tensor, mask: Tensor, mask_queries: MaskQueries = None) -> dict:
+    def forward(self, images: Tensor, mask: Tensor, mask_queries: MaskQueries = None,
+                targets: Sequence[Mapping[str, Tensor]] | None = None) -> dict:
         if images.ndim != 4 or mask.ndim != 3 or images.shape[0] != mask.shape[0] or images.shape[-2:] != mask.shape[-2:]:
             raise ValueError(
                 f"expected images [B,3,H,W] and mask [B,H,W] of the same B, H, W; got "
@@ -163,7 +173,7 @@ class DETR(nn.Module):
         pos = self.position_encoding(src_mask).to(src.dtype)
         src_proj = self.input_proj(src)
         if self.config.two_stage:
-            return self._forward_two_stage(src_proj, src_mask, pos, features, masks, mask, mask_queries)
+            return self._forward_two_stage(src_proj, src_mask, pos, features, masks, mask, mask_queries, targets)
         queries, attn_mask = self.query_embed.weight, None
         if self.training and self.extra_query_embed is not None:
             queries = torch.cat([queries, self.extra_query_embed.weight])
@@ -222,21 +232,51 @@ class DETR(nn.Module):
         return result
 
     def _forward_two_stage(self, src_proj: Tensor, src_mask: Tensor, pos: Tensor, features: list[Tensor],
-                           masks: list[Tensor], mask: Tensor, mask_queries: MaskQueries) -> dict:
+                           masks: list[Tensor], mask: Tensor, mask_queries: MaskQueries,
+                           targets: Sequence[Mapping[str, Tensor]] | None) -> dict:
         memory = self.transformer.encode(src_proj, src_mask, pos)
         enc = self.predict_from_encoder(memory, src_mask)
         scores = enc["pred_logits"][..., :-1].max(-1).values  # padding cells sit at -1e4
         count = min(self.num_queries, scores.shape[1])
         top = scores.topk(count, dim=1).indices
         reference = enc["pred_boxes"].gather(1, top[..., None].expand(-1, -1, 4)).detach()
-        query_pos = self.proposal_pos(box_sine_embedding(reference, self.config.hidden_dim))
-        hs = self.transformer.decode(memory, src_mask, query_pos, pos)
-        out = self.predict_from_decoder(hs, reference)
+        content = reference.new_zeros(*reference.shape[:2], self.config.hidden_dim)
+        attn_mask, denoise = None, None
+        if self.training and self.config.denoising_groups:
+            # Part of every step's graph, targets or not: DDP waits for each trainable parameter's gradient.
+            content = content + 0.0 * self.denoising_label_embed.weight.sum()
+            denoise = denoising_queries(targets or [], self.config.denoising_groups, self.denoising_label_embed,
+                                        self.config.denoising_label_noise, self.config.denoising_box_noise)
+            if denoise is not None:
+                content = torch.cat([content, denoise.content.to(content.dtype)], dim=1)
+                reference = torch.cat([reference, denoise.reference.to(reference.dtype)], dim=1)
+                attn_mask = denoising_attention_mask(count, denoise.groups, denoise.size // denoise.groups,
+                                                     reference.device)
+        if self.config.box_refine:
+            hs, boxes = self.transformer.decode_refining(memory, src_mask, pos, content, reference,
+                                                         self.proposal_query_pos, self.refine_boxes, attn_mask)
+        else:
+            hs = self.transformer.decode(memory, src_mask, self.proposal_query_pos(reference), pos, attn_mask, content)
+            boxes = self.refine_boxes(hs, reference)
+        out = self.predict_from_decoder(hs[:, :, :count], boxes[:, :, :count])
         if self.training:
             out["enc_outputs"] = enc
+        if denoise is not None:
+            dn = self.predict_from_decoder(hs[:, :, count:], boxes[:, :, count:])
+            out["dn_outputs"] = {**dn, "valid": denoise.valid, "labels": denoise.labels, "boxes": denoise.boxes,
+                                 "groups": denoise.groups}
         if self.config.masks:
-            out.update(self.predict_masks(out, hs[-1], memory, src_proj, features, masks, mask, mask_queries))
+            out.update(self.predict_masks(out, hs[-1, :, :count], memory, src_proj, features, masks, mask,
+                                          mask_queries))
         return out
+
+    def proposal_query_pos(self, boxes: Tensor) -> Tensor:
+        """Positional queries [B,Q,C] of reference boxes [B,Q,4] (two-stage)."""
+        return self.proposal_pos(box_sine_embedding(boxes, self.config.hidden_dim))
+
+    def refine_boxes(self, hs: Tensor, reference: Tensor) -> Tensor:
+        """Boxes from decoder outputs [..., Q, C] as offsets in logit space from `reference` [B,Q,4]."""
+        return (self.bbox_embed(hs) + torch.logit(reference.clamp(1e-3, 1 - 1e-3))).sigmoid()
 
     def predict_from_encoder(self, memory: Tensor, mask: Tensor) -> dict:
         """The dense auxiliary head: a class and a box per encoder cell [B, H*W, ...]. Boxes are
@@ -258,14 +298,12 @@ class DETR(nn.Module):
         boxes = (reference + self.encoder_bbox_embed(tokens)).sigmoid()
         return {"pred_logits": logits, "pred_boxes": boxes, "matches_per_target": self.config.encoder_aux_matches}
 
-    def predict_from_decoder(self, hs: Tensor, reference: Tensor | None = None) -> dict:
-        """Class and box heads over every decoder layer's output [L,B,Q,C]; with `reference` boxes
-        [B,Q,4] (two-stage) the box head predicts offsets from them in logit space."""
+    def predict_from_decoder(self, hs: Tensor, boxes: Tensor | None = None) -> dict:
+        """Class and box heads over every decoder layer's output [L,B,Q,C]; `boxes` [L,B,Q,4] when the
+        caller has them already (two-stage: offsets from reference boxes)."""
         logits = self.class_embed(hs)
-        deltas = self.bbox_embed(hs)
-        if reference is not None:
-            deltas = deltas + torch.logit(reference.clamp(1e-3, 1 - 1e-3))
-        boxes = deltas.sigmoid()
+        if boxes is None:
+            boxes = self.bbox_embed(hs).sigmoid()
         out: dict = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.config.focal_loss:
             out["sigmoid_scores"] = True  # how post-processing turns these logits into scores

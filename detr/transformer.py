@@ -11,6 +11,7 @@ match the official checkpoints. Tensors are batch-first: [B, sequence, channels]
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -191,10 +192,36 @@ class Transformer(nn.Module):
         return memory.transpose(1, 2).reshape(bs, c, h, w)
 
     def decode(self, memory: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
-               query_attn_mask: Tensor | None = None) -> Tensor:
+               query_attn_mask: Tensor | None = None, tgt: Tensor | None = None) -> Tensor:
         """The decoder alone over memory [B,C,H,W]; `query_embed` [Q,C] shared by the batch or
-        [B,Q,C] per image. Returns every layer's output [L,B,Q,C]."""
+        [B,Q,C] per image; `tgt` [B,Q,C] the queries' content (None: zeros, the paper's).
+        Returns every layer's output [L,B,Q,C]."""
         bs = memory.shape[0]
         query_pos = query_embed if query_embed.dim() == 3 else query_embed.unsqueeze(0).expand(bs, -1, -1)
-        return self.decoder(torch.zeros_like(query_pos), memory.flatten(2).transpose(1, 2), mask.flatten(1),
-                            pos_embed.flatten(2).transpose(1, 2), query_pos, query_attn_mask)
+        return self.decoder(torch.zeros_like(query_pos) if tgt is None else tgt, memory.flatten(2).transpose(1, 2),
+                            mask.flatten(1), pos_embed.flatten(2).transpose(1, 2), query_pos, query_attn_mask)
+
+    def decode_refining(
+        self,
+        memory: Tensor,
+        mask: Tensor,
+        pos_embed: Tensor,
+        tgt: Tensor,
+        reference: Tensor,
+        query_pos_of: Callable[[Tensor], Tensor],
+        boxes_of: Callable[[Tensor, Tensor], Tensor],
+        query_attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The decoder with iterative box refinement: each layer's positional queries come from the
+        current boxes (`query_pos_of(boxes)`), and its normalised output refines them
+        (`boxes_of(output, boxes)`), gradients stopped between layers. `tgt` [B,Q,C] content,
+        `reference` [B,Q,4] the first boxes. Returns every layer's output [L,B,Q,C] and boxes [L,B,Q,4]."""
+        memory_seq, key_mask = memory.flatten(2).transpose(1, 2), mask.flatten(1)
+        pos_seq = pos_embed.flatten(2).transpose(1, 2)
+        outputs, boxes = [], []
+        for layer in self.decoder.layers:
+            tgt = layer(tgt, memory_seq, key_mask, pos_seq, query_pos_of(reference), query_attn_mask)
+            outputs.append(self.decoder.norm(tgt))
+            boxes.append(boxes_of(outputs[-1], reference))
+            reference = boxes[-1].detach()
+        return torch.stack(outputs), torch.stack(boxes)
