@@ -175,8 +175,6 @@ class DETRConfig:
             problems.append(f"backbone_stages must be 2, 3 or 4, got {self.backbone_stages}")
         elif self.backbone_stages < 4 and self.dilation:
             problems.append(f"dilation (DC5) dilates stage 4, which backbone_stages={self.backbone_stages} leaves out")
-        if self.backbone_stages < 3 and self.masks:
-            problems.append("the mask head reads the stride 16, 8 and 4 features: masks need backbone_stages >= 3")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             problems.append(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
         if self.num_classes < 1:
@@ -231,11 +229,18 @@ class DETRConfig:
         return RESNET_CHANNELS[self.backbone] // 2 ** (4 - self.backbone_stages)
 
     @property
+    def fpn_stage_indices(self) -> tuple[int, int, int]:
+        """Which backbone stages (0 = layer1, stride 4) feed the mask head's three FPN steps: the
+        stride-16, 8 and 4 features as in the paper; a 2-stage backbone (transformer at stride 8) has
+        no stride-16 feature, so its first two steps both take the stride-8 one."""
+        return (2, 1, 0) if self.backbone_stages >= 3 else (1, 1, 0)
+
+    @property
     def fpn_dims(self) -> tuple[int, int, int]:
-        """Channels of the backbone's stride-16, stride-8 and stride-4 features (the mask head's FPN inputs):
-        1024/512/256 for ResNet-50/101, 256/128/64 for ResNet-18/34."""
-        layer1, layer2, layer3, _ = RESNET_STAGE_CHANNELS[self.backbone]
-        return (layer3, layer2, layer1)
+        """Channels of the mask head's FPN inputs: 1024/512/256 for ResNet-50/101, 256/128/64 for
+        ResNet-18/34 (128/128/64 with a 2-stage backbone)."""
+        channels = RESNET_STAGE_CHANNELS[self.backbone]
+        return tuple(channels[i] for i in self.fpn_stage_indices)
 
     def replace(self, **changes: Any) -> "DETRConfig":
         """A copy with some fields changed (validated like a new config)."""

@@ -212,9 +212,10 @@ class DETR(nn.Module):
                 raise ValueError(f"mask_queries must be a bool [B, Q] = [{batch}, {queries}] selection, "
                                  f"got shape {tuple(selected.shape)}")
         valid = None
+        fpn_stages = self.config.fpn_stage_indices
         if self.config.padding_invariant and bool(image_mask.any()):
-            valid = [(~m)[:, None].to(src_proj.dtype) for m in (masks[-1], masks[2], masks[1], masks[0])]
-        fpns = [features[2], features[1], features[0]]
+            valid = [(~m)[:, None].to(src_proj.dtype) for m in [masks[-1]] + [masks[i] for i in fpn_stages]]
+        fpns = [features[i] for i in fpn_stages]
         size = features[0].shape[-2:]
         if selected is None:
             rows = torch.arange(batch, device=hs_last.device).repeat_interleave(queries)
