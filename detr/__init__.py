@@ -13,7 +13,7 @@ from .coco_categories import COCO_CATEGORIES
 from .config import PRESETS, DETRConfig
 from .criterion import SetCriterion, loss_weights
 from .matcher import HungarianMatcher
-from .model import DETR, build_model
+from .model import DETR, boxes_only, build_model
 from .official import from_official, official_state_dict
 from .panoptic import InstanceMaskPostProcess, PanopticPostProcess, masks_to_rle, rle_to_masks
 from .postprocess import PostProcess
@@ -28,6 +28,7 @@ __all__ = [
     "PanopticPostProcess",
     "PostProcess",
     "SetCriterion",
+    "boxes_only",
     "build_model",
     "from_official",
     "image_sizes_from_mask",

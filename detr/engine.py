@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .criterion import SetCriterion
+from .model import boxes_only
 from .optim import clip_gradients
 from .panoptic import PanopticPostProcess
 from .postprocess import Detections, PostProcess
@@ -102,7 +103,7 @@ def predict(
         for batch in batches:
             images, mask, targets = move_batch(batch, device)
             with _autocast(device, autocast_dtype):
-                outputs = model(images, mask)
+                outputs = model(images, mask, mask_queries=boxes_only)
             sizes = torch.stack([torch.as_tensor(t["orig_size"], device=device) for t in targets])
             for t, det in zip(targets, postprocess(outputs, sizes)):
                 results[int(t["image_id"])] = {k: v.cpu() for k, v in det.items()}

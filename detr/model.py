@@ -61,6 +61,13 @@ NON_OFFICIAL_PREFIXES = TRAINING_ONLY_PREFIXES + ("proposal_pos.",)
 when official (or detection-only) weights are loaded into a model that has them."""
 
 
+def boxes_only(outputs: dict) -> Tensor:
+    """A `mask_queries` selection of no query: a model with a mask head then gives its detections
+    without the head's per-query cost (box evaluation, detection labelling); others ignore it."""
+    logits = outputs["pred_logits"]
+    return torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+
+
 def group_attention_mask(groups: int, queries_per_group: int, device: torch.device) -> Tensor:
     """[G*Q, G*Q] bool self-attention mask, True between queries of different groups (blocked)."""
     group = torch.arange(groups * queries_per_group, device=device) // queries_per_group

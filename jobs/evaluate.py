@@ -92,11 +92,12 @@ class EvalPredictor:
         import numpy as np
         import torch
 
+        from detr import boxes_only
         from pipelines.collate import collate_samples
 
         images, mask, targets = collate_samples(batch, self.mean, self.std)
         with torch.inference_mode():
-            outputs = self.model(images, mask)
+            outputs = self.model(images, mask, mask_queries=boxes_only)
         sizes = torch.stack([t["orig_size"] for t in targets])
         detections = self.postprocess(outputs, sizes)
         return {

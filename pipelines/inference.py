@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from detr import DETR, PostProcess, pad_images
+from detr import DETR, PostProcess, boxes_only, pad_images
 from detr.checkpoint import is_raydetr_checkpoint, load_checkpoint, read_checkpoint_file
 from detr.coco_categories import coco_category_list
 from detr.official import from_official
@@ -110,6 +110,6 @@ class Detector:
         if not images:
             return []
         batch, mask = pad_images([self.preprocessing.normalize(img) for img in images])
-        outputs = self.model(batch.to(self.device), mask.to(self.device))
+        outputs = self.model(batch.to(self.device), mask.to(self.device), mask_queries=boxes_only)
         target_sizes = torch.as_tensor([tuple(int(v) for v in s) for s in sizes], device=self.device)
         return [{k: v.cpu() for k, v in det.items()} for det in self._postprocess(outputs, target_sizes)]
