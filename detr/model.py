@@ -210,7 +210,6 @@ class DETR(nn.Module):
     ) -> dict:
         """The mask head over the last decoder layer: `pred_masks` for all or the selected queries."""
         batch, queries = hs_last.shape[:2]
-        attention = self.bbox_attention(hs_last, memory, mask=masks[-1])
         selected = None
         if mask_queries is not None:
             selected = mask_queries(out) if callable(mask_queries) else mask_queries
@@ -226,12 +225,14 @@ class DETR(nn.Module):
         size = features[0].shape[-2:]
         if selected is None:
             rows = torch.arange(batch, device=hs_last.device).repeat_interleave(queries)
+            attention = self.bbox_attention(hs_last, memory, mask=masks[-1])
             logits = self.mask_head(src_proj, attention.flatten(0, 1), fpns, rows, valid)
             pred_masks = logits.view(batch, queries, *logits.shape[-2:])
         else:
             rows, cols = selected.nonzero(as_tuple=True)
             pred_masks = src_proj.new_full((batch, queries, *size), UNCOMPUTED_MASK_LOGIT)
-            if len(rows):
+            if len(rows):  # none selected (`boxes_only`): the head, attention maps included, does not run
+                attention = self.bbox_attention(hs_last, memory, mask=masks[-1])
                 logits = self.mask_head(src_proj, attention[rows, cols], fpns, rows, valid)
                 pred_masks = pred_masks.index_put((rows, cols), logits[:, 0])
         result = {"pred_masks": pred_masks, "padding_invariant": self.config.padding_invariant}

@@ -22,6 +22,11 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def _as_sequences(memory: Tensor, mask: Tensor, pos_embed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Memory [B,C,H,W], mask [B,H,W], positions [B,C,H,W] as the decoder takes them: [B,HW,C], [B,HW], [B,HW,C]."""
+    return memory.flatten(2).transpose(1, 2), mask.flatten(1), pos_embed.flatten(2).transpose(1, 2)
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention over image features, then a feed-forward block; post-norm or pre-norm."""
 
@@ -198,8 +203,9 @@ class Transformer(nn.Module):
         Returns every layer's output [L,B,Q,C]."""
         bs = memory.shape[0]
         query_pos = query_embed if query_embed.dim() == 3 else query_embed.unsqueeze(0).expand(bs, -1, -1)
-        return self.decoder(torch.zeros_like(query_pos) if tgt is None else tgt, memory.flatten(2).transpose(1, 2),
-                            mask.flatten(1), pos_embed.flatten(2).transpose(1, 2), query_pos, query_attn_mask)
+        memory_seq, key_mask, pos_seq = _as_sequences(memory, mask, pos_embed)
+        return self.decoder(torch.zeros_like(query_pos) if tgt is None else tgt, memory_seq, key_mask, pos_seq,
+                            query_pos, query_attn_mask)
 
     def decode_refining(
         self,
@@ -216,8 +222,7 @@ class Transformer(nn.Module):
         current boxes (`query_pos_of(boxes)`), and its normalised output refines them
         (`boxes_of(output, boxes)`), gradients stopped between layers. `tgt` [B,Q,C] content,
         `reference` [B,Q,4] the first boxes. Returns every layer's output [L,B,Q,C] and boxes [L,B,Q,4]."""
-        memory_seq, key_mask = memory.flatten(2).transpose(1, 2), mask.flatten(1)
-        pos_seq = pos_embed.flatten(2).transpose(1, 2)
+        memory_seq, key_mask, pos_seq = _as_sequences(memory, mask, pos_embed)
         outputs, boxes = [], []
         for layer in self.decoder.layers:
             tgt = layer(tgt, memory_seq, key_mask, pos_seq, query_pos_of(reference), query_attn_mask)

@@ -186,13 +186,14 @@ def test_detection_inference_of_a_mask_model_skips_the_mask_head():
     model = small_model()
     calls = []
     model.mask_head.register_forward_hook(lambda *args: calls.append(1))
+    model.bbox_attention.register_forward_hook(lambda *args: calls.append(1))
     images, mask = pad_images([torch.randn(3, 64, 80), torch.randn(3, 72, 64)])
     with torch.no_grad():
         full = model(images, mask)
-        assert len(calls) == 1
+        assert len(calls) == 2
         light = model(images, mask, mask_queries=boxes_only)
-    assert len(calls) == 1 and (light["pred_masks"] == UNCOMPUTED_MASK_LOGIT).all()
+    assert len(calls) == 2 and (light["pred_masks"] == UNCOMPUTED_MASK_LOGIT).all()
     assert torch.equal(light["pred_logits"], full["pred_logits"]) and torch.equal(light["pred_boxes"], full["pred_boxes"])
     detector = Detector(model, TransformsConfig.small(), device=torch.device("cpu"))
     detections = detector.detect([np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)])
-    assert len(calls) == 1 and detections[0]["boxes"].shape == (6, 4)
+    assert len(calls) == 2 and detections[0]["boxes"].shape == (6, 4)
