@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from jobs.cli import module_main
@@ -64,14 +65,25 @@ def pinned_requirements() -> list[str]:
     return pins
 
 
+SUBMISSION_STAMP = "_submitted/submission-id"
+"""A file unique to each submission in its staged code. Ray names a working_dir package by its content
+and shares one unpacked copy between jobs of the same content; when one job ends Ray may delete that
+copy under a job that started from it (seen: `detr submit label` right after `detr submit train`
+failing on a vanished pipelines/reader.py). Distinct content gives each job a package of its own."""
+
+
 def stage_code(job_args: list[str], staging: Path) -> list[str]:
-    """Copy the project's code into `staging`; stage local files given to FILE_ARGUMENTS and rewrite them."""
+    """Copy the project's code into `staging` with a SUBMISSION_STAMP; stage local files given to
+    FILE_ARGUMENTS and rewrite them."""
     for item in CODE:
         src = PROJECT_ROOT / item
         if src.is_dir():
             shutil.copytree(src, staging / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, staging / item)
+    stamp = staging / SUBMISSION_STAMP
+    stamp.parent.mkdir(exist_ok=True)
+    stamp.write_text(uuid.uuid4().hex)
     args = list(job_args)
     for i, arg in enumerate(args):
         flag, _, inline = arg.partition("=")
@@ -79,7 +91,6 @@ def stage_code(job_args: list[str], staging: Path) -> list[str]:
             value = inline if inline else (args[i + 1] if i + 1 < len(args) else "")
             if value and "://" not in value and Path(value).is_file():
                 target = staging / "_submitted" / Path(value).name
-                target.parent.mkdir(exist_ok=True)
                 shutil.copy2(value, target)
                 relative = str(target.relative_to(staging))
                 if inline:

@@ -89,3 +89,20 @@ def test_scripts_are_valid_bash_and_explain_themselves(script):
     subprocess.run(["bash", "-n", str(CLUSTER / script)], check=True)
     usage = subprocess.run(["bash", str(CLUSTER / script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "start" in usage.stdout and "stop" in usage.stdout
+
+
+def test_each_submission_stages_code_of_its_own_content(tmp_path):
+    """Ray shares a working_dir package between jobs of equal content, and may delete it under one of
+    them when the other ends: every submission's staged code differs, and a --config file is staged."""
+    from jobs.submit import SUBMISSION_STAMP, stage_code
+
+    config = tmp_path / "train.yaml"
+    config.write_text("recipe: fast\n")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for staging in (first, second):
+        staging.mkdir()
+        args = stage_code(["--config", str(config), "--set", "x=1"], staging)
+    assert args == ["--config", "_submitted/train.yaml", "--set", "x=1"]
+    assert (second / "_submitted" / "train.yaml").read_text() == "recipe: fast\n"
+    assert (first / "detr" / "model.py").read_bytes() == (second / "detr" / "model.py").read_bytes()
+    assert (first / SUBMISSION_STAMP).read_text() != (second / SUBMISSION_STAMP).read_text()
