@@ -7,7 +7,8 @@ textured background regions as stuff; held-out validation images), with the
 project's own pieces and no Ray (one process, `--threads` torch threads):
 
 1. the detector (no masks) trains on the boxes of every segment, things and stuff,
-   with the named recipe of `jobs.recipes` (the fast-convergence one by default);
+   with the named recipe of `jobs.recipes` (the fast-convergence one by default; its
+   proposal NMS per class, since stuff regions share boxes);
 2. the mask head trains on top of it, detector frozen (the paper's recipe), masks
    computed only for the matched queries;
 3. PQ, SQ and RQ (overall, things, stuff) on the held-out images at their original
@@ -26,6 +27,7 @@ model (`panoptic_model.pt`, a checkpoint `detr label --model` takes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -89,8 +91,12 @@ class Plan:
 def plan_from_recipe(name: str, num_classes: int) -> Plan:
     """The named recipe of `jobs.recipes` over MODEL, layered exactly as `detr train` layers it."""
     job = build_dataclass(TrainJobConfig, apply_recipe({"recipe": name, "data": {"train": "-"}, "model": dict(MODEL)}))
-    return Plan(name, job.model_config(num_classes), job.optimizer, job.data.batch_size,
-                TransformsConfig.preset(job.data.transforms))
+    model = job.model_config(num_classes)
+    if model.proposal_nms:
+        # Stuff regions share boxes by construction (two background regions split by a line both span
+        # most of the image): class-agnostic proposal NMS would leave the second one without a query.
+        model = dataclasses.replace(model, proposal_nms_per_class=True)
+    return Plan(name, model, job.optimizer, job.data.batch_size, TransformsConfig.preset(job.data.transforms))
 
 
 def dataset_config(train_images: int, val_images: int, seed: int) -> SyntheticConfig:

@@ -99,6 +99,20 @@ class DETRConfig:
     The decoder then starts from proposals instead of learning where to look. Needs the dense
     head (`encoder_aux_matches` > 0), which then runs at inference too; not exportable to the
     official layout. Fast-convergence option."""
+    proposal_nms: float = 0.0
+    """> 0, with `two_stage`: before the best cells become queries, cells whose box overlaps a
+    better-scored cell's box by more than this IoU are passed over (class-agnostic non-maximum
+    suppression of the proposals, as Efficient DETR and DETA select them). The dense head is
+    trained one-to-many, so several cells find each object; without this, several queries start
+    on one object with the same position and nearly the same content, and the decoder needs
+    many steps to learn that only one of them may claim it. Selected cells are distinct objects
+    from the first step; if fewer than `num_queries` survive, the best suppressed cells fill the
+    rest. 0: off (plain top-k)."""
+    proposal_nms_per_class: bool = False
+    """With `proposal_nms`: a cell suppresses only cells whose best class is its own (per-class NMS),
+    for data where objects of different classes share a box: panoptic stuff regions (two background
+    regions both span the image) or a rider on a horse. Off: class-agnostic, which also removes the
+    early duplicates whose classes the model is still unsure of."""
     box_refine: bool = False
     """Iterative box refinement (Deformable DETR, DAB-DETR), with `two_stage`: every decoder layer
     refines the previous layer's boxes (offsets in logit space, gradients stopped between layers)
@@ -189,6 +203,12 @@ class DETRConfig:
             problems.append("two_stage takes its queries from the dense encoder head: it needs encoder_aux_matches >= 1")
         if self.two_stage and self.query_groups > 1:
             problems.append("two_stage selects one set of queries per image: it needs query_groups=1")
+        if not 0.0 <= self.proposal_nms < 1.0:
+            problems.append(f"proposal_nms is an IoU threshold in [0, 1), got {self.proposal_nms}")
+        elif self.proposal_nms and not self.two_stage:
+            problems.append("proposal_nms selects the two-stage proposals: it needs two_stage=True")
+        if self.proposal_nms_per_class and not self.proposal_nms:
+            problems.append("proposal_nms_per_class says how proposal_nms suppresses: it needs proposal_nms > 0")
         if self.box_refine and not self.two_stage:
             problems.append("box_refine refines the two-stage proposals: it needs two_stage=True")
         if self.denoising_groups < 0:

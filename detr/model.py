@@ -39,6 +39,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_convert, nms
 
 from .backbone import STAGES, Backbone
 from .config import DETRConfig
@@ -66,6 +67,32 @@ def boxes_only(outputs: dict) -> Tensor:
     without the head's per-query cost (box evaluation, detection labelling); others ignore it."""
     logits = outputs["pred_logits"]
     return torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+
+
+def select_proposals(scores: Tensor, boxes: Tensor, valid: Tensor, count: int, nms_iou: float = 0.0,
+                     classes: Tensor | None = None) -> Tensor:
+    """Indices [B, count] of the best cells by `scores` [B, N] (boxes [B, N, 4] cxcywh; `valid` [B, N]
+    False on padding, whose scores are already at the bottom), best first. With `nms_iou` > 0, cells
+    suppressed by a better cell's box (NMS among the valid cells; per class when `classes` [B, N]
+    is given, else class-agnostic) come only after every surviving cell, so they fill the queries
+    only when too few survive."""
+    if nms_iou <= 0:
+        return scores.topk(count, dim=1).indices
+    xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
+    rank = scores.to(torch.float64, copy=True)  # exact after the bonus is added, so survivors keep their order
+    for image in range(scores.shape[0]):
+        cells = valid[image].nonzero().squeeze(1)
+        cell_scores = scores[image, cells].float()
+        if classes is None:
+            kept = nms(xyxy[image, cells], cell_scores, nms_iou)
+        else:
+            kept = batched_nms(xyxy[image, cells], cell_scores, classes[image, cells], nms_iou)
+        rank[image, cells[kept]] += SURVIVOR_BONUS
+    return rank.topk(count, dim=1).indices
+
+
+SURVIVOR_BONUS = 1e6
+"""Added to the scores of cells that survive proposal NMS, to rank them above every other cell."""
 
 
 def group_attention_mask(groups: int, queries_per_group: int, device: torch.device) -> Tensor:
@@ -245,9 +272,10 @@ class DETR(nn.Module):
                            targets: Sequence[Mapping[str, Tensor]] | None) -> dict:
         memory = self.transformer.encode(src_proj, src_mask, pos)
         enc = self.predict_from_encoder(memory, src_mask)
-        scores = enc["pred_logits"][..., :-1].max(-1).values  # padding cells sit at -1e4
+        scores, classes = enc["pred_logits"][..., :-1].detach().max(-1)  # padding cells sit at -1e4
         count = min(self.num_queries, scores.shape[1])
-        top = scores.topk(count, dim=1).indices
+        top = select_proposals(scores, enc["pred_boxes"].detach(), ~src_mask.flatten(1), count,
+                               self.config.proposal_nms, classes if self.config.proposal_nms_per_class else None)
         reference = enc["pred_boxes"].gather(1, top[..., None].expand(-1, -1, 4)).detach()
         content = reference.new_zeros(*reference.shape[:2], self.config.hidden_dim)
         attn_mask, denoise = None, None

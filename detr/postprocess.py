@@ -2,12 +2,16 @@
 
 Scores are the softmax probabilities without the no-object class (or, for a
 model trained with the focal loss, whose outputs carry `"sigmoid_scores": True`,
-the sigmoid of each real class's logit); each query's label is
-its most probable real class; boxes go from normalised (cx, cy, w, h)
-to absolute (x0, y0, x1, y1) in each image's target size, given as (height,
-width). Without options every query is returned, as in the official code (COCO
-evaluation wants them all); `score_threshold` and `top_k` trim the list for
-labelling and display.
+the sigmoid of each real class's logit). A softmax query's label is its most
+probable real class, as in the official code. Sigmoid scores are independent per
+class, so, as Deformable DETR and its successors do, a detection is a (query,
+class) pair: the best `max_detections` pairs over all queries and classes, so a
+query unsure between two classes is kept under both (COCO AP counts the right one;
+per-query argmax would lose it whenever the wrong class scores a little higher).
+Boxes go from normalised (cx, cy, w, h) to absolute (x0, y0, x1, y1) in each
+image's target size, given as (height, width). Without options every query (or
+pair) is returned, as COCO evaluation wants; `score_threshold` and `top_k` trim
+the list for labelling and display.
 """
 from __future__ import annotations
 
@@ -41,12 +45,16 @@ def class_probabilities(outputs: Mapping[str, Tensor]) -> Tensor:
 class PostProcess(nn.Module):
     """Turns `pred_logits`/`pred_boxes` into per-image scores, labels and pixel xyxy boxes."""
 
-    def __init__(self, score_threshold: float | None = None, top_k: int | None = None) -> None:
+    def __init__(self, score_threshold: float | None = None, top_k: int | None = None,
+                 max_detections: int = 100) -> None:
         super().__init__()
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1, got {max_detections}")
         self.score_threshold = score_threshold
         self.top_k = top_k
+        self.max_detections = max_detections  # (query, class) pairs kept per image, sigmoid scores only
 
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], target_sizes: Tensor | Sequence[Sequence[int]]) -> list[Detections]:
@@ -57,7 +65,13 @@ class PostProcess(nn.Module):
         if len(sizes) != len(logits):
             raise ValueError(f"{len(sizes)} target sizes for a batch of {len(logits)} images")
         prob = class_probabilities(outputs)
-        scores, labels = prob.max(-1)
+        if outputs.get("sigmoid_scores", False):
+            classes = prob.shape[-1]
+            scores, pairs = prob.flatten(1).topk(min(self.max_detections, prob[0].numel()), dim=1)
+            labels = pairs % classes
+            boxes = boxes.gather(1, (pairs // classes)[..., None].expand(-1, -1, 4))
+        else:
+            scores, labels = prob.max(-1)
         img_h, img_w = sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(prob)
         boxes = box_convert(boxes.float(), "cxcywh", "xyxy") * scale[:, None, :]

@@ -10,7 +10,8 @@ file < `--set`. A recipe never names data sources, scaling, storage or tracking.
   (measured by `bench/convergence.py`): a backbone that learns from scratch (trainable
   batch norm, stem included, stopped at stride 8), sigmoid focal classification with the
   focal matching cost, a dense encoder head trained one-to-many whose best cells become the
-  decoder's queries (two-stage), a higher learning rate with warm-up, no dropout, and the
+  decoder's queries (two-stage) after non-maximum suppression, so each query starts on its
+  own object, a higher learning rate with warm-up, no dropout, and the
   augmentation at about the images' own size. Every one of these is an option of the model
   library, off by default; official checkpoints still load into such a model (its extra
   heads start fresh) and fine-tune.
@@ -33,6 +34,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "ce_loss_coef": 2.0,
             "encoder_aux_matches": 2,
             "two_stage": True,
+            "proposal_nms": 0.5,
         },
         "optimizer": {"lr": 2.0e-4, "lr_backbone": 2.0e-4, "warmup_steps": 100},
         "data": {"transforms": "native", "batch_size": 8},

@@ -91,6 +91,43 @@ def test_two_stage_trains_end_to_end():
         DETRConfig(focal_loss=True, two_stage=True)
 
 
+def test_proposal_nms_selects_distinct_cells_first_and_fills_with_suppressed_ones():
+    from torchvision.ops import box_iou
+
+    from detr.model import select_proposals
+
+    # Cells: A (best), A' (IoU 0.82 with A), B (apart), padding (its box would survive NMS), C (inside A).
+    boxes = torch.tensor([[[0.30, 0.30, 0.20, 0.20], [0.31, 0.31, 0.20, 0.20], [0.70, 0.70, 0.20, 0.20],
+                           [0.90, 0.10, 0.10, 0.10], [0.30, 0.30, 0.05, 0.05]]])
+    scores = torch.tensor([[3.0, 2.0, 1.0, -1e4, 0.5]])
+    valid = torch.tensor([[True, True, True, False, True]])
+    assert select_proposals(scores, boxes, valid, 3).tolist() == [[0, 1, 2]]
+    # A' is suppressed; C survives (IoU with A 1/16); A' fills the last query, before padding.
+    assert select_proposals(scores, boxes, valid, 4, nms_iou=0.5).tolist() == [[0, 2, 4, 1]]
+    assert select_proposals(scores, boxes, valid, 5, nms_iou=0.5).tolist() == [[0, 2, 4, 1, 3]]
+    # Per class: A' (another class than A) survives; C (A's class, but apart) too.
+    classes = torch.tensor([[1, 2, 1, 0, 1]])
+    assert select_proposals(scores, boxes, valid, 4, nms_iou=0.5, classes=classes).tolist() == [[0, 1, 2, 4]]
+    classes = torch.tensor([[1, 1, 2, 0, 2]])
+    assert select_proposals(scores, boxes, valid, 4, nms_iou=0.5, classes=classes).tolist() == [[0, 2, 4, 1]]
+
+    # In a model: 4x4 cells whose boxes start two cells wide, so side neighbours overlap by IoU 1/3
+    # and diagonal ones by 1/7. With proposal NMS at 0.3 no two queries start on side neighbours.
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=4, focal_loss=True, encoder_aux_matches=K, two_stage=True,
+                        num_queries=4, dropout=0.0, proposal_nms=0.3).eval()
+    images, mask = pad_images([torch.randn(3, 128, 128), torch.randn(3, 128, 128)])
+    with torch.no_grad():
+        boxes = model(images, mask)["pred_boxes"]  # the decoder's box head starts at its proposals
+    for image_boxes in boxes:
+        xyxy = torch.cat([image_boxes[:, :2] - image_boxes[:, 2:] / 2, image_boxes[:, :2] + image_boxes[:, 2:] / 2], 1)
+        assert (box_iou(xyxy, xyxy).triu(1) <= 0.3 + 1e-4).all()
+    with pytest.raises(ValueError, match="two_stage"):
+        DETRConfig(focal_loss=True, encoder_aux_matches=K, proposal_nms=0.5)
+    with pytest.raises(ValueError, match="proposal_nms > 0"):
+        DETRConfig(focal_loss=True, encoder_aux_matches=K, two_stage=True, proposal_nms_per_class=True)
+
+
 def test_official_weights_load_into_a_two_stage_model_whose_new_heads_start_fresh(tmp_path):
     from detr import from_official
 

@@ -62,6 +62,21 @@ def test_focal_matching_cost_ranks_predictions_like_the_loss():
     assert rows.tolist() == [1] and cols.tolist() == [0]
 
 
+def test_sigmoid_detections_are_the_best_query_class_pairs():
+    # Query 0 is torn between classes 1 and 2 (the truth may be either); query 1 is sure of class 0.
+    logits = torch.tensor([[[-5.0, 1.0, 0.8, 9.0], [3.0, -6.0, -6.0, 9.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2]]])
+    outputs = {"pred_logits": logits, "pred_boxes": boxes, "sigmoid_scores": True}
+    (det,) = PostProcess(max_detections=3)(outputs, [[100, 100]])
+    assert det["labels"].tolist() == [0, 1, 2]
+    torch.testing.assert_close(det["scores"], torch.sigmoid(torch.tensor([3.0, 1.0, 0.8])))
+    torch.testing.assert_close(det["boxes"], torch.tensor([[10.0, 10, 30, 30], [40, 40, 60, 60], [40, 40, 60, 60]]))
+    (trimmed,) = PostProcess(score_threshold=0.6, top_k=5)(outputs, [[100, 100]])
+    assert trimmed["labels"].tolist() == [0, 1, 2]  # sigmoid(0.8) = 0.69 is above the threshold too
+    with pytest.raises(ValueError, match="max_detections"):
+        PostProcess(max_detections=0)
+
+
 def test_focal_models_keep_the_class_head_and_are_scored_with_sigmoids():
     model = build_model("tiny", num_classes=3, focal_loss=True).eval()
     assert model.class_embed.out_features == 4  # num_classes + 1, the official layout
@@ -72,7 +87,8 @@ def test_focal_models_keep_the_class_head_and_are_scored_with_sigmoids():
     logits = torch.tensor([[[0.0, 2.0, -1.0, 5.0]]])
     outputs = {"pred_logits": logits, "pred_boxes": torch.full((1, 1, 4), 0.5), "sigmoid_scores": True}
     (det,) = PostProcess()(outputs, [[10, 10]])
-    assert det["scores"].item() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
-    assert det["labels"].item() == 1  # the unused no-object column (5.0) never wins
+    # One detection per (query, class) pair, best first; the unused no-object column (5.0) is none.
+    torch.testing.assert_close(det["scores"], torch.sigmoid(torch.tensor([2.0, 0.0, -1.0])))
+    assert det["labels"].tolist() == [1, 0, 2]
     (softmax,) = PostProcess()({"pred_logits": logits, "pred_boxes": outputs["pred_boxes"]}, [[10, 10]])
     assert softmax["scores"].item() == pytest.approx(torch.softmax(logits[0, 0], -1)[1].item())
