@@ -1,6 +1,6 @@
 """Panoptic benchmark: train a detector with the fast recipe, then the mask head, and measure PQ and the cost of masks.
 
-    python bench/panoptic.py [--detector-minutes 9] [--mask-minutes 4] [--threads 2] [--recipe fast]
+    python bench/panoptic.py [--detector-minutes 11] [--mask-minutes 4] [--threads 2] [--recipe fast]
 
 On the synthetic panoptic set (`make-dataset --panoptic`: shapes as things,
 textured background regions as stuff; held-out validation images), with the
@@ -209,7 +209,7 @@ def labelling_speed(checkpoint: bytes, batches: list[pa.Table], threshold: float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fast", help="a jobs.recipes name")
-    parser.add_argument("--detector-minutes", type=float, default=9.0)
+    parser.add_argument("--detector-minutes", type=float, default=11.0)
     parser.add_argument("--mask-minutes", type=float, default=4.0)
     parser.add_argument("--mask-lr", type=float, default=5e-4, help="mask head learning rate")
     parser.add_argument("--threads", type=int, default=2)
