@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_convert, nms
+from torchvision.ops import batched_nms, box_convert
 
 from .backbone import STAGES, Backbone
 from .config import DETRConfig
@@ -82,11 +82,8 @@ def select_proposals(scores: Tensor, boxes: Tensor, valid: Tensor, count: int, n
     rank = scores.to(torch.float64, copy=True)  # exact after the bonus is added, so survivors keep their order
     for image in range(scores.shape[0]):
         cells = valid[image].nonzero().squeeze(1)
-        cell_scores = scores[image, cells].float()
-        if classes is None:
-            kept = nms(xyxy[image, cells], cell_scores, nms_iou)
-        else:
-            kept = batched_nms(xyxy[image, cells], cell_scores, classes[image, cells], nms_iou)
+        groups = torch.zeros_like(cells) if classes is None else classes[image, cells]  # one group: agnostic
+        kept = batched_nms(xyxy[image, cells], scores[image, cells].float(), groups, nms_iou)
         rank[image, cells[kept]] += SURVIVOR_BONUS
     return rank.topk(count, dim=1).indices
 

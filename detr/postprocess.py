@@ -67,7 +67,7 @@ class PostProcess(nn.Module):
         prob = class_probabilities(outputs)
         if outputs.get("sigmoid_scores", False):
             classes = prob.shape[-1]
-            scores, pairs = prob.flatten(1).topk(min(self.max_detections, prob[0].numel()), dim=1)
+            scores, pairs = prob.flatten(1).topk(min(self.max_detections, prob.shape[1] * classes), dim=1)
             labels = pairs % classes
             boxes = boxes.gather(1, (pairs // classes)[..., None].expand(-1, -1, 4))
         else:
