@@ -14,7 +14,6 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
@@ -82,6 +81,8 @@ class HungarianMatcher(nn.Module):
             raise FloatingPointError(
                 "the matching cost contains NaN or inf: the model's outputs or the target boxes are not finite"
             )
+        from scipy.optimize import linear_sum_assignment  # here: inference never matches, and scipy takes 0.5 s to import
+
         sizes = [len(t["boxes"]) for t in targets]
         indices = []
         for i, c in enumerate(cost.split(sizes, -1)):

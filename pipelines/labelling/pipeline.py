@@ -27,7 +27,7 @@ from pipelines.transforms import TransformsConfig
 
 TASK_CPUS = 1.0  # what one read or prepare task reserves (Ray Data's default)
 GROUP_WINDOW_BATCHES = 4  # a prepare task orders this many actor batches' worth of images by shape
-ROWS_PER_READ_BLOCK = 16
+ROWS_PER_READ_BLOCK = 8  # blocks are what an actor receives: small ones even out the actors' last seconds
 QUEUED_BATCHES_PER_ACTOR = 8  # prepared batches allowed to wait for each actor...
 MIN_OBJECT_STORE_BUDGET = 256 * 2**20  # ...but never less than this in Ray's object store
 
@@ -81,7 +81,9 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
         num_gpus=gpus_per_actor,
         udf_modifying_row_count=False,
         fn_constructor_kwargs={
-            "checkpoint": checkpoint, "score_threshold": options.score_threshold, "top_k": options.top_k,
+            # A reference, not the bytes: the bytes would be pickled into the UDF itself (Ray warns at
+            # ~100 MB, a ResNet-50 DETR is 160 MB) and copied for every actor; each actor fetches this once.
+            "checkpoint": ray.put(checkpoint), "score_threshold": options.score_threshold, "top_k": options.top_k,
             "classes": options.classes, "draw": options.draw, "threads": options.torch_threads, **task_options,
         },
     )

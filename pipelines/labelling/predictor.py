@@ -38,10 +38,14 @@ def select_detections(detections: dict, classes: Sequence[int] | None, top_k: in
 class LabelPredictor:
     """Callable class for `map_batches`: PREPARED_SCHEMA batches in, RESULT_SCHEMA batches out."""
 
-    def __init__(self, checkpoint: bytes, *, score_threshold: float | None, top_k: int | None,
+    def __init__(self, checkpoint: "bytes | ray.ObjectRef", *, score_threshold: float | None, top_k: int | None,
                  classes: Sequence[int] | None, draw: int = 0, threads: int = 1,
                  max_waste: float = DEFAULT_MAX_WASTE) -> None:
         torch.set_num_threads(threads)
+        if not isinstance(checkpoint, (bytes, bytearray, memoryview)):
+            import ray  # the job ships the checkpoint through the object store
+
+            checkpoint = ray.get(checkpoint)
         # top_k is applied after the class filter (select_detections), so the Detector keeps them all.
         self.detector = Detector.from_checkpoint(checkpoint, score_threshold=score_threshold)
         self.classes, self.top_k, self.max_waste = classes, top_k, max_waste
