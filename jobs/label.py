@@ -97,6 +97,8 @@ class LabelResult:
     label_run: str
     removed_temporaries: int = 0
     task: str = "detection"
+    first_rows_seconds: float | None = None  # start-up: when the first labelled rows reached the driver
+    first_rows: int = 0  # how many came then
     coco_json: str | None = None
     coco_detections: int = 0
     coco_panoptic_json: str | None = None
@@ -106,6 +108,14 @@ class LabelResult:
     @property
     def images_per_s(self) -> float:
         return (self.counts.labelled + self.counts.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float | None:
+        """The rate once rows flow (start-up excluded: actors starting, models loading, the first batch)."""
+        if self.first_rows_seconds is None or self.seconds <= self.first_rows_seconds:
+            return None
+        rest = self.counts.labelled + self.counts.errors - self.first_rows
+        return rest / (self.seconds - self.first_rows_seconds)
 
 
 @dataclass(frozen=True)
@@ -197,13 +207,17 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     writer = ChunkWriter(out, committed, ModelIdentity(r.name, r.version, r.run_id), label_run,
                          rows_per_file=options.rows_per_file, commit_seconds=options.commit_seconds, draw=options.draw)
     writer.add_errors(source.planning_errors)
+    first_rows_seconds, first_rows = None, 0
     for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if first_rows_seconds is None:
+            first_rows_seconds, first_rows = time.perf_counter() - start, results.num_rows
         writer.add(results)
     writer.flush()
     seconds = time.perf_counter() - start
 
     c = writer.counts
-    result = LabelResult(output, c, {}, seconds, label_run, removed, options.task)
+    result = LabelResult(output, c, {}, seconds, label_run, removed, task=options.task,
+                         first_rows_seconds=first_rows_seconds, first_rows=first_rows)
     if coco_json:
         result.coco_json, result.coco_detections = coco_json, write_coco_results(out, coco_json)
     if coco_panoptic_json:
@@ -214,7 +228,9 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
         **({"segments": c.segments} if options.task == "panoptic" else {}), parts=c.parts,
         rejected=dict(c.rejected), duplicates_dropped=c.duplicates_dropped, removed_temporaries=removed,
         already_done=committed.labelled + committed.errors, seconds=round(seconds, 3),
-        images_per_s=round(result.images_per_s, 3))
+        images_per_s=round(result.images_per_s, 3),
+        first_rows_seconds=None if first_rows_seconds is None else round(first_rows_seconds, 3),
+        steady_images_per_s=None if result.steady_images_per_s is None else round(result.steady_images_per_s, 3))
     result.manifest = manifest.manifest
     return result
 
@@ -224,7 +240,9 @@ def format_result(result: LabelResult) -> str:
     segments = f", {c.segments} segments" if result.task == "panoptic" else ""
     lines = [
         f"labelled {c.labelled} images ({c.detections} detections{segments}), {c.errors} errors, "
-        f"in {result.seconds:.1f} s: {result.images_per_s:.2f} images/s",
+        f"in {result.seconds:.1f} s: {result.images_per_s:.2f} images/s" + (
+            f" (first rows after {result.first_rows_seconds:.1f} s, then {result.steady_images_per_s:.2f} images/s)"
+            if result.steady_images_per_s is not None else ""),
         f"output {result.output}: {t['images_labelled']} images labelled (labels/), {t['errors']} errors (errors/), "
         f"{t['detections']} detections in {t['parts']} parts; manifest {result.output}/manifest.json",
     ]

@@ -126,6 +126,9 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     assert manifest["status"] == "complete" and manifest["settings"] == {"task": "detection", "score_threshold": 0.2,
                                                                          "top_k": 5, "classes": None}
     assert manifest["totals"]["images_labelled"] == 16 and manifest["totals"]["detections"] == compared
+    run = manifest["runs"][-1]
+    assert 0 < run["first_rows_seconds"] < run["seconds"]  # start-up, then the steady rate after it
+    assert run["steady_images_per_s"] > 0 and "first rows after" in printed
     results = json.loads(Path(coco).read_text())
     assert len(results) == compared and {r["image_id"] for r in results} == {r["image_id"] for r in rows}
     previews = sorted(Path(out, "previews").iterdir())
