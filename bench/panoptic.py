@@ -272,7 +272,8 @@ def main() -> None:
         # run: choose it on images of their own, so the held-out PQ stays an honest figure.
         calibration_json = ensure_dataset(data_root.with_name(data_root.name + "_calibration"),
                                           dataset_config(args.calibrate, 0, args.seed + 1))["train"]
-        calibration = {float(t): evaluate(detector, calibration_json, float(t))["PQ"] for t in args.candidates.split(",")}
+        calibration = {float(t): evaluate(detector, calibration_json, float(t))["PQ"]
+                       for t in args.candidates.split(",")}
         args.threshold = max(calibration, key=calibration.get)
         print("calibration PQ by threshold: " + ", ".join(f"{t:g}: {q:.3f}" for t, q in calibration.items())
               + f"; chosen {args.threshold:g}", flush=True)

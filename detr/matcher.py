@@ -81,7 +81,8 @@ class HungarianMatcher(nn.Module):
             raise FloatingPointError(
                 "the matching cost contains NaN or inf: the model's outputs or the target boxes are not finite"
             )
-        from scipy.optimize import linear_sum_assignment  # here: inference never matches, and scipy takes 0.5 s to import
+        # Imported here: inference never matches, and scipy takes 0.5 s to import.
+        from scipy.optimize import linear_sum_assignment
 
         sizes = [len(t["boxes"]) for t in targets]
         indices = []
