@@ -231,7 +231,8 @@ def run_label(checkpoint: str, folder: str, args, sample_memory: bool = False) -
     shutil.rmtree(out, ignore_errors=True)
     return {"images": job["labelled"] + job["errors"], "images_per_s": job["images_per_s"],
             "job_seconds": job["seconds"], "first_rows_seconds": job.get("first_rows_seconds"),
-            "steady_images_per_s": job.get("steady_images_per_s"), "process_wall_seconds": wall, "detections": job["detections"],
+            "steady_images_per_s": job.get("steady_images_per_s"), "process_wall_seconds": wall,
+            "detections": job["detections"],
             "peak_pss_mb": peak[0] / 2**20 if sample_memory else None,
             "summary": stdout.strip()}
 

@@ -29,7 +29,6 @@ model (`panoptic_model.pt`, a checkpoint `detr label --model` takes).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -97,7 +96,7 @@ def plan_from_recipe(name: str, num_classes: int) -> Plan:
     if model.proposal_nms:
         # Stuff regions share boxes by construction (two background regions split by a line both span
         # most of the image): class-agnostic proposal NMS would leave the second one without a query.
-        model = dataclasses.replace(model, proposal_nms_per_class=True)
+        model = model.replace(proposal_nms_per_class=True)
     return Plan(name, model, job.optimizer, job.data.batch_size, TransformsConfig.preset(job.data.transforms))
 
 
@@ -266,7 +265,7 @@ def main() -> None:
 
     # 3. PQ on held-out images, 4. the cost of masks.
     detector = Detector(model.eval(), plan.transforms, categories, device=torch.device("cpu"))
-    calibration = {}
+    threshold, calibration = args.threshold, {}
     if args.calibrate:
         # Focal scores of a briefly trained model sit near any fixed threshold, and where shifts from run to
         # run: choose it on images of their own, so the held-out PQ stays an honest figure.
@@ -274,19 +273,19 @@ def main() -> None:
                                           dataset_config(args.calibrate, 0, args.seed + 1))["train"]
         calibration = {float(t): evaluate(detector, calibration_json, float(t))["PQ"]
                        for t in args.candidates.split(",")}
-        args.threshold = max(calibration, key=calibration.get)
+        threshold = max(calibration, key=calibration.get)
         print("calibration PQ by threshold: " + ", ".join(f"{t:g}: {q:.3f}" for t, q in calibration.items())
-              + f"; chosen {args.threshold:g}", flush=True)
-    quality = evaluate(detector, paths["val"], args.threshold)
+              + f"; chosen {threshold:g}", flush=True)
+    quality = evaluate(detector, paths["val"], threshold)
     also = {float(t): evaluate(detector, paths["val"], float(t)) for t in args.also_thresholds.split(",") if t}
     records = list(open_source(paths["val"]).iter_records())[: args.speed_images]
     batches = prepared_batches(records, plan.transforms, batch=4)
     checkpoint = checkpoint_bytes(model, categories, plan.transforms)
     (out / "panoptic_model.pt").write_bytes(checkpoint)  # for `detr label --task panoptic` or a closer look
-    speed = labelling_speed(checkpoint, batches, args.threshold, rounds=3, threads=args.threads)
+    speed = labelling_speed(checkpoint, batches, threshold, rounds=3, threads=args.threads)
     total = time.perf_counter() - started
 
-    report = {"recipe": plan.name, "model": plan.model.to_dict(), "threshold": args.threshold,
+    report = {"recipe": plan.name, "model": plan.model.to_dict(), "threshold": threshold,
               "train_images": args.train_images, "val_images": args.val_images, "threads": args.threads,
               "detector": detector_stats, "mask_head": mask_stats, "train_seconds": train_seconds,
               "total_seconds": total, "quality": quality, "speed": speed,

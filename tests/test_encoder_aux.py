@@ -92,7 +92,7 @@ def test_two_stage_trains_end_to_end():
 
 
 def test_proposal_nms_selects_distinct_cells_first_and_fills_with_suppressed_ones():
-    from torchvision.ops import box_iou
+    from torchvision.ops import box_convert, box_iou
 
     from detr.model import select_proposals
 
@@ -120,7 +120,7 @@ def test_proposal_nms_selects_distinct_cells_first_and_fills_with_suppressed_one
     with torch.no_grad():
         boxes = model(images, mask)["pred_boxes"]  # the decoder's box head starts at its proposals
     for image_boxes in boxes:
-        xyxy = torch.cat([image_boxes[:, :2] - image_boxes[:, 2:] / 2, image_boxes[:, :2] + image_boxes[:, 2:] / 2], 1)
+        xyxy = box_convert(image_boxes, "cxcywh", "xyxy")
         assert (box_iou(xyxy, xyxy).triu(1) <= 0.3 + 1e-4).all()
     with pytest.raises(ValueError, match="two_stage"):
         DETRConfig(focal_loss=True, encoder_aux_matches=K, proposal_nms=0.5)
