@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from detr import SetCriterion, build_model  # noqa: E402
 from detr.checkpoint import checkpoint_dict  # noqa: E402
 from detr.config import DETRConfig  # noqa: E402
 from detr.engine import Batch, train_step  # noqa: E402
-from detr.optim import OptimizerConfig, build_optimizer, build_warmup_scheduler  # noqa: E402
+from detr.optim import OptimizerConfig, build_optimizer, build_warmup_scheduler, parameter_groups  # noqa: E402
 from jobs.config_files import build_dataclass  # noqa: E402
 from jobs.recipes import apply_recipe  # noqa: E402
 from jobs.train_config import TrainJobConfig  # noqa: E402
@@ -115,6 +114,17 @@ def ensure_dataset(root: Path, config: SyntheticConfig) -> dict[str, str]:
     write_dataset(str(root), config, workers=2)
     stamp.write_text(wanted)
     return names
+
+
+def mask_phase_groups(model, optimizer: OptimizerConfig, mask_lr: float, joint: bool) -> list[dict]:
+    """The mask head at `mask_lr`; with `joint`, the detector too, at the recipe's rates."""
+    mask_params = [p for n, p in model.named_parameters() if n.startswith(model.MASK_MODULES)]
+    groups = [{"params": mask_params, "lr": mask_lr, "name": "mask_head"}]
+    if joint:
+        in_mask_head = {id(p) for p in mask_params}
+        for group in parameter_groups(model, optimizer.lr, optimizer.lr_backbone):
+            groups.append(dict(group, params=[p for p in group["params"] if id(p) not in in_mask_head]))
+    return groups
 
 
 def train_for(model, criterion, optimizer, data: Iterator[Batch], minutes: float, clip: float, label: str,
@@ -213,6 +223,9 @@ def main() -> None:
     parser.add_argument("--detector-minutes", type=float, default=11.0)
     parser.add_argument("--mask-minutes", type=float, default=4.0)
     parser.add_argument("--mask-lr", type=float, default=5e-4, help="mask head learning rate")
+    parser.add_argument("--mask-training", choices=("frozen", "joint"), default="frozen",
+                        help="frozen: the mask head trains on the frozen detector (the paper); joint: the detector "
+                             "trains on with it (with --detector-minutes 0, both from the start)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=1500)
     parser.add_argument("--val-images", type=int, default=60)
@@ -252,15 +265,18 @@ def main() -> None:
     detector_stats = train_for(detector_model, criterion, optimizer, data, args.detector_minutes,
                                plan.optimizer.clip_max_norm, "detector", build_warmup_scheduler(optimizer, plan.optimizer))
 
-    # 2. The mask head on top of it, detector frozen.
-    config = detector_model.config.replace(masks=True, freeze_detector=True)
+    # 2. The mask head on top of it: detector frozen (the paper), or training on with it (--mask-training joint).
+    joint = args.mask_training == "joint"
+    config = detector_model.config.replace(masks=True, freeze_detector=not joint)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(detector_model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(model.MASK_MODULES) for k in missing)
     criterion = SetCriterion.from_config(config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.mask_lr,
-                                  weight_decay=plan.optimizer.weight_decay)
-    mask_stats = train_for(model, criterion, optimizer, data, args.mask_minutes, plan.optimizer.clip_max_norm, "masks")
+    optimizer = torch.optim.AdamW(mask_phase_groups(model, plan.optimizer, args.mask_lr, joint),
+                                  lr=args.mask_lr, weight_decay=plan.optimizer.weight_decay)
+    warmup = build_warmup_scheduler(optimizer, plan.optimizer) if joint and not args.detector_minutes else None
+    mask_stats = train_for(model, criterion, optimizer, data, args.mask_minutes, plan.optimizer.clip_max_norm, "masks",
+                           warmup)
     train_seconds = time.perf_counter() - started
 
     # 3. PQ on held-out images, 4. the cost of masks.

@@ -182,6 +182,15 @@ class DETR(nn.Module):
     MASK_MODULES = ("bbox_attention.", "mask_head.")
     """Name prefixes of the mask head's parameters."""
 
+    inference_settings = None
+    """Set on the copies `detr.inference_model` makes (norms folded: they cannot train)."""
+
+    def train(self, mode: bool = True) -> "DETR":
+        if mode and self.inference_settings is not None:
+            raise RuntimeError("an inference model (detr.inference_model: norms folded into the convolutions) "
+                               "cannot train; train the model it was made from")
+        return super().train(mode)
+
     def freeze_detector(self) -> None:
         """Stop gradients to everything but the mask head (the paper's mask-head training)."""
         for name, param in self.named_parameters():

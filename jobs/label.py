@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from jobs.cli import module_main
-from pipelines.labelling.options import LabelOptions
+from pipelines.labelling.options import PRECISIONS, LabelOptions
 
 if TYPE_CHECKING:
     from jobs.model_sources import ResolvedModel
@@ -70,6 +70,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(its PNGs are OUT/panoptic/)")
     parser.add_argument("--draw", type=int, default=DEFAULTS.draw, metavar="N",
                         help="PNGs with drawn boxes for the first N images labelled (OUT/previews/)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default=DEFAULTS.precision,
+                        help="bfloat16: several times faster on CPUs with AMX and on GPUs, scores within about 1e-2 "
+                             "of float32's (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=DEFAULTS.concurrency, help="model actors")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="images per forward pass")
     parser.add_argument("--cpus-per-actor", type=float, default=DEFAULTS.cpus_per_actor,
@@ -112,9 +115,9 @@ class LabelResult:
     @property
     def steady_images_per_s(self) -> float | None:
         """The rate once rows flow (start-up excluded: actors starting, models loading, the first batch)."""
-        if self.first_rows_seconds is None or self.seconds <= self.first_rows_seconds:
-            return None
         rest = self.counts.labelled + self.counts.errors - self.first_rows
+        if self.first_rows_seconds is None or self.seconds <= self.first_rows_seconds or rest <= 0:
+            return None  # everything came at once: no steady phase to speak of
         return rest / (self.seconds - self.first_rows_seconds)
 
 
@@ -146,7 +149,7 @@ def load_model(spec: str, tracking_uri: str | None) -> LoadedModel:
         ensure_tracking_available(uri)
     resolved = resolve_model(spec, uri)
     data = storage.read_bytes(resolved.checkpoint)
-    detector = Detector.from_checkpoint(resolved.checkpoint)  # checks the file; the actors load their own
+    detector = Detector.from_checkpoint(resolved.checkpoint, optimize=False)  # checks the file; actors load their own
     return LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories,
                        bool(detector.model.config.masks))
 
@@ -263,7 +266,7 @@ def format_result(result: LabelResult) -> str:
 def run(args: argparse.Namespace) -> int:
     options = LabelOptions(
         task=args.task, panoptic_threshold=args.panoptic_threshold, score_threshold=args.score_threshold,
-        top_k=args.top_k, batch_size=args.batch_size,
+        top_k=args.top_k, precision=args.precision, batch_size=args.batch_size,
         concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
         rows_per_file=args.rows_per_file, commit_seconds=args.commit_seconds, draw=args.draw,
         max_pixels=args.max_pixels,

@@ -158,7 +158,8 @@ def build_detection_dataset(
     ds = ds.map_batches(
         _prepare_batch,
         batch_format="pyarrow",
-        batch_size=rows_per_block,
+        batch_size=None,  # a read block (at most rows_per_block records) each; a batch size would bundle blocks
+        # of planned records, whose read fuses with this step, `batch_size` blocks to a task
         concurrency=concurrency,
         fn_kwargs={
             "config": transforms,

@@ -45,8 +45,7 @@ def segment_preprocessed(detector: Detector, tensors: Sequence[torch.Tensor], or
     original = [tuple(int(v) for v in s) for s in original]
     batch, mask = pad_images(list(tensors))
     panoptic = PanopticPostProcess(is_thing_map(detector), threshold)
-    outputs = detector.model(batch.to(detector.device), mask.to(detector.device),
-                             mask_queries=panoptic.queries_to_keep)
+    outputs = detector.forward(batch, mask, mask_queries=panoptic.queries_to_keep)
     processed = [tuple(t.shape[-2:]) for t in tensors]
     sizes = torch.tensor(original, device=detector.device)
     detections = (postprocess or PostProcess())(outputs, sizes)

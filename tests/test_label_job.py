@@ -65,9 +65,10 @@ def synthetic_images(folder: Path, n: int, seed: int) -> list[Path]:
 
 def expected_detections(checkpoint: str, data: bytes, key: str, threshold: float, top_k: int | None,
                         classes: set[int] | None = None) -> dict:
-    """The reference: decode the file, one `Detector.detect` call on it alone, then the class filter and top-k."""
+    """The reference: decode the file, one `Detector.detect` call on it alone with the model as trained (not
+    the inference copy the job's actors run: folded norms, channels-last), then the class filter and top-k."""
     image = decode_image(data, key).array
-    det = Detector.from_checkpoint(checkpoint, score_threshold=threshold).detect([image])[0]
+    det = Detector.from_checkpoint(checkpoint, score_threshold=threshold, optimize=False).detect([image])[0]
     keep = [i for i in det["scores"].argsort(descending=True).tolist()
             if classes is None or int(det["labels"][i]) in classes][:top_k]
     return {"shape": image.shape[:2], "boxes": det["boxes"][keep].numpy(), "scores": det["scores"][keep].numpy(),
@@ -124,11 +125,13 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
 
     manifest = json.loads(Path(out, "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["settings"] == {"task": "detection", "score_threshold": 0.2,
-                                                                         "top_k": 5, "classes": None}
+                                                                         "top_k": 5, "classes": None,
+                                                                         "precision": "float32"}
     assert manifest["totals"]["images_labelled"] == 16 and manifest["totals"]["detections"] == compared
     run = manifest["runs"][-1]
-    assert 0 < run["first_rows_seconds"] < run["seconds"]  # start-up, then the steady rate after it
-    assert run["steady_images_per_s"] > 0 and "first rows after" in printed
+    assert 0 < run["first_rows_seconds"] <= run["seconds"]  # start-up, then the steady rate after it (if any rows
+    # came after the first ones: 20 images are two blocks here, which may reach the driver together)
+    assert run["steady_images_per_s"] is None or (run["steady_images_per_s"] > 0 and "first rows after" in printed)
     results = json.loads(Path(coco).read_text())
     assert len(results) == compared and {r["image_id"] for r in results} == {r["image_id"] for r in rows}
     previews = sorted(Path(out, "previews").iterdir())

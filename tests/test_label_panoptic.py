@@ -155,7 +155,8 @@ def test_the_task_is_a_row_setting_a_rerun_must_keep():
     model = {"name": "m", "version": "1", "run_id": "r", "sha256": "aa"}
     detection = LabelOptions().row_settings()
     panoptic = LabelOptions(task="panoptic").row_settings()
-    assert detection == {"task": "detection", "score_threshold": 0.5, "top_k": None, "classes": None}
+    assert detection == {"task": "detection", "score_threshold": 0.5, "top_k": None, "classes": None,
+                         "precision": "float32"}
     assert panoptic == {**detection, "task": "panoptic", "panoptic_threshold": 0.85}
     with pytest.raises(ValueError, match="task 'detection' \\(now 'panoptic'\\)"):
         check_compatible(new_manifest(model, detection), model, panoptic, "out")
@@ -164,13 +165,20 @@ def test_the_task_is_a_row_setting_a_rerun_must_keep():
     with pytest.raises(ValueError, match="panoptic_threshold 0.85 \\(now 0.5\\)"):
         check_compatible(new_manifest(model, panoptic), model,
                          LabelOptions(task="panoptic", panoptic_threshold=0.5).row_settings(), "out")
-    # An output labelled before tasks were recorded holds detections: it resumes as detection only.
-    legacy = new_manifest(model, {k: v for k, v in detection.items() if k != "task"})
+    with pytest.raises(ValueError, match="precision 'float32' \\(now 'bfloat16'\\)"):
+        check_compatible(new_manifest(model, detection), model, LabelOptions(precision="bfloat16").row_settings(),
+                         "out")
+    # An output labelled before tasks and precisions were recorded holds float32 detections: it resumes as such.
+    legacy = new_manifest(model, {k: v for k, v in detection.items() if k not in ("task", "precision")})
     check_compatible(legacy, model, detection, "out")
     with pytest.raises(ValueError, match="task 'detection' \\(now 'panoptic'\\)"):
         check_compatible(legacy, model, panoptic, "out")
+    with pytest.raises(ValueError, match="precision 'float32' \\(now 'bfloat16'\\)"):
+        check_compatible(legacy, model, LabelOptions(precision="bfloat16").row_settings(), "out")
     with pytest.raises(ValueError, match="task must be one of detection, panoptic"):
         LabelOptions(task="instances")
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16"):
+        LabelOptions(precision="float16")
 
 
 def test_panoptic_task_with_a_model_without_masks_fails_at_once(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 A re-run into an existing output must use the same model (name, version, run id
 and the checkpoint's sha256) and the same row settings (task, threshold, top-k,
-classes, panoptic threshold); otherwise the dataset would mix rows that mean
+classes, precision, panoptic threshold); otherwise the dataset would mix rows that mean
 different things, so the job refuses with a message that says what differs. Each run is recorded
 when it starts (status "running": a run that was killed stays so) and completed
 when it ends.
@@ -15,8 +15,9 @@ from typing import Any, Mapping
 from pipelines.labelling.output import FORMAT, Committed, LabelOutput
 
 
-# What a setting was before the manifest recorded it: outputs made before tasks existed hold detections.
-SETTING_DEFAULTS = {"task": "detection"}
+# What a setting was before the manifest recorded it: outputs made before tasks existed hold detections,
+# and before precisions existed, float32 ones.
+SETTING_DEFAULTS = {"task": "detection", "precision": "float32"}
 
 
 def _now() -> str:

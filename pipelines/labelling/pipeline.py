@@ -26,10 +26,16 @@ from pipelines.sources import Source
 from pipelines.transforms import TransformsConfig
 
 TASK_CPUS = 1.0  # what one read or prepare task reserves (Ray Data's default)
-GROUP_WINDOW_BATCHES = 4  # a prepare task orders this many actor batches' worth of images by shape
-ROWS_PER_READ_BLOCK = 8  # blocks are what an actor receives: small ones even out the actors' last seconds
+GROUP_WINDOW_BATCHES = 4  # a prepare task orders this many actor batches' worth of images by shape...
+MIN_ROWS_PER_READ_BLOCK = 8  # ...in blocks of at least this many rows; blocks are also what an actor receives:
+# small ones even out the actors' last seconds
 QUEUED_BATCHES_PER_ACTOR = 8  # prepared batches allowed to wait for each actor...
 MIN_OBJECT_STORE_BUDGET = 256 * 2**20  # ...but never less than this in Ray's object store
+
+
+def read_block_rows(options: LabelOptions) -> int:
+    """Rows per read block: one prepare task's window of images, ordered by shape."""
+    return max(MIN_ROWS_PER_READ_BLOCK, GROUP_WINDOW_BATCHES * options.batch_size)
 
 
 def object_store_budget(options: LabelOptions, transforms: TransformsConfig) -> int:
@@ -63,9 +69,9 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
     `source`, skipping keys whose digests are in `done` (sorted, see key_digests); a lazy ray.data.Dataset."""
     import ray
 
-    prepared = source.read(rows_per_block=ROWS_PER_READ_BLOCK).map_batches(
+    prepared = source.read(rows_per_block=read_block_rows(options)).map_batches(
         prepare_batch,
-        batch_size=max(ROWS_PER_READ_BLOCK, GROUP_WINDOW_BATCHES * options.batch_size),
+        batch_size=None,  # a read block each: one window of images ordered by shape
         batch_format="pyarrow",
         fn_kwargs={"done": done, "transforms": transforms, "limits": DecodeLimits(max_pixels=options.max_pixels)},
     )
@@ -84,7 +90,8 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
             # A reference, not the bytes: the bytes would be pickled into the UDF itself (Ray warns at
             # ~100 MB, a ResNet-50 DETR is 160 MB) and copied for every actor; each actor fetches this once.
             "checkpoint": ray.put(checkpoint), "score_threshold": options.score_threshold, "top_k": options.top_k,
-            "classes": options.classes, "draw": options.draw, "threads": options.torch_threads, **task_options,
+            "classes": options.classes, "draw": options.draw, "threads": options.torch_threads,
+            "precision": options.precision, **task_options,
         },
     )
     limits = results.context.execution_options.resource_limits

@@ -3,7 +3,8 @@
 `map_batches(LabelPredictor, compute=ActorPoolStrategy(size=N), ...)` keeps N
 actors alive for the whole job; each loads the checkpoint once (from bytes that
 travel through the object store, so actors on any node can load a model the
-driver downloaded), runs on a GPU when Ray gave it one, with one torch thread per
+driver downloaded) as the Detector's inference copy (norms folded, channels-last,
+optionally bfloat16), runs on a GPU when Ray gave it one, with one torch thread per
 reserved CPU otherwise, under `torch.inference_mode`. A batch is split where
 padding would waste too much (`shapes.padding_groups`); rows that failed to
 decode pass through with their error reason. `infer` is the one forward pass per
@@ -39,7 +40,7 @@ class LabelPredictor:
     """Callable class for `map_batches`: PREPARED_SCHEMA batches in, RESULT_SCHEMA batches out."""
 
     def __init__(self, checkpoint: "bytes | ray.ObjectRef", *, score_threshold: float | None, top_k: int | None,
-                 classes: Sequence[int] | None, draw: int = 0, threads: int = 1,
+                 classes: Sequence[int] | None, draw: int = 0, threads: int = 1, precision: str = "float32",
                  max_waste: float = DEFAULT_MAX_WASTE) -> None:
         torch.set_num_threads(threads)
         if not isinstance(checkpoint, (bytes, bytearray, memoryview)):
@@ -47,7 +48,7 @@ class LabelPredictor:
 
             checkpoint = ray.get(checkpoint)
         # top_k is applied after the class filter (select_detections), so the Detector keeps them all.
-        self.detector = Detector.from_checkpoint(checkpoint, score_threshold=score_threshold)
+        self.detector = Detector.from_checkpoint(checkpoint, score_threshold=score_threshold, precision=precision)
         self.classes, self.top_k, self.max_waste = classes, top_k, max_waste
         self.draw_left = draw  # each actor draws its first N images; the driver keeps the first N overall
 

@@ -1,0 +1,123 @@
+"""detr.inference_model: folded norms and channels-last give the original's outputs; bfloat16 stays close."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import detr
+from detr import forward_inference, inference_model, pad_images
+from detr.checkpoint import checkpoint_dict
+from detr.inference_model import ClearPadding, fold_norms
+from pipelines.inference import Detector
+from pipelines.transforms import TransformsConfig
+
+FAST_PANOPTIC = dict(backbone_norm="batch", train_backbone_stem=True, backbone_stages=2, focal_loss=True,
+                     encoder_aux_matches=2, two_stage=True, proposal_nms=0.5, num_classes=7)
+CONFIGS = {
+    "tiny": detr.DETRConfig.preset("tiny"),
+    "tiny_official_padding": detr.DETRConfig.preset("tiny").replace(padding_invariant=False),
+    "tiny_panoptic": detr.DETRConfig.preset("tiny_panoptic"),
+    "fast_panoptic_stride8": detr.DETRConfig.preset("tiny_panoptic").replace(**FAST_PANOPTIC),
+}
+
+
+def model_with_statistics(config: detr.DETRConfig, seed: int = 0) -> detr.DETR:
+    """A random model whose norms are not the identity (as after pretraining), in eval mode."""
+    torch.manual_seed(seed)
+    model = detr.build_model(config).eval()
+    with torch.no_grad():
+        for module in model.backbone.modules():
+            if hasattr(module, "running_var"):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def padded_batch():
+    torch.manual_seed(1)
+    return pad_images([torch.randn(3, 64, 80), torch.randn(3, 72, 64)])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_float32_inference_copy_gives_the_original_outputs(name):
+    model = model_with_statistics(CONFIGS[name])
+    images, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(images, mask)
+    fast = inference_model(model)
+    out = forward_inference(fast, images, mask)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        if key in expected:
+            assert out[key].dtype == torch.float32
+            torch.testing.assert_close(out[key], expected[key], rtol=0, atol=1e-4, msg=key)
+    assert not any(isinstance(m, (detr.backbone.FrozenBatchNorm2d, detr.backbone.TrainableBatchNorm2d))
+                   for m in fast.backbone.modules())
+    conv = fast.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_folded_model_stays_padding_invariant():
+    model = inference_model(model_with_statistics(CONFIGS["tiny_panoptic"]))
+    images, mask = padded_batch()
+    together = forward_inference(model, images, mask)
+    alone = forward_inference(model, images[1:, :, :72, :64], mask[1:, :72, :64])
+    torch.testing.assert_close(together["pred_logits"][1:], alone["pred_logits"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(together["pred_boxes"][1:], alone["pred_boxes"], rtol=0, atol=1e-5)
+    assert any(isinstance(m, ClearPadding) for m in model.modules())
+
+
+def test_fold_count_matches_the_resnets_norms():
+    for preset, expected in (("tiny", 1 + 8 * 2 + 3), ("detr_r50", 1 + 16 * 3 + 4)):
+        body = detr.build_model(preset).backbone.body
+        assert fold_norms(body) == expected
+
+
+def test_bfloat16_backbone_stays_close_to_float32():
+    model = model_with_statistics(CONFIGS["tiny_panoptic"])
+    images, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(images, mask)
+    fast = inference_model(model, "bfloat16")
+    assert {p.dtype for p in fast.backbone.parameters()} == {torch.bfloat16}  # where the time goes
+    assert {p.dtype for p in fast.transformer.parameters()} == {torch.float32}
+    out = forward_inference(fast, images, mask)
+    assert out["pred_logits"].dtype == torch.float32
+    logit_error = (out["pred_logits"] - expected["pred_logits"]).abs().max().item()
+    assert 0 < logit_error < 0.1  # really computed in bfloat16, and close
+    assert (out["pred_boxes"] - expected["pred_boxes"]).abs().max().item() < 0.01
+    masks_agree = ((out["pred_masks"] > 0) == (expected["pred_masks"] > 0)).float().mean().item()
+    assert masks_agree > 0.99
+
+
+def test_original_is_untouched_and_the_copy_cannot_train_or_be_saved():
+    model = model_with_statistics(CONFIGS["tiny"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_model(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.train()  # the original still trains
+    with pytest.raises(RuntimeError, match="cannot train"):
+        fast.train()
+    with pytest.raises(ValueError, match="no checkpoint of its own"):
+        checkpoint_dict(fast)
+    with pytest.raises(ValueError, match="already an inference model"):
+        inference_model(fast)
+    with pytest.raises(ValueError, match="unknown precision"):
+        inference_model(model, "float16")
+
+
+def test_detector_runs_the_inference_copy_with_the_same_detections():
+    model = model_with_statistics(CONFIGS["tiny"])
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (70, 90, 3), dtype=np.uint8), rng.integers(0, 255, (96, 64, 3), dtype=np.uint8)]
+    plain = Detector(model, TransformsConfig.small(), optimize=False, score_threshold=None).detect(images)
+    fast_detector = Detector(model, TransformsConfig.small(), score_threshold=None)
+    assert fast_detector.model.inference_settings.precision == "float32"
+    for a, b in zip(plain, fast_detector.detect(images)):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="optimize=True"):
+        Detector(model, TransformsConfig.small(), optimize=False, precision="bfloat16")
