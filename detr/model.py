@@ -174,7 +174,8 @@ class DETR(nn.Module):
         if config.denoising_groups:
             self.denoising_label_embed = nn.Embedding(config.num_classes, config.hidden_dim)
         if config.masks:
-            self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0)
+            self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0,
+                                                 scaled=config.scaled_mask_attention)
             self.mask_head = MaskHeadSmallConv(config.hidden_dim + config.nheads, config.fpn_dims, config.hidden_dim)
             if config.freeze_detector:
                 self.freeze_detector()

@@ -3,7 +3,7 @@
 For every object query, `MHAttentionMap` computes multi-head attention weights
 of the last decoder output over the encoder memory (weights only, no values;
 padding masked out; as in the official code, one softmax spans all heads and
-positions). `MaskHeadSmallConv` concatenates those maps with the projected
+positions; `scaled_mask_attention` rescales them to average 1). `MaskHeadSmallConv` concatenates those maps with the projected
 stride-32 features and upsamples them through GroupNorm convolutions, adding
 the backbone's stride-16, stride-8 and stride-4 features (FPN adapters whose
 widths follow the backbone: 1024/512/256 for ResNet-50/101, 256/128/64 for
@@ -43,10 +43,16 @@ UNCOMPUTED_MASK_LOGIT = -1.0e4
 
 
 class MHAttentionMap(nn.Module):
-    """2-D multi-head attention that returns only the attention weights: [B, Q, heads, h, w]."""
+    """2-D multi-head attention that returns only the attention weights: [B, Q, heads, h, w].
 
-    def __init__(self, query_dim: int, hidden_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+    `scaled`: the weights times the number of (head, unpadded position) cells, averaging 1 over the
+    image whatever its size or padding (see `DETRConfig.scaled_mask_attention`).
+    """
+
+    def __init__(self, query_dim: int, hidden_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 scaled: bool = False):
         super().__init__()
+        self.scaled = scaled
         self.num_heads = num_heads
         self.hidden_dim = hidden_dim
         self.dropout = nn.Dropout(dropout)
@@ -68,6 +74,9 @@ class MHAttentionMap(nn.Module):
         if mask is not None:
             weights = weights.masked_fill(mask.unsqueeze(1).unsqueeze(1), float("-inf"))
         weights = F.softmax(weights.flatten(2), dim=-1).view(weights.size())
+        if self.scaled:
+            positions = k.shape[-2] * k.shape[-1] if mask is None else (~mask).sum((1, 2)).view(-1, 1, 1, 1, 1)
+            weights = weights * (self.num_heads * positions)
         return self.dropout(weights)
 
 

@@ -11,7 +11,8 @@ file < `--set`. A recipe never names data sources, scaling, storage or tracking.
   batch norm, stem included, stopped at stride 8), sigmoid focal classification with the
   focal matching cost, a dense encoder head trained one-to-many whose best cells become the
   decoder's queries (two-stage) after non-maximum suppression, so each query starts on its
-  own object, a higher learning rate with warm-up, no dropout, and the
+  own object, mask-head attention maps scaled to average 1 (models with masks learn to tell
+  queries apart from the start), a higher learning rate with warm-up, no dropout, and the
   augmentation at about the images' own size. Every one of these is an option of the model
   library, off by default; official checkpoints still load into such a model (its extra
   heads start fresh) and fine-tune.
@@ -35,6 +36,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "encoder_aux_matches": 2,
             "two_stage": True,
             "proposal_nms": 0.5,
+            "scaled_mask_attention": True,
         },
         "optimizer": {"lr": 2.0e-4, "lr_backbone": 2.0e-4, "warmup_steps": 100},
         "data": {"transforms": "native", "batch_size": 8},

@@ -197,3 +197,32 @@ def test_detection_inference_of_a_mask_model_skips_the_mask_head():
     detector = Detector(model, TransformsConfig.small(), device=torch.device("cpu"))
     detections = detector.detect([np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)])
     assert len(calls) == 2 and detections[0]["boxes"].shape == (6, 4)
+
+
+def test_scaled_mask_attention_averages_one_per_query_and_stays_padding_invariant():
+    """`scaled_mask_attention` multiplies the official maps by the (head, unpadded position) count: the same
+    maps, averaging 1 over each image instead of 1/cells, alone or padded in a batch; no new weights."""
+    official, scaled = small_model(), small_model(scaled_mask_attention=True)
+    assert official.state_dict().keys() == scaled.state_dict().keys()
+    scaled.load_state_dict(official.state_dict())
+    torch.manual_seed(3)
+    q, memory = torch.randn(2, 6, 128), torch.randn(2, 128, 5, 7)
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[1, 3:, :] = True
+    mask[1, :, 4:] = True  # the second image owns 3x4 of the 5x7 cells
+    with torch.no_grad():
+        plain = official.bbox_attention(q, memory, mask)
+        maps = scaled.bbox_attention(q, memory, mask)
+    counts = torch.tensor([8 * 35, 8 * 12], dtype=torch.float32)
+    torch.testing.assert_close(maps, plain * counts.view(2, 1, 1, 1, 1))
+    torch.testing.assert_close(maps.sum((2, 3, 4)) / counts[:, None], torch.ones(2, 6))
+    assert (maps[1][:, :, 3:, :] == 0).all() and (maps[1][:, :, :, 4:] == 0).all()
+    small, large = torch.randn(3, 70, 90), torch.randn(3, 128, 100)
+    with torch.no_grad():
+        alone = scaled(*pad_images([small]))
+        batched = scaled(*pad_images([large, small]))
+    torch.testing.assert_close(batched["pred_masks"][1, :, :18, :23], alone["pred_masks"][0], atol=1e-4, rtol=0)
+    # Scaled maps make the queries' masks differ from the start (the official ones differ by ~1e-5).
+    spread = alone["pred_masks"][0].std(0).mean().item()
+    official_spread = official(*pad_images([small]))["pred_masks"][0].std(0).mean().item()
+    assert spread > 10 * official_spread  # measured: 75x
