@@ -223,6 +223,10 @@ def main() -> None:
     parser.add_argument("--detector-minutes", type=float, default=11.0)
     parser.add_argument("--mask-minutes", type=float, default=4.0)
     parser.add_argument("--mask-lr", type=float, default=5e-4, help="mask head learning rate")
+    parser.add_argument("--cost-mask", type=float, default=0.0,
+                        help="mask phase: the matcher's mask cross-entropy cost (DETRConfig.set_cost_mask)")
+    parser.add_argument("--cost-dice", type=float, default=0.0,
+                        help="mask phase: the matcher's dice cost (DETRConfig.set_cost_dice)")
     parser.add_argument("--mask-training", choices=("frozen", "joint"), default="frozen",
                         help="frozen: the mask head trains on the frozen detector (the paper); joint: the detector "
                              "trains on with it (with --detector-minutes 0, both from the start)")
@@ -267,7 +271,8 @@ def main() -> None:
 
     # 2. The mask head on top of it: detector frozen (the paper), or training on with it (--mask-training joint).
     joint = args.mask_training == "joint"
-    config = detector_model.config.replace(masks=True, freeze_detector=not joint)
+    config = detector_model.config.replace(masks=True, freeze_detector=not joint, set_cost_mask=args.cost_mask,
+                                           set_cost_dice=args.cost_dice)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(detector_model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(model.MASK_MODULES) for k in missing)

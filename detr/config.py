@@ -113,6 +113,11 @@ class DETRConfig:
     for data where objects of different classes share a box: panoptic stuff regions (two background
     regions both span the image) or a rider on a horse. Off: class-agnostic, which also removes the
     early duplicates whose classes the model is still unsure of."""
+    proposal_content: bool = False
+    """With `two_stage`: each decoder query's content starts as its proposal cell's encoder feature
+    (detached, as RT-DETR does) instead of zeros. A positional query made from a box alone cannot
+    tell two proposals with the same box apart (two stuff regions that both span the image), nor say
+    what the cell saw; the feature carries both. Fast-convergence option."""
     box_refine: bool = False
     """Iterative box refinement (Deformable DETR, DAB-DETR), with `two_stage`: every decoder layer
     refines the previous layer's boxes (offsets in logit space, gradients stopped between layers)
@@ -137,6 +142,13 @@ class DETRConfig:
     set_cost_class: float = 1.0
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
+    set_cost_mask: float = 0.0
+    """With masks: weight of the masks' sigmoid cross-entropy in the matching cost (0: off, the paper's
+    box matching). Stuff regions often share boxes (two halves of an image both span it), so box costs
+    cannot tell which query is which region and the assignment flips from step to step; a mask cost
+    can (Mask2Former). Training then computes every query's mask, not only the matched ones."""
+    set_cost_dice: float = 0.0
+    """With masks: weight of the masks' dice cost in the matching (0: off); see `set_cost_mask`."""
 
     # Loss weights
     ce_loss_coef: float = 1.0
@@ -239,6 +251,12 @@ class DETRConfig:
             problems.append(f"focal_alpha must be in (0, 1) and focal_gamma >= 0, got {self.focal_alpha}, {self.focal_gamma}")
         if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
             problems.append("the matcher costs cannot all be 0")
+        if self.set_cost_mask < 0 or self.set_cost_dice < 0:
+            problems.append("set_cost_mask and set_cost_dice must be >= 0")
+        elif (self.set_cost_mask or self.set_cost_dice) and not self.masks:
+            problems.append("set_cost_mask and set_cost_dice need masks=True (a mask head to match by)")
+        if self.proposal_content and not self.two_stage:
+            problems.append("proposal_content needs two_stage (the proposals whose features start the queries)")
         if self.masks and self.hidden_dim >= 1 and self.nheads >= 1:
             # The official mask head: GroupNorm(8) over hidden+nheads channels, then hidden/2 ... hidden/16.
             if (self.hidden_dim + self.nheads) % MASK_HEAD_GROUPS or self.hidden_dim % (16 * MASK_HEAD_GROUPS):

@@ -105,7 +105,8 @@ class SetCriterion(nn.Module):
     @classmethod
     def from_config(cls, config: DETRConfig) -> "SetCriterion":
         focal = (config.focal_alpha, config.focal_gamma) if config.focal_loss else None
-        matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou, focal)
+        matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou, focal,
+                                   config.set_cost_mask, config.set_cost_dice)
         losses = DEFAULT_LOSSES + (MASK_LOSSES if config.masks else ())
         return cls(config.num_classes, matcher, loss_weights(config), config.eos_coef, losses,
                    padding_invariant=config.padding_invariant, focal=focal)
@@ -211,7 +212,10 @@ class SetCriterion(nn.Module):
 
         The mask losses read only those masks, so computing the others is wasted work; at least
         one query is always selected, so the mask head takes part in every step (DDP needs that).
+        A matcher with mask costs needs every query's mask: then None (all of them).
         """
+        if self.matcher.uses_masks:
+            return None
 
         @torch.no_grad()
         def select(outputs: Mapping) -> Tensor:

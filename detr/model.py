@@ -284,7 +284,11 @@ class DETR(nn.Module):
         top = select_proposals(scores, enc["pred_boxes"].detach(), ~src_mask.flatten(1), count,
                                self.config.proposal_nms, classes if self.config.proposal_nms_per_class else None)
         reference = enc["pred_boxes"].gather(1, top[..., None].expand(-1, -1, 4)).detach()
-        content = reference.new_zeros(*reference.shape[:2], self.config.hidden_dim)
+        if self.config.proposal_content:
+            tokens = memory.flatten(2).transpose(1, 2)
+            content = tokens.gather(1, top[..., None].expand(-1, -1, tokens.shape[-1])).detach()
+        else:
+            content = reference.new_zeros(*reference.shape[:2], self.config.hidden_dim)
         attn_mask, denoise = None, None
         if self.training and self.config.denoising_groups:
             # Part of every step's graph, targets or not: DDP waits for each trainable parameter's gradient.

@@ -139,3 +139,35 @@ def test_official_weights_load_into_a_two_stage_model_whose_new_heads_start_fres
     assert model.config.two_stage and model.config.hidden_dim == plain.config.hidden_dim
     torch.testing.assert_close(model.transformer.state_dict(), plain.transformer.state_dict())
     torch.testing.assert_close(model.backbone.state_dict(), plain.backbone.state_dict())
+
+
+def test_proposal_content_starts_each_query_with_its_cells_encoder_feature():
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=4, focal_loss=True, encoder_aux_matches=K, two_stage=True,
+                        num_queries=4, dropout=0.0, proposal_content=True).train()
+    images, mask = pad_images([torch.randn(3, 96, 128), torch.randn(3, 64, 64)])
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen["tgt"] = args[0] if args else kwargs["tgt"]
+
+    hook = model.transformer.decoder.register_forward_pre_hook(capture, with_kwargs=True)
+    out = model(images, mask)
+    hook.remove()
+    with torch.no_grad():
+        features, masks = model.backbone(images, mask)
+        src, src_mask = model.input_proj(features[-1]), masks[-1]
+        memory = model.transformer.encode(src, src_mask, model.position_encoding(src_mask))
+        scores = model.predict_from_encoder(memory, src_mask)["pred_logits"][..., :-1].max(-1).values
+    tokens = memory.flatten(2).transpose(1, 2)
+    for i in range(2):
+        best = scores[i].topk(4).indices  # no proposal NMS: the best cells, best first
+        torch.testing.assert_close(seen["tgt"][i], tokens[i, best], atol=1e-5, rtol=0)
+    assert not seen["tgt"].requires_grad  # detached: the queries do not train the encoder through it
+    criterion = SetCriterion.from_config(model.config)
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.3]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    criterion.total(criterion(out, targets)).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with pytest.raises(ValueError, match="proposal_content needs two_stage"):
+        DETRConfig(proposal_content=True)
