@@ -92,6 +92,15 @@ class DETRConfig:
     weights (`encoder_class_embed`, `encoder_bbox_embed`) are left out of official exports and
     unused at inference. Fast-convergence option; 0: off (the paper)."""
 
+    encoder_mask_assignment: bool = False
+    """With `encoder_aux_matches` and targets that carry masks (panoptic training): the dense head's
+    positives are the cells whose centre lies inside a target's mask (each predicts that target's
+    class and box; a cell inside several masks goes to the smallest), plus the
+    `encoder_aux_matches` best-matched cells of any target too small to hold a cell centre. A stuff
+    region then teaches every one of its cells its class (one-to-many matching teaches k of them its
+    class and the rest background); each target's weight in these losses is still k, shared among its cells.
+    Targets without masks are matched one-to-many as before."""
+
     two_stage: bool = False
     """Decoder queries from the encoder (Deformable DETR's two-stage): the dense head's best
     `num_queries` cells become the queries, their boxes (through a sine embedding and a small
@@ -255,6 +264,8 @@ class DETRConfig:
             problems.append("set_cost_mask and set_cost_dice must be >= 0")
         elif (self.set_cost_mask or self.set_cost_dice) and not self.masks:
             problems.append("set_cost_mask and set_cost_dice need masks=True (a mask head to match by)")
+        if self.encoder_mask_assignment and not self.encoder_aux_matches:
+            problems.append("encoder_mask_assignment needs the dense head (encoder_aux_matches > 0)")
         if self.proposal_content and not self.two_stage:
             problems.append("proposal_content needs two_stage (the proposals whose features start the queries)")
         if self.masks and self.hidden_dim >= 1 and self.nheads >= 1:

@@ -39,6 +39,7 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 
 from .config import DETRConfig
 from .distributed import all_reduce_mean
+from .mask_assignment import mask_assignment, target_balanced_weights
 from .matcher import HungarianMatcher, MatchIndices
 from .segmentation import dice_loss, mask_focal_loss, masks_to_image
 
@@ -85,8 +86,10 @@ class SetCriterion(nn.Module):
         losses: Sequence[str] = DEFAULT_LOSSES,
         padding_invariant: bool = True,
         focal: tuple[float, float] | None = None,
+        encoder_mask_assignment: bool = False,
     ) -> None:
-        """`focal=(alpha, gamma)` replaces the cross-entropy by the sigmoid focal loss."""
+        """`focal=(alpha, gamma)` replaces the cross-entropy by the sigmoid focal loss;
+        `encoder_mask_assignment` see `DETRConfig` (and `detr.mask_assignment`)."""
         super().__init__()
         unknown = set(losses) - set(DEFAULT_LOSSES) - set(MASK_LOSSES)
         if unknown:
@@ -98,6 +101,7 @@ class SetCriterion(nn.Module):
         self.eos_coef = eos_coef
         self.losses = tuple(losses)
         self.focal = focal
+        self.encoder_mask_assignment = encoder_mask_assignment
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -109,27 +113,36 @@ class SetCriterion(nn.Module):
                                    config.set_cost_mask, config.set_cost_dice)
         losses = DEFAULT_LOSSES + (MASK_LOSSES if config.masks else ())
         return cls(config.num_classes, matcher, loss_weights(config), config.eos_coef, losses,
-                   padding_invariant=config.padding_invariant, focal=focal)
+                   padding_invariant=config.padding_invariant, focal=focal,
+                   encoder_mask_assignment=config.encoder_mask_assignment)
 
     # -- individual losses -------------------------------------------------------------
     def loss_labels(
-        self, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices, norms: dict, log: bool = True
+        self, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices, norms: dict, log: bool = True,
+        weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """`weights`: one per matched prediction (in `indices` order) scaling its term; unmatched ones weigh 1."""
         logits = outputs["pred_logits"]
         idx = _src_permutation(indices)
         matched_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).long()
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[idx] = matched_classes
+        cell_weights = None
+        if weights is not None:
+            cell_weights = torch.ones(logits.shape[:2], device=logits.device)
+            cell_weights[idx] = weights.to(cell_weights)
         if self.focal is None:
-            ce_sum = F.cross_entropy(
-                logits.transpose(1, 2).float(), target_classes, self.empty_weight, reduction="sum"
-            )
+            ce = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight,
+                                 reduction="sum" if cell_weights is None else "none")
+            ce_sum = ce if cell_weights is None else (ce * cell_weights).sum()
             losses = {"loss_ce": ce_sum / norms["ce_weight"]}
         else:
             # One-hot over num_classes + 1 columns, then the no-object column is dropped: background is all-zero.
             one_hot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()
             alpha, gamma = self.focal
-            focal_sum = sigmoid_focal_loss(logits[..., :-1].float(), one_hot, alpha, gamma, reduction="sum")
+            focal = sigmoid_focal_loss(logits[..., :-1].float(), one_hot, alpha, gamma,
+                                       reduction="sum" if cell_weights is None else "none")
+            focal_sum = focal if cell_weights is None else (focal * cell_weights[..., None]).sum()
             losses = {"loss_ce": focal_sum / norms["num_boxes"]}
         if log:
             if matched_classes.numel() == 0:
@@ -154,15 +167,18 @@ class SetCriterion(nn.Module):
         return {"cardinality_error": F.l1_loss(predicted_counts, target_counts)}
 
     def loss_boxes(
-        self, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices, norms: dict
+        self, outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices, norms: dict,
+        weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """`weights`: one per matched prediction (in `indices` order) scaling its terms."""
         idx = _src_permutation(indices)
         src_boxes = outputs["pred_boxes"][idx].float()
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0).to(src_boxes)
-        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="sum")
-        loss_giou = generalized_box_iou_loss(
-            box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), reduction="sum"
-        )
+        scale = torch.ones(len(src_boxes), device=src_boxes.device) if weights is None else weights.to(src_boxes)
+        loss_bbox = (F.l1_loss(src_boxes, target_boxes, reduction="none").sum(1) * scale).sum()
+        loss_giou = (generalized_box_iou_loss(
+            box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), reduction="none"
+        ) * scale).sum()
         return {"loss_bbox": loss_bbox / norms["num_boxes"], "loss_giou": loss_giou / norms["num_boxes"]}
 
     def loss_masks(
@@ -291,14 +307,19 @@ class SetCriterion(nn.Module):
         return losses
 
     def _encoder_losses(self, enc: Mapping, targets: Sequence[Mapping], norms: dict) -> dict[str, Tensor]:
-        """One-to-many: each target repeated k times, so the matcher gives it its k best cells."""
+        """One-to-many: each target repeated k times, so the matcher gives it its k best cells; with
+        `encoder_mask_assignment` and masks, the cells inside each target's mask (`detr.mask_assignment`)."""
         k = int(enc["matches_per_target"])
-        repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
         dense = {"pred_logits": enc["pred_logits"], "pred_boxes": enc["pred_boxes"]}
-        indices = self.matcher(dense, repeated)
         scaled = {**norms, "num_boxes": norms["num_boxes"] * k}
-        losses = self.get_loss("labels", dense, repeated, indices, scaled, log=False)
-        losses.update(self.get_loss("boxes", dense, repeated, indices, scaled))
+        if self.encoder_mask_assignment and targets and all("masks" in t for t in targets):
+            indices = mask_assignment(dense, targets, enc["grid"], enc["stride"], self.matcher, k)
+            repeated, weights = targets, target_balanced_weights(indices, k)
+        else:
+            repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+            indices, weights = self.matcher(dense, repeated), None
+        losses = self.get_loss("labels", dense, repeated, indices, scaled, log=False, weights=weights)
+        losses.update(self.get_loss("boxes", dense, repeated, indices, scaled, weights=weights))
         return {f"{name}_enc": value for name, value in losses.items()}
 
     def _set_losses(self, outputs: Mapping, targets: Sequence[Mapping], norms: dict, log: bool) -> dict[str, Tensor]:

@@ -202,6 +202,13 @@ class DETR(nn.Module):
     def num_queries(self) -> int:
         return self.config.num_queries
 
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per transformer cell: 4 after the stem, doubled by each stage after the first
+        (a dilated last stage keeps its input's stride)."""
+        stages = self.config.backbone_stages
+        return 2 ** (stages + 1) // (2 if self.config.dilation and stages == 4 else 1)
+
     def forward(self, images: Tensor, mask: Tensor, mask_queries: MaskQueries = None,
                 targets: Sequence[Mapping[str, Tensor]] | None = None) -> dict:
         if images.ndim != 4 or mask.ndim != 3 or images.shape[0] != mask.shape[0] or images.shape[-2:] != mask.shape[-2:]:
@@ -344,7 +351,8 @@ class DETR(nn.Module):
         logits = self.encoder_class_embed(tokens)
         logits = logits.masked_fill(mask.flatten(1)[..., None], -1e4)  # padding is never an object
         boxes = (reference + self.encoder_bbox_embed(tokens)).sigmoid()
-        return {"pred_logits": logits, "pred_boxes": boxes, "matches_per_target": self.config.encoder_aux_matches}
+        return {"pred_logits": logits, "pred_boxes": boxes, "matches_per_target": self.config.encoder_aux_matches,
+                "grid": (height, width), "stride": self.feature_stride}
 
     def predict_from_decoder(self, hs: Tensor, boxes: Tensor | None = None) -> dict:
         """Class and box heads over every decoder layer's output [L,B,Q,C]; `boxes` [L,B,Q,4] when the

@@ -1,0 +1,100 @@
+"""encoder_mask_assignment: the dense head's positives are the cells inside each target's mask."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detr import DETRConfig, HungarianMatcher, SetCriterion, build_model, pad_images
+from detr.mask_assignment import covered_cells, mask_assignment, target_balanced_weights
+
+
+def test_cells_whose_centres_lie_inside_a_mask_by_hand():
+    masks = torch.zeros(3, 30, 32, dtype=torch.bool)
+    masks[0, :, :16] = True  # the left half: centre columns 4 and 12
+    masks[1, 18:26, 18:26] = True  # holds the centre (20, 20) only: cell (2, 2)
+    masks[2, 0:3, 29:32] = True  # too small for any centre
+    masks[0, 18:26, 18:26] = False
+    cells, owners = covered_cells(masks, (4, 4), 8)
+    got = sorted(zip(cells.tolist(), owners.tolist()))
+    # Row 3's centres sit at y = 28, inside the 30-pixel image.
+    left = [(r * 4 + c, 0) for r in range(4) for c in (0, 1)]
+    assert got == sorted(left + [(2 * 4 + 2, 1)])
+    # A cell inside two (overlapping instance) masks goes to the smaller target.
+    overlapping = torch.zeros(2, 16, 16, dtype=torch.bool)
+    overlapping[0] = True
+    overlapping[1, :8, :8] = True
+    cells, owners = covered_cells(overlapping, (2, 2), 8)
+    assert dict(zip(cells.tolist(), owners.tolist())) == {0: 1, 1: 0, 2: 0, 3: 0}
+    # Centres beyond the image (a padded grid) are never inside.
+    cells, _ = covered_cells(torch.ones(1, 12, 12, dtype=torch.bool), (3, 3), 8)
+    assert cells.tolist() == [0]  # centres at 4, 12 and 20: only 4 lies inside 12 pixels
+    cells, owners = covered_cells(torch.zeros(0, 16, 16, dtype=torch.bool), (2, 2), 8)  # an image without targets
+    assert cells.numel() == 0 and owners.numel() == 0
+
+
+def test_small_targets_keep_their_k_best_free_cells():
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :, :16] = True
+    masks[1, 1:3, 29:31] = True  # no centre
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.25, 0.5, 0.5, 1.0], [0.94, 0.06, 0.06, 0.06]]),
+                "masks": masks}]
+    boxes = torch.tensor([[0.25, 0.5, 0.5, 1.0]] * 16)
+    boxes[3] = torch.tensor([0.94, 0.06, 0.07, 0.07])  # cell (0, 3) predicts the small box
+    boxes[7] = torch.tensor([0.9, 0.1, 0.1, 0.1])
+    dense = {"pred_logits": torch.zeros(1, 16, 3), "pred_boxes": boxes[None]}
+    (cells, owners), = mask_assignment(dense, targets, (4, 4), 8, HungarianMatcher(1, 5, 2), k=2)
+    pairs = sorted(zip(cells.tolist(), owners.tolist()))
+    assert pairs == sorted([(r * 4 + c, 0) for r in range(4) for c in (0, 1)] + [(3, 1), (7, 1)])
+
+
+def test_dense_head_trains_every_covered_cell_and_needs_the_dense_head():
+    with pytest.raises(ValueError, match="encoder_mask_assignment needs"):
+        DETRConfig(encoder_mask_assignment=True)
+    config = DETRConfig.preset("tiny_panoptic", num_classes=4, enc_layers=1, dec_layers=1, num_queries=5,
+                               freeze_detector=False, focal_loss=True, encoder_aux_matches=2, two_stage=True,
+                               backbone_stages=2, encoder_mask_assignment=True)
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    images, mask = pad_images([torch.randn(3, 64, 64), torch.randn(3, 48, 64)])
+    halves = torch.zeros(2, 64, 64, dtype=torch.bool)
+    halves[0, :, :32] = True
+    halves[1, :, 32:] = True
+    small = torch.zeros(1, 48, 64, dtype=torch.bool)
+    small[0, 8:24, 8:24] = True
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.25, 0.5, 0.5, 1.0], [0.75, 0.5, 0.5, 1.0]]),
+                "masks": halves},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.25, 1 / 3, 0.25, 1 / 3]]), "masks": small}]
+    criterion = SetCriterion.from_config(config)
+    out = model(images, mask, mask_queries=criterion.mask_query_selection(targets))
+    enc = out["enc_outputs"]
+    assert enc["grid"] == (8, 8) and enc["stride"] == 8
+    indices = mask_assignment(enc, targets, enc["grid"], enc["stride"], criterion.matcher, 2)
+    assert len(indices[0][0]) == 64 and len(indices[1][0]) == 4  # all 8x8 cells; the 2x2 inside the square
+    losses = criterion(out, targets)
+    plain = SetCriterion.from_config(config.replace(encoder_mask_assignment=False))(out, targets)
+    assert losses["loss_ce_enc"] != plain["loss_ce_enc"] and losses["loss_ce"] == plain["loss_ce"]
+    criterion.total(losses).backward()
+    assert model.encoder_class_embed.weight.grad.abs().sum() > 0
+
+
+def test_each_target_weighs_k_shared_among_its_cells():
+    indices = [(torch.tensor([0, 1, 2, 3, 9]), torch.tensor([0, 0, 0, 0, 1])), (torch.zeros(0, dtype=torch.int64),) * 2]
+    weights = target_balanced_weights(indices, k=2)
+    assert weights.tolist() == [0.5, 0.5, 0.5, 0.5, 2.0]
+    # Weights of 1 give the unweighted losses; weights scale each matched prediction's terms.
+    criterion = SetCriterion(3, HungarianMatcher(1, 5, 2), {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2},
+                             focal=(0.25, 2.0))
+    torch.manual_seed(0)
+    outputs = {"pred_logits": torch.randn(1, 6, 4), "pred_boxes": torch.rand(1, 6, 4) * 0.5 + 0.25}
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.3]])}]
+    pairs = [(torch.tensor([1, 4]), torch.tensor([0, 1]))]
+    norms = {"num_boxes": 2.0, "ce_weight": 1.0}
+    plain = {**criterion.loss_labels(outputs, targets, pairs, norms, log=False),
+             **criterion.loss_boxes(outputs, targets, pairs, norms)}
+    ones = {**criterion.loss_labels(outputs, targets, pairs, norms, log=False, weights=torch.ones(2)),
+            **criterion.loss_boxes(outputs, targets, pairs, norms, weights=torch.ones(2))}
+    for name in plain:
+        assert torch.allclose(plain[name], ones[name], atol=1e-6), name
+    doubled = criterion.loss_boxes(outputs, targets, pairs, norms, weights=torch.tensor([2.0, 0.0]))
+    first = criterion.loss_boxes(outputs, targets, [(pairs[0][0][:1], pairs[0][1][:1])], norms)
+    assert torch.allclose(doubled["loss_bbox"], 2 * first["loss_bbox"]) and torch.allclose(doubled["loss_giou"], 2 * first["loss_giou"])
