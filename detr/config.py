@@ -93,13 +93,12 @@ class DETRConfig:
     unused at inference. Fast-convergence option; 0: off (the paper)."""
 
     encoder_mask_assignment: bool = False
-    """With `encoder_aux_matches` and targets that carry masks (panoptic training): the dense head's
-    positives are the cells whose centre lies inside a target's mask (each predicts that target's
-    class and box; a cell inside several masks goes to the smallest), plus the
-    `encoder_aux_matches` best-matched cells of any target too small to hold a cell centre. A stuff
-    region then teaches every one of its cells its class (one-to-many matching teaches k of them its
-    class and the rest background); each target's weight in these losses is still k, shared among its cells.
-    Targets without masks are matched one-to-many as before."""
+    """With `encoder_aux_matches` and targets that carry masks (panoptic training): each target keeps its
+    `encoder_aux_matches` best-matched cells of the dense head (weight 1 each), and every other cell whose
+    centre lies inside its mask becomes its positive too (a cell inside several masks goes to the
+    smallest), these sharing a further weight of `encoder_aux_matches`. A stuff region then teaches its
+    cells its class instead of "background" (`detr.mask_assignment`). Targets without masks are matched
+    one-to-many as before."""
 
     two_stage: bool = False
     """Decoder queries from the encoder (Deformable DETR's two-stage): the dense head's best

@@ -39,7 +39,7 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 
 from .config import DETRConfig
 from .distributed import all_reduce_mean
-from .mask_assignment import mask_assignment, target_balanced_weights
+from .mask_assignment import mask_assignment
 from .matcher import HungarianMatcher, MatchIndices
 from .segmentation import dice_loss, mask_focal_loss, masks_to_image
 
@@ -313,8 +313,8 @@ class SetCriterion(nn.Module):
         dense = {"pred_logits": enc["pred_logits"], "pred_boxes": enc["pred_boxes"]}
         scaled = {**norms, "num_boxes": norms["num_boxes"] * k}
         if self.encoder_mask_assignment and targets and all("masks" in t for t in targets):
-            indices = mask_assignment(dense, targets, enc["grid"], enc["stride"], self.matcher, k)
-            repeated, weights = targets, target_balanced_weights(indices, k)
+            indices, weights = mask_assignment(dense, targets, enc["grid"], enc["stride"], self.matcher, k)
+            repeated = targets
         else:
             repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
             indices, weights = self.matcher(dense, repeated), None

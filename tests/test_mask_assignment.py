@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from detr import DETRConfig, HungarianMatcher, SetCriterion, build_model, pad_images
-from detr.mask_assignment import covered_cells, mask_assignment, target_balanced_weights
+from detr.mask_assignment import covered_cells, mask_assignment
 
 
 def test_cells_whose_centres_lie_inside_a_mask_by_hand():
@@ -32,19 +32,23 @@ def test_cells_whose_centres_lie_inside_a_mask_by_hand():
     assert cells.numel() == 0 and owners.numel() == 0
 
 
-def test_small_targets_keep_their_k_best_free_cells():
+def test_k_best_cells_weigh_one_and_the_rest_of_each_mask_shares_k():
     masks = torch.zeros(2, 32, 32, dtype=torch.bool)
-    masks[0, :, :16] = True
-    masks[1, 1:3, 29:31] = True  # no centre
+    masks[0, :, :16] = True  # 8 cell centres: columns 0 and 1
+    masks[1, 1:3, 29:31] = True  # no centre: only its matched cells
     targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.25, 0.5, 0.5, 1.0], [0.94, 0.06, 0.06, 0.06]]),
                 "masks": masks}]
-    boxes = torch.tensor([[0.25, 0.5, 0.5, 1.0]] * 16)
+    boxes = torch.tensor([[0.9, 0.9, 0.05, 0.05]] * 16)
+    boxes[[0, 4]] = torch.tensor([0.25, 0.5, 0.5, 1.0])  # cells (0, 0) and (1, 0) predict the left half
     boxes[3] = torch.tensor([0.94, 0.06, 0.07, 0.07])  # cell (0, 3) predicts the small box
     boxes[7] = torch.tensor([0.9, 0.1, 0.1, 0.1])
     dense = {"pred_logits": torch.zeros(1, 16, 3), "pred_boxes": boxes[None]}
-    (cells, owners), = mask_assignment(dense, targets, (4, 4), 8, HungarianMatcher(1, 5, 2), k=2)
-    pairs = sorted(zip(cells.tolist(), owners.tolist()))
-    assert pairs == sorted([(r * 4 + c, 0) for r in range(4) for c in (0, 1)] + [(3, 1), (7, 1)])
+    ((cells, owners),), weights = mask_assignment(dense, targets, (4, 4), 8, HungarianMatcher(1, 5, 2), k=2)
+    got = {(c, o): w for c, o, w in zip(cells.tolist(), owners.tolist(), weights.tolist())}
+    expected = {(0, 0): 1.0, (4, 0): 1.0, (3, 1): 1.0, (7, 1): 1.0}
+    expected.update({(r * 4 + c, 0): pytest.approx(2 / 6) for r in range(4) for c in (0, 1) if r * 4 + c not in (0, 4)})
+    assert got == expected
+    assert len(set(cells.tolist())) == len(cells)  # a cell is one target's positive at most
 
 
 def test_dense_head_trains_every_covered_cell_and_needs_the_dense_head():
@@ -68,8 +72,11 @@ def test_dense_head_trains_every_covered_cell_and_needs_the_dense_head():
     out = model(images, mask, mask_queries=criterion.mask_query_selection(targets))
     enc = out["enc_outputs"]
     assert enc["grid"] == (8, 8) and enc["stride"] == 8
-    indices = mask_assignment(enc, targets, enc["grid"], enc["stride"], criterion.matcher, 2)
-    assert len(indices[0][0]) == 64 and len(indices[1][0]) == 4  # all 8x8 cells; the 2x2 inside the square
+    indices, weights = mask_assignment(enc, targets, enc["grid"], enc["stride"], criterion.matcher, 2)
+    assert len(indices[0][0]) == 64  # the two halves cover all 8x8 cells
+    square = {r * 8 + c for r in (1, 2) for c in (1, 2)}  # centres (12, 12) to (20, 20) lie inside it
+    assert square <= set(indices[1][0].tolist()) and len(indices[1][0]) <= 6  # plus its matched cells
+    assert weights.sum().item() == pytest.approx(2 * 2 * 3)  # each of the 3 targets: k matched + k shared
     losses = criterion(out, targets)
     plain = SetCriterion.from_config(config.replace(encoder_mask_assignment=False))(out, targets)
     assert losses["loss_ce_enc"] != plain["loss_ce_enc"] and losses["loss_ce"] == plain["loss_ce"]
@@ -77,10 +84,7 @@ def test_dense_head_trains_every_covered_cell_and_needs_the_dense_head():
     assert model.encoder_class_embed.weight.grad.abs().sum() > 0
 
 
-def test_each_target_weighs_k_shared_among_its_cells():
-    indices = [(torch.tensor([0, 1, 2, 3, 9]), torch.tensor([0, 0, 0, 0, 1])), (torch.zeros(0, dtype=torch.int64),) * 2]
-    weights = target_balanced_weights(indices, k=2)
-    assert weights.tolist() == [0.5, 0.5, 0.5, 0.5, 2.0]
+def test_weighted_losses_scale_each_matched_prediction():
     # Weights of 1 give the unweighted losses; weights scale each matched prediction's terms.
     criterion = SetCriterion(3, HungarianMatcher(1, 5, 2), {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2},
                              focal=(0.25, 2.0))
