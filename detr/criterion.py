@@ -308,16 +308,15 @@ class SetCriterion(nn.Module):
 
     def _encoder_losses(self, enc: Mapping, targets: Sequence[Mapping], norms: dict) -> dict[str, Tensor]:
         """One-to-many: each target repeated k times, so the matcher gives it its k best cells; with
-        `encoder_mask_assignment` and masks, the cells inside each target's mask (`detr.mask_assignment`)."""
+        `encoder_mask_assignment` and masks, also the other cells inside each target's mask (`detr.mask_assignment`)."""
         k = int(enc["matches_per_target"])
         dense = {"pred_logits": enc["pred_logits"], "pred_boxes": enc["pred_boxes"]}
         scaled = {**norms, "num_boxes": norms["num_boxes"] * k}
+        repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+        indices, weights = self.matcher(dense, repeated), None
         if self.encoder_mask_assignment and targets and all("masks" in t for t in targets):
-            indices, weights = mask_assignment(dense, targets, enc["grid"], enc["stride"], self.matcher, k)
+            indices, weights = mask_assignment(indices, targets, enc["grid"], enc["stride"], k)
             repeated = targets
-        else:
-            repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
-            indices, weights = self.matcher(dense, repeated), None
         losses = self.get_loss("labels", dense, repeated, indices, scaled, log=False, weights=weights)
         losses.update(self.get_loss("boxes", dense, repeated, indices, scaled, weights=weights))
         return {f"{name}_enc": value for name, value in losses.items()}

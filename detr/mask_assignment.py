@@ -46,13 +46,11 @@ def covered_cells(masks: Tensor, grid: tuple[int, int], stride: int) -> tuple[Te
     return cells, owner[cells]
 
 
-def mask_assignment(dense: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]], grid: tuple[int, int],
-                    stride: int, matcher, k: int) -> tuple[MatchIndices, Tensor]:
+def mask_assignment(matched: MatchIndices, targets: Sequence[Mapping[str, Tensor]], grid: tuple[int, int],
+                    stride: int, k: int) -> tuple[MatchIndices, Tensor]:
     """Per image, (cell indices, target indices) of the dense head's positives and their weights: each
-    target's `k` best-matched cells (one-to-many, weight 1 each), then the other cells inside its mask,
-    which share a further weight of `k`."""
-    repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
-    matched = matcher(dense, repeated)
+    target's `k` best-matched cells (`matched`: the one-to-many match against the targets repeated `k`
+    times; weight 1 each), then the other cells inside its mask, which share a further weight of `k`."""
     indices, weights = [], []
     for t, (m_cells, which) in zip(targets, matched):
         n = len(t["labels"])

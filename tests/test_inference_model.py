@@ -10,6 +10,7 @@ from detr import forward_inference, inference_model, pad_images
 from detr.checkpoint import checkpoint_dict
 from detr.inference_model import ClearPadding, fold_norms
 from pipelines.inference import Detector
+from pipelines.labelling.options import PRECISIONS as LABEL_PRECISIONS
 from pipelines.transforms import TransformsConfig
 
 FAST_PANOPTIC = dict(backbone_norm="batch", train_backbone_stem=True, backbone_stages=2, focal_loss=True,
@@ -90,6 +91,8 @@ def test_bfloat16_backbone_stays_close_to_float32():
     assert (out["pred_boxes"] - expected["pred_boxes"]).abs().max().item() < 0.01
     masks_agree = ((out["pred_masks"] > 0) == (expected["pred_masks"] > 0)).float().mean().item()
     assert masks_agree > 0.99
+    # The label job's CLI names the precisions without importing torch: the same ones.
+    assert LABEL_PRECISIONS == tuple(detr.PRECISIONS)
 
 
 def test_original_is_untouched_and_the_copy_cannot_train_or_be_saved():

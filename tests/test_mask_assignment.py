@@ -1,4 +1,4 @@
-"""encoder_mask_assignment: the dense head's positives are the cells inside each target's mask."""
+"""encoder_mask_assignment: the dense head's positives are each target's best-matched cells and the cells inside its mask."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +6,12 @@ import torch
 
 from detr import DETRConfig, HungarianMatcher, SetCriterion, build_model, pad_images
 from detr.mask_assignment import covered_cells, mask_assignment
+
+
+def one_to_many(matcher, dense, targets, k):
+    """The criterion's one-to-many match: each target repeated k times."""
+    repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+    return matcher({"pred_logits": dense["pred_logits"], "pred_boxes": dense["pred_boxes"]}, repeated)
 
 
 def test_cells_whose_centres_lie_inside_a_mask_by_hand():
@@ -43,7 +49,8 @@ def test_k_best_cells_weigh_one_and_the_rest_of_each_mask_shares_k():
     boxes[3] = torch.tensor([0.94, 0.06, 0.07, 0.07])  # cell (0, 3) predicts the small box
     boxes[7] = torch.tensor([0.9, 0.1, 0.1, 0.1])
     dense = {"pred_logits": torch.zeros(1, 16, 3), "pred_boxes": boxes[None]}
-    ((cells, owners),), weights = mask_assignment(dense, targets, (4, 4), 8, HungarianMatcher(1, 5, 2), k=2)
+    matched = one_to_many(HungarianMatcher(1, 5, 2), dense, targets, k=2)
+    ((cells, owners),), weights = mask_assignment(matched, targets, (4, 4), 8, k=2)
     got = {(c, o): w for c, o, w in zip(cells.tolist(), owners.tolist(), weights.tolist())}
     expected = {(0, 0): 1.0, (4, 0): 1.0, (3, 1): 1.0, (7, 1): 1.0}
     expected.update({(r * 4 + c, 0): pytest.approx(2 / 6) for r in range(4) for c in (0, 1) if r * 4 + c not in (0, 4)})
@@ -72,7 +79,8 @@ def test_dense_head_trains_every_covered_cell_and_needs_the_dense_head():
     out = model(images, mask, mask_queries=criterion.mask_query_selection(targets))
     enc = out["enc_outputs"]
     assert enc["grid"] == (8, 8) and enc["stride"] == 8
-    indices, weights = mask_assignment(enc, targets, enc["grid"], enc["stride"], criterion.matcher, 2)
+    matched = one_to_many(criterion.matcher, enc, targets, k=2)
+    indices, weights = mask_assignment(matched, targets, enc["grid"], enc["stride"], 2)
     assert len(indices[0][0]) == 64  # the two halves cover all 8x8 cells
     square = {r * 8 + c for r in (1, 2) for c in (1, 2)}  # centres (12, 12) to (20, 20) lie inside it
     assert square <= set(indices[1][0].tolist()) and len(indices[1][0]) <= 6  # plus its matched cells
