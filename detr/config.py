@@ -100,6 +100,13 @@ class DETRConfig:
     cells its class instead of "background" (`detr.mask_assignment`). Targets without masks are matched
     one-to-many as before."""
 
+    semantic_loss_coef: float = 0.0
+    """> 0: with targets that carry masks (panoptic training), a training-only linear head
+    (`semantic_embed`) classifies every encoder cell as the segment covering its centre, by
+    cross-entropy averaged over the labelled cells (loss `loss_semantic`, at this weight). The
+    set losses teach a region's texture through a few queries and cells; this teaches it at every
+    cell, so stuff classes (textures) separate early. 0: off (the paper)."""
+
     two_stage: bool = False
     """Decoder queries from the encoder (Deformable DETR's two-stage): the dense head's best
     `num_queries` cells become the queries, their boxes (through a sine embedding and a small
@@ -265,6 +272,8 @@ class DETRConfig:
             problems.append("set_cost_mask and set_cost_dice need masks=True (a mask head to match by)")
         if self.encoder_mask_assignment and not self.encoder_aux_matches:
             problems.append("encoder_mask_assignment needs the dense head (encoder_aux_matches > 0)")
+        if self.semantic_loss_coef < 0:
+            problems.append(f"semantic_loss_coef must be >= 0, got {self.semantic_loss_coef}")
         if self.proposal_content and not self.two_stage:
             problems.append("proposal_content needs two_stage (the proposals whose features start the queries)")
         if self.masks and self.hidden_dim >= 1 and self.nheads >= 1:

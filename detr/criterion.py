@@ -27,6 +27,8 @@ at the image's own (processed) size. The official code upsamples the padded
 `pred_masks` to the batch's padded target size and counts padded pixels as
 background; a padding-invariant model instead scores each image's own pixels
 (`detr.segmentation.masks_to_image`), so its loss does not depend on the batch.
+With `semantic_loss_coef`, `loss_semantic` classifies every encoder cell as the
+segment under it (`detr.semantic_cells`).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from .distributed import all_reduce_mean
 from .mask_assignment import mask_assignment
 from .matcher import HungarianMatcher, MatchIndices
 from .segmentation import dice_loss, mask_focal_loss, masks_to_image
+from .semantic_cells import semantic_cell_loss
 
 DEFAULT_LOSSES = ("labels", "boxes", "cardinality")
 MASK_LOSSES = ("masks",)
@@ -65,6 +68,8 @@ def loss_weights(config: DETRConfig) -> dict[str, float]:
                 weights.update({f"{k}_dn_{i}": v for k, v in base.items()})
     if config.masks:
         weights.update({"loss_mask": config.mask_loss_coef, "loss_dice": config.dice_loss_coef})
+    if config.semantic_loss_coef:
+        weights["loss_semantic"] = config.semantic_loss_coef
     return weights
 
 
@@ -286,6 +291,8 @@ class SetCriterion(nn.Module):
             losses.update(self._encoder_losses(outputs["enc_outputs"], targets, norms))
         if "dn_outputs" in outputs:
             losses.update(self._denoising_losses(outputs["dn_outputs"], norms))
+        if "semantic_outputs" in outputs:
+            losses["loss_semantic"] = semantic_cell_loss(outputs["semantic_outputs"], targets)
         return losses
 
     def _denoising_losses(self, dn: Mapping, norms: dict) -> dict[str, Tensor]:

@@ -54,7 +54,8 @@ MaskQueries = Tensor | Callable[[dict], Tensor] | None
 FOCAL_PRIOR = 0.01
 """Initial class probability of a focal-loss class head."""
 
-TRAINING_ONLY_PREFIXES = ("extra_query_embed.", "encoder_class_embed.", "encoder_bbox_embed.", "denoising_label_embed.")
+TRAINING_ONLY_PREFIXES = ("extra_query_embed.", "encoder_class_embed.", "encoder_bbox_embed.", "denoising_label_embed.",
+                          "semantic_embed.")
 """State-dict entries that only training uses (absent from official checkpoints and exports)."""
 
 NON_OFFICIAL_PREFIXES = TRAINING_ONLY_PREFIXES + ("proposal_pos.",)
@@ -164,6 +165,8 @@ class DETR(nn.Module):
             self.encoder_bbox_embed = MLP(config.hidden_dim, config.hidden_dim, 4, 3)
             nn.init.zeros_(self.encoder_bbox_embed.layers[-1].weight)  # start at each cell's own box
             nn.init.zeros_(self.encoder_bbox_embed.layers[-1].bias)
+        if config.semantic_loss_coef:
+            self.semantic_embed = nn.Linear(config.hidden_dim, config.num_classes)
         if config.two_stage:
             # The queries come from the encoder: `query_embed` stays (official weights load) but does not train
             # (an unused trainable parameter would stall DDP, which waits for every gradient).
@@ -233,6 +236,8 @@ class DETR(nn.Module):
             out["group_outputs"] = [self.predict_from_decoder(group) for group in groups]
         if self.training and self.config.encoder_aux_matches:
             out["enc_outputs"] = self.predict_from_encoder(memory, src_mask)
+        if self.training and self.config.semantic_loss_coef:
+            out["semantic_outputs"] = self.predict_semantic(memory)
         if self.config.masks:
             out.update(self.predict_masks(out, hs[-1, :, : self.num_queries], memory, src_proj, features, masks,
                                           mask, mask_queries))
@@ -316,6 +321,8 @@ class DETR(nn.Module):
         out = self.predict_from_decoder(hs[:, :, :count], boxes[:, :, :count])
         if self.training:
             out["enc_outputs"] = enc
+            if self.config.semantic_loss_coef:
+                out["semantic_outputs"] = self.predict_semantic(memory)
         if denoise is not None:
             dn = self.predict_from_decoder(hs[:, :, count:], boxes[:, :, count:])
             out["dn_outputs"] = {**dn, "valid": denoise.valid, "labels": denoise.labels, "boxes": denoise.boxes,
@@ -332,6 +339,11 @@ class DETR(nn.Module):
     def refine_boxes(self, hs: Tensor, reference: Tensor) -> Tensor:
         """Boxes from decoder outputs [..., Q, C] as offsets in logit space from `reference` [B,Q,4]."""
         return (self.bbox_embed(hs) + torch.logit(reference.clamp(1e-3, 1 - 1e-3))).sigmoid()
+
+    def predict_semantic(self, memory: Tensor) -> dict:
+        """Training only: class logits [B, H*W, num_classes] of every encoder cell (`semantic_loss_coef`)."""
+        return {"logits": self.semantic_embed(memory.flatten(2).transpose(1, 2)), "grid": tuple(memory.shape[-2:]),
+                "stride": self.feature_stride}
 
     def predict_from_encoder(self, memory: Tensor, mask: Tensor) -> dict:
         """The dense auxiliary head: a class and a box per encoder cell [B, H*W, ...]. Boxes are

@@ -26,12 +26,18 @@ class OptimizerConfig:
     warmup_steps: int = 0
     """Optimiser steps over which every learning rate ramps linearly up from 1/warmup_steps of its
     value (0: none, the paper). Fast-convergence option, see `detr.recipes`."""
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the weights (`detr.ema`; 0: none, the paper). With it,
+    validation, checkpoints and the exported model use the average, while training goes on with the
+    weights as trained."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.lr_backbone < 0 or self.weight_decay < 0 or self.clip_max_norm < 0:
             raise ValueError(f"invalid optimiser settings: {self}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0: {self}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no average): {self}")
         if self.lr_drop_epoch < 1 or not 0 < self.lr_drop_factor <= 1:
             raise ValueError(f"lr_drop_epoch must be >= 1 and lr_drop_factor in (0, 1]: {self}")
 

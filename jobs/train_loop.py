@@ -31,6 +31,7 @@ import torch.distributed as dist
 from detr import SetCriterion, build_model, save_checkpoint
 from detr.checkpoint import unwrap_model
 from detr.config import DETRConfig
+from detr.ema import ema_model
 from detr.engine import predict, predict_panoptic, train_step
 from detr.evaluation import coco_ground_truth, evaluate_coco
 from detr.model import NON_OFFICIAL_PREFIXES
@@ -157,6 +158,8 @@ class Trainer:
         self.optimizer = build_optimizer(unwrap_model(self.model), self.job.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, self.job.optimizer)
         self.warmup = build_warmup_scheduler(self.optimizer, self.job.optimizer)  # per step; None without
+        decay = self.job.optimizer.ema_decay
+        self.ema = ema_model(unwrap_model(self.model), decay) if decay else None
         self.start_epoch = 0
         self.global_step = 0
         self.train_seconds = 0.0
@@ -174,6 +177,11 @@ class Trainer:
             with open(os.path.join(self.pid_dir, f"rank{self.rank}.pid"), "w") as f:
                 f.write(str(os.getpid()))
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What is validated, checkpointed and exported: the weights' average when there is one."""
+        return self.ema.module if self.ema is not None else unwrap_model(self.model)
+
     # -- checkpoints ---------------------------------------------------------------
     def _restore(self, checkpoint) -> None:
         if checkpoint is None:
@@ -181,7 +189,14 @@ class Trainer:
         with checkpoint.as_directory() as directory:
             model_ckpt = torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=True)
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-        unwrap_model(self.model).load_state_dict(model_ckpt["model"])
+        if state.get("trained_model") is not None:
+            # With an average, model.pt holds it; the state file holds the weights as trained.
+            unwrap_model(self.model).load_state_dict(state["trained_model"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(model_ckpt["model"])
+                self.ema.n_averaged.fill_(int(state["ema_updates"]))
+        else:
+            unwrap_model(self.model).load_state_dict(model_ckpt["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.warmup is not None and state.get("warmup") is not None:
@@ -194,7 +209,9 @@ class Trainer:
     def _write_checkpoint(self, directory: str, epoch: int, metrics: dict[str, float], rng: list) -> None:
         metadata = {**self.metadata, "epoch": epoch, "global_step": self.global_step,
                     "metrics": {k: float(v) for k, v in metrics.items()}}
-        save_checkpoint(unwrap_model(self.model), os.path.join(directory, MODEL_FILE), metadata=metadata)
+        if self.ema is not None:
+            metadata["ema_decay"] = self.job.optimizer.ema_decay
+        save_checkpoint(self.eval_model, os.path.join(directory, MODEL_FILE), metadata=metadata)
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -203,6 +220,8 @@ class Trainer:
             "global_step": self.global_step,
             "train_seconds": self.train_seconds,
             "rng": rng,
+            "trained_model": unwrap_model(self.model).state_dict() if self.ema is not None else None,
+            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
         }
         torch.save(state, os.path.join(directory, STATE_FILE))
 
@@ -244,6 +263,8 @@ class Trainer:
             images += sum(len(b[2]) for b in micro)
             if self.warmup is not None:
                 self.warmup.step()
+            if self.ema is not None:
+                self.ema.update_parameters(unwrap_model(self.model))
             steps += 1
             self.global_step += 1
             metrics.add(self.global_step, step_metrics)
@@ -283,7 +304,7 @@ class Trainer:
         if self.model_config.masks:
             detections, panoptic = self._panoptic_validation(keeping_targets())
         else:
-            detections = predict(unwrap_model(self.model), keeping_targets(), autocast_dtype=self.autocast)
+            detections = predict(self.eval_model, keeping_targets(), autocast_dtype=self.autocast)
         gathered = _gather_to_rank0((detections, targets), self.world_size, self.rank)
         result = {f"val_{name}": float("nan") for name in VAL_STATS}
         if self.rank == 0:
@@ -315,7 +336,7 @@ class Trainer:
                 seen.extend(batch[2])
                 yield batch
 
-        detections, segmentations = predict_panoptic(unwrap_model(self.model), keeping(batches),
+        detections, segmentations = predict_panoptic(self.eval_model, keeping(batches),
                                                      PanopticPostProcess(is_thing, threshold),
                                                      autocast_dtype=self.autocast)
         evaluator = PanopticEvaluator(categories or [{"id": i, "isthing": 1}

@@ -68,15 +68,19 @@ def test_label_panoptic_rows_and_pngs_equal_direct_calls_and_rerun_adds_nothing(
     segments = 0
     for row in rows:
         want = direct_panoptic(checkpoint, Path(row["key"]), 0.85)
-        got = [(s["id"], s["category_id"], s["isthing"], s["area"]) for s in row["segments"]]
-        assert got == [(s["id"], s["category_id"], s["isthing"], s["area"]) for s in want["segments_info"]]
+        got = [(s["id"], s["category_id"], s["isthing"]) for s in row["segments"]]
+        assert got == [(s["id"], s["category_id"], s["isthing"]) for s in want["segments_info"]]
         np.testing.assert_allclose([s["score"] for s in row["segments"]], want["scores"].numpy(), atol=1e-5)
+        # The job computes masks for the kept queries only, the reference for all: equal values up to float
+        # rounding, which on some CPUs (AVX-512 kernels) moves the odd pixel where two masks tie.
         id_map = want["id_map"].numpy()
+        png = decode_panoptic_png((out / row["panoptic_file"]).read_bytes())
+        assert png.shape == (row["height"], row["width"]) == id_map.shape
+        assert (png == id_map).mean() >= 0.999
         masks = segment_masks(row["segments"])
-        assert masks.shape[1:] == (row["height"], row["width"]) == id_map.shape
-        for segment, mask in zip(row["segments"], masks):
-            np.testing.assert_array_equal(mask, id_map == segment["id"])
-        np.testing.assert_array_equal(decode_panoptic_png((out / row["panoptic_file"]).read_bytes()), id_map)
+        for segment, mask, reference in zip(row["segments"], masks, want["segments_info"]):
+            np.testing.assert_array_equal(mask, png == segment["id"])  # the row's RLE and its PNG agree exactly
+            assert segment["area"] == int(mask.sum()) and abs(segment["area"] - reference["area"]) <= 2
         assert row["labels"] == want["detections"]["labels"].tolist()  # boxes from the same forward pass
         np.testing.assert_allclose(np.asarray(row["boxes"]).reshape(-1, 4), want["detections"]["boxes"], atol=1e-3)
         segments += len(row["segments"])

@@ -63,7 +63,8 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
     torch.save({"model": official_state_dict(official)}, tmp_path / "official.pth")
     config = job_config(shapes, tmp_path, mlflow_server, epochs=2, max_steps_per_epoch=2, log_images=2)
     config = dataclasses.replace(config, init_from=str(tmp_path / "official.pth"),
-                                 tracking=dataclasses.replace(config.tracking, registered_model="shapes-tiny"))
+                                 tracking=dataclasses.replace(config.tracking, registered_model="shapes-tiny"),
+                                 optimizer=dataclasses.replace(config.optimizer, ema_decay=0.5))
     result = train(config)
 
     client = MlflowClient(mlflow_server)
@@ -92,6 +93,13 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
     assert model.class_embed.weight.shape == (5, 64)
     assert [c["id"] for c in metadata["categories"]] == [1, 2, 3]
     assert metadata["mlflow_run_id"] == result.run_id
+    # With ema_decay, model.pt holds the weights' average (what was validated and registered) and the
+    # state file the weights as trained, from which training resumes.
+    state = torch.load(Path(result.checkpoint_dir) / "train_state.pt", map_location="cpu", weights_only=True)
+    assert metadata["ema_decay"] == 0.5 and state["ema_updates"] == 2 * (metadata["epoch"] + 1)  # 2 steps an epoch
+    trained = state["trained_model"]
+    assert not torch.allclose(trained["class_embed.weight"], model.class_embed.weight)
+    assert torch.equal(trained["backbone.body.conv1.weight"], model.backbone.body.conv1.weight)
 
     # Re-running the same job for one more epoch resumes its checkpoint and MLflow run.
     longer = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, epochs=3))
@@ -99,6 +107,10 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
     assert resumed.run_id == result.run_id
     assert metric_steps(client, result.run_id, "epoch") == [0, 1, 2]
     assert metric_steps(client, result.run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
+    # The average goes on from the checkpoint's: the third epoch's checkpoint counts 6 updates.
+    states = [torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
+              for d in Path(resumed.checkpoint_dir).parent.glob("checkpoint_*") if d.is_dir()]
+    assert {s["epoch"]: s["ema_updates"] for s in states}[3] == 6
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(
