@@ -85,7 +85,7 @@ MODEL = {"preset": "tiny_panoptic", "enc_layers": 3, "dec_layers": 3, "dim_feedf
 the recipe's backbone stages (`fast`: 2, the transformer at stride 8); queries that start from their
 proposal cells' features, a dense head trained on the cells of each segment's mask besides its best
 matches (what took PQ from 0.30 to about 0.5 in 15 minutes), and every encoder cell classified as the
-segment under it (stuff textures learnt at every cell: 0.51-0.62 in three runs; see the README)."""
+segment under it (stuff textures learnt at every cell: 0.51-0.62 in four runs; see the README)."""
 
 
 @dataclass(frozen=True)
