@@ -1,9 +1,9 @@
 """Per-cell semantic supervision of the encoder: every cell learns the class of the segment under it.
 
 DETR's losses reach a stuff region through one query and, with the dense head, a few of its
-cells. After 15 minutes from scratch the panoptic benchmark's encoder told its two smooth
-textures (noise and gradient) apart at 55-60% of cells, while the same backbone stages
-trained on every cell's texture class alone reach 97% in 1,000 steps. This auxiliary loss
+cells. After 15 minutes from scratch the panoptic benchmark's dense encoder head gave the right
+class to 49% of the cells of its noise texture and 51% of its gradient (two smooth textures),
+while the same backbone stages trained on every cell's texture class alone reach 97% in 1,000 steps. This auxiliary loss
 (`DETRConfig.semantic_loss_coef`, training only, as Panoptic FPN's semantic branch) gives
 every cell that signal: a linear head on the encoder memory, cross-entropy against the class
 of the segment covering the cell's centre (`detr.mask_assignment.covered_cells`: the smallest

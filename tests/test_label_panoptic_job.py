@@ -71,8 +71,8 @@ def test_label_panoptic_rows_and_pngs_equal_direct_calls_and_rerun_adds_nothing(
         got = [(s["id"], s["category_id"], s["isthing"]) for s in row["segments"]]
         assert got == [(s["id"], s["category_id"], s["isthing"]) for s in want["segments_info"]]
         np.testing.assert_allclose([s["score"] for s in row["segments"]], want["scores"].numpy(), atol=1e-5)
-        # The job computes masks for the kept queries only, the reference for all: equal values up to float
-        # rounding, which on some CPUs (AVX-512 kernels) moves the odd pixel where two masks tie.
+        # The job's forward pass (masks for the kept queries only) and the reference's (all of them) agree up to
+        # float rounding; on some CPUs (seen with AVX-512) that moves the odd pixel where two masks tie.
         id_map = want["id_map"].numpy()
         png = decode_panoptic_png((out / row["panoptic_file"]).read_bytes())
         assert png.shape == (row["height"], row["width"]) == id_map.shape
