@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-pytest_plugins = ("mlflow_fixtures",)
+pytest_plugins = ("mlflow_fixtures", "topology")
 
 
 @pytest.fixture(autouse=True)

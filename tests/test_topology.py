@@ -1,0 +1,54 @@
+"""The production topology itself: nodes that share no disk, S3 with real credentials, MLflow on PostgreSQL."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from topology import HEAD_RESOURCE, ISOLATED_RESOURCE
+
+pytestmark = [pytest.mark.topology, pytest.mark.ray, pytest.mark.mlflow]
+
+SEES = f"""
+import json, os, sys, ray
+ray.init(logging_level="warning")
+@ray.remote(num_cpus=0)
+def sees(path):
+    return os.path.exists(path)
+path = sys.argv[1]
+print(json.dumps({{name: ray.get(sees.options(resources={{name: 0.01}}).remote(path))
+                  for name in ("{HEAD_RESOURCE}", "{ISOLATED_RESOURCE}")}}))
+"""
+
+
+def test_the_worker_node_cannot_see_the_drivers_files(topology, tmp_path):
+    secret = tmp_path / "only-on-the-driver.txt"
+    secret.write_text("x")
+    downloaded = topology.driver_tmp / "a-download"
+    downloaded.write_text("x")
+    for path in (secret, downloaded):
+        done = subprocess.run([sys.executable, "-c", SEES, str(path)], env=topology.env(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {HEAD_RESOURCE: True, ISOLATED_RESOURCE: False}
+
+
+def test_s3_refuses_wrong_credentials_and_mlflow_keeps_artifacts_on_s3(topology):
+    import boto3
+    from botocore.exceptions import ClientError
+    from mlflow.tracking import MlflowClient
+
+    wrong = boto3.client("s3", endpoint_url=topology.s3.endpoint, region_name="us-east-1",
+                         aws_access_key_id=topology.s3.credentials["AWS_ACCESS_KEY_ID"], aws_secret_access_key="wrong")
+    with pytest.raises(ClientError):
+        wrong.list_objects_v2(Bucket="raydetr-tests")
+    client = MlflowClient(topology.tracking_uri)
+    experiment = client.create_experiment("topology-check")
+    run = client.create_run(experiment)
+    path = topology.driver_tmp / "note.txt"
+    path.write_text("on s3")
+    client.log_artifact(run.info.run_id, str(path))
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in topology.s3.keys("s3://raydetr-mlflow/"))
+    assert (topology.mlflow.state_dir / "postgres" / "data" / "PG_VERSION").exists()
