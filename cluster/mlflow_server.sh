@@ -2,7 +2,7 @@
 # An MLflow tracking server with a database backend and an artifact store.
 #
 #   cluster/mlflow_server.sh start [--backend-store-uri URI | --postgres] [--artifacts DIR_OR_URI]
-#                                  [--host 127.0.0.1] [--port 5000] [--pg-port 5432]
+#                                  [--host 127.0.0.1] [--port 5000] [--pg-port 5432] [--workers N]
 #   cluster/mlflow_server.sh stop
 #
 # Backend: SQLite by default (sqlite:///$STATE_DIR/mlflow.db). A team server uses PostgreSQL:
@@ -16,7 +16,7 @@
 # AWS_SECRET_ACCESS_KEY and, for MinIO or another S3-compatible store, AWS_ENDPOINT_URL in this
 # shell's environment), or gs://bucket/prefix. The server binds 127.0.0.1 unless --host says
 # otherwise. Jobs find it through MLFLOW_TRACKING_URI=http://HOST:PORT. State: $RAYDETR_MLFLOW_DIR
-# (default .mlflow_server/).
+# (default .mlflow_server/). --workers: the server's processes (default MLflow's).
 set -euo pipefail
 
 ACTION="${1:-}"; shift || true
@@ -27,6 +27,7 @@ PG_PORT=5432
 BACKEND=""
 POSTGRES=0
 ARTIFACTS=""
+WORKERS=()
 MLFLOW="${MLFLOW:-mlflow}"
 PG_USER="${RAYDETR_PG_USER:-postgres}"
 
@@ -38,6 +39,7 @@ while [ $# -gt 0 ]; do
     --artifacts) ARTIFACTS="$2"; shift 2 ;;
     --host) HOST="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
+    --workers) WORKERS=(--workers "$2"); shift 2 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -96,7 +98,7 @@ case "$ACTION" in
     BACKEND="${BACKEND:-sqlite:///$STATE_ABS/mlflow.db}"
     ARTIFACTS="${ARTIFACTS:-$STATE_ABS/artifacts}"
     nohup "$MLFLOW" server --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" \
-      --host "$HOST" --port "$PORT" > "$STATE_DIR/server.log" 2>&1 &
+      --host "$HOST" --port "$PORT" "${WORKERS[@]}" > "$STATE_DIR/server.log" 2>&1 &
     echo $! > "$STATE_DIR/server.pid"
     SHOWN_BACKEND="$(echo "$BACKEND" | sed -E 's#://([^:/@]+):[^@]*@#://\1:***@#')"
     for _ in $(seq 1 120); do

@@ -74,13 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(module: ModuleType, args: argparse.Namespace, prog: str) -> int:
     from jobs.tracking import TrackingUnavailableError
+    from pipelines.storage import StoreAccessError, StoreUnavailableError
 
+    stated = (TrackingUnavailableError, StoreAccessError, StoreUnavailableError)  # raised with a message for users
     try:
         return int(module.run(args) or 0)
-    except (*USER_ERRORS, TrackingUnavailableError) as exc:
-        if os.environ.get("RAYDETR_DEBUG") or (isinstance(exc, OSError) and exc.filename is None):
-            raise  # a bug, not a user's mistake: keep the traceback
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except (*USER_ERRORS, *stated) as exc:
+        if os.environ.get("RAYDETR_DEBUG"):
+            raise
+        cause = getattr(exc, "cause", None)  # raised in a Ray task: Ray's error wraps it, with the task's traceback
+        message = str(cause if isinstance(cause, BaseException) else exc)
+        if isinstance(exc, StoreUnavailableError):
+            message += " (re-run the same command when it is back: finished work is kept)"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
 
 

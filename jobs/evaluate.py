@@ -72,18 +72,29 @@ class EvalResult:
     per_class_panoptic: dict[int, dict] = field(default_factory=dict)
 
 
+def _load_detector(checkpoint, threads: int):
+    """The job's model in an actor: checkpoint bytes (or their object-store reference, so an actor on any
+    node can load a model the driver downloaded) -> the Detector's inference copy, the one loader every job
+    uses (official checkpoints padding-invariant, as labelling runs them)."""
+    import torch
+
+    from pipelines.inference import Detector
+
+    torch.set_num_threads(threads)
+    if not isinstance(checkpoint, (bytes, bytearray)):
+        import ray
+
+        checkpoint = ray.get(checkpoint)
+    return Detector.from_checkpoint(bytes(checkpoint))
+
+
 class EvalPredictor:
     """Ray Data actor: loads the model once, turns evaluation sample batches into detections."""
 
-    def __init__(self, checkpoint: str, mean: tuple, std: tuple, threads: int = 1) -> None:
-        import torch
+    def __init__(self, checkpoint, mean: tuple, std: tuple, threads: int = 1) -> None:
+        from detr import PostProcess
 
-        from detr import PostProcess, inference_model
-        from jobs.model_sources import ResolvedModel, load_resolved
-
-        torch.set_num_threads(threads)
-        model, _ = load_resolved(ResolvedModel(checkpoint=checkpoint, name=""))
-        self.model = inference_model(model)  # the same outputs to float32 rounding, faster
+        self.model = _load_detector(checkpoint, threads).model
         self.postprocess = PostProcess()
         self.mean, self.std = tuple(mean), tuple(std)
 
@@ -116,18 +127,11 @@ class PanopticPredictor:
     """Ray Data actor: a model with masks -> per image the panoptic segmentation and the thing instances'
     masks (COCO RLE), both at the original image size."""
 
-    def __init__(self, checkpoint: str, mean: tuple, std: tuple, is_thing: dict, threshold: float,
+    def __init__(self, checkpoint, mean: tuple, std: tuple, is_thing: dict, threshold: float,
                  threads: int = 1) -> None:
-        import torch
+        from detr import InstanceMaskPostProcess, PanopticPostProcess
 
-        from detr import InstanceMaskPostProcess, PanopticPostProcess, inference_model
-        from jobs.model_sources import ResolvedModel, load_resolved
-
-        torch.set_num_threads(threads)
-        model, _ = load_resolved(ResolvedModel(checkpoint=checkpoint, name=""))
-        if not model.config.masks:
-            raise ValueError(f"{checkpoint}: --task panoptic needs a model with masks (DETRConfig.masks)")
-        self.model = inference_model(model)
+        self.model = _load_detector(checkpoint, threads).model
         self.is_thing = {int(k): bool(v) for k, v in is_thing.items()}
         self.panoptic = PanopticPostProcess(self.is_thing, threshold)
         self.instances = InstanceMaskPostProcess()
@@ -256,20 +260,24 @@ def evaluate(
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     from ray.data import ActorPoolStrategy
 
+    import ray
+
     from detr.evaluation import STAT_NAMES, coco_ground_truth, evaluate_coco
-    from jobs.model_sources import load_resolved, resolve_model
+    from jobs.model_sources import load_model
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from pipelines.dataset import build_detection_dataset
     from pipelines.digest import dataset_digest
-    from pipelines.inference import transforms_from_metadata
     from pipelines.sources import open_source
 
     uri = resolve_tracking_uri(tracking_uri)
-    if log_to_mlflow or model_spec.startswith(("models:/", "runs:/")):
+    if log_to_mlflow:
         ensure_tracking_available(uri)
-    model = resolve_model(model_spec, uri)
-    connect(address)
+    loaded = load_model(model_spec, uri)
+    if task == "panoptic" and not loaded.masks:
+        raise ValueError(f"--task panoptic needs a model with masks; {model_spec} has none (DETRConfig.masks)")
+    model = loaded.resolved
     source = open_source(data, images=images)
+    connect(address)
     digest = dataset_digest(source)
     if task == "panoptic" and not source.is_panoptic:
         raise ValueError(f"{data}: --task panoptic needs a COCO panoptic dataset (a JSON with segments_info)")
@@ -281,18 +289,18 @@ def evaluate(
             return EvalResult(metrics, {}, digest.digest, digest.images, previous.info.run_id, reused=True,
                               categories=source.categories or [], task=task)
 
-    _, metadata = load_resolved(model)
-    transforms = transforms_from_metadata(metadata.get("transforms"))
+    transforms = loaded.transforms
+    checkpoint = ray.put(loaded.checkpoint)  # actors on any node load the model from the object store
     dataset = build_detection_dataset(source, train=False, transforms=transforms, seed=0, shuffle=False)
     if task == "panoptic":
-        result, stats = _evaluate_panoptic(model, source, dataset, transforms, batch_size, concurrency,
+        result, stats = _evaluate_panoptic(checkpoint, source, dataset, transforms, batch_size, concurrency,
                                            panoptic_threshold, digest.digest)
         if log_to_mlflow:
             result.run_id = _log_panoptic_evaluation(uri, experiment, model, data, result)
         return result
     predictions = dataset.dataset.map_batches(
         EvalPredictor,
-        fn_constructor_kwargs={"checkpoint": model.checkpoint, "mean": transforms.mean, "std": transforms.std},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "mean": transforms.mean, "std": transforms.std},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=concurrency),
@@ -309,7 +317,7 @@ def evaluate(
     import torch
 
     detections = {k: {n: torch.from_numpy(np.array(v)) for n, v in d.items()} for k, d in detections.items()}
-    categories = source.categories or metadata.get("categories") or []
+    categories = source.categories or loaded.categories or []
     ground_truth = coco_ground_truth(targets, categories)
     stats = evaluate_coco(ground_truth, detections, image_ids=[im["id"] for im in ground_truth["images"]])
     metrics = {name: float(stats[name]) for name in STAT_NAMES}
@@ -325,7 +333,7 @@ def evaluate(
     return result
 
 
-def _evaluate_panoptic(model, source, dataset, transforms, batch_size: int, concurrency: int, threshold: float,
+def _evaluate_panoptic(checkpoint, source, dataset, transforms, batch_size: int, concurrency: int, threshold: float,
                        digest: str) -> tuple[EvalResult, dict]:
     """PQ against the panoptic PNGs at original size, and mask AP of things, from PanopticPredictor actors."""
     import json
@@ -340,7 +348,7 @@ def _evaluate_panoptic(model, source, dataset, transforms, batch_size: int, conc
     is_thing = panoptic_categories(categories)
     predictions = dataset.dataset.map_batches(
         PanopticPredictor,
-        fn_constructor_kwargs={"checkpoint": model.checkpoint, "mean": transforms.mean, "std": transforms.std,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "mean": transforms.mean, "std": transforms.std,
                                "is_thing": is_thing, "threshold": threshold},
         batch_size=batch_size,
         batch_format="numpy",

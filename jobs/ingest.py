@@ -29,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.decode import DecodeLimits
     from pipelines.ingest import IngestOptions, ingest
     from pipelines.sources import open_source
+    from pipelines.storage import check_reachable
 
     source = open_source(args.source, args.kind, images=args.images, classes=args.classes)
+    check_reachable(args.out)
     connect(args.address)
     options = IngestOptions(rows_per_shard=args.rows_per_shard, limits=DecodeLimits(max_pixels=args.max_pixels))
     result = ingest(source, args.out, options)

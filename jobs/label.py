@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
 import time
 import uuid
@@ -40,9 +39,8 @@ from jobs.cli import module_main
 from pipelines.labelling.options import PRECISIONS, LabelOptions
 
 if TYPE_CHECKING:
-    from jobs.model_sources import ResolvedModel
+    from jobs.model_sources import LoadedModel
     from pipelines.labelling.writer import RunCounts
-    from pipelines.transforms import TransformsConfig
 
 DEFAULTS = LabelOptions()
 
@@ -121,39 +119,6 @@ class LabelResult:
         return rest / (self.seconds - self.first_rows_seconds)
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A --model resolved to checkpoint bytes (for the actors), its identity, preprocessing and classes."""
-
-    resolved: ResolvedModel
-    checkpoint: bytes
-    sha256: str
-    transforms: TransformsConfig
-    categories: list | None
-    masks: bool  # the model has a mask head (can label --task panoptic)
-
-    def identity(self) -> dict:
-        r = self.resolved
-        return {"uri": r.uri, "name": r.name, "version": r.version, "run_id": r.run_id, "sha256": self.sha256}
-
-
-def load_model(spec: str, tracking_uri: str | None) -> LoadedModel:
-    """Resolve any --model form (downloading MLflow models) and read what the driver needs from it."""
-    from jobs.model_sources import is_mlflow_uri, resolve_model
-    from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
-    from pipelines import storage
-    from pipelines.inference import Detector
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if is_mlflow_uri(spec):
-        ensure_tracking_available(uri)
-    resolved = resolve_model(spec, uri)
-    data = storage.read_bytes(resolved.checkpoint)
-    detector = Detector.from_checkpoint(resolved.checkpoint, optimize=False)  # checks the file; actors load their own
-    return LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories,
-                       bool(detector.model.config.masks))
-
-
 def check_task(options: LabelOptions, loaded: LoadedModel, spec: str, coco_panoptic_json: str | None) -> None:
     """Refuse, before any work, a panoptic task without a mask head, or a panoptic export without the task."""
     if options.task == "panoptic" and not loaded.masks:
@@ -179,6 +144,19 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     import ray
 
     from pipelines.cluster import connect
+    from pipelines.reader import folder_of_archives, start_listings
+    from pipelines.sources import open_source
+    from pipelines.storage import check_reachable
+
+    # An object store's folder is listed by a task of its own, started first: its listing overlaps importing
+    # torch, loading the model, scanning the output and starting the actors, and this driver never holds it
+    # or its records.
+    source = open_source(input_path, kind, images=images, stream_listing=True)
+    check_reachable(output)
+    connect(address)
+    listings = start_listings(source)
+
+    from jobs.model_sources import load_model
     from pipelines.labelling.coco_export import write_coco_results
     from pipelines.labelling.manifest import ManifestRun
     from pipelines.labelling.options import parse_classes
@@ -186,13 +164,10 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     from pipelines.labelling.panoptic_export import write_coco_panoptic
     from pipelines.labelling.pipeline import build_label_dataset, check_cluster_fits
     from pipelines.labelling.writer import ChunkWriter, ModelIdentity
-    from pipelines.sources import open_source
 
     loaded = load_model(model, tracking_uri)
     check_task(options, loaded, model, coco_panoptic_json)
     options = dataclasses.replace(options, classes=parse_classes(classes, loaded.categories)) if classes else options
-    source = open_source(input_path, kind, images=images)
-    connect(address)
     gpus = _gpus_per_actor(options.gpus_per_actor)
     check_cluster_fits(options, gpus, ray.cluster_resources())
 
@@ -204,17 +179,26 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     committed = out.scan()
 
     start = time.perf_counter()
-    dataset = build_label_dataset(source, loaded.checkpoint, loaded.transforms, options,
-                                  committed.keys.sorted_array(), gpus)
+    done = committed.keys.sorted_array()
     r = loaded.resolved
     writer = ChunkWriter(out, committed, ModelIdentity(r.name, r.version, r.run_id), label_run,
                          rows_per_file=options.rows_per_file, commit_seconds=options.commit_seconds, draw=options.draw)
     writer.add_errors(source.planning_errors)
     first_rows_seconds, first_rows = None, 0
-    for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if first_rows_seconds is None:
-            first_rows_seconds, first_rows = time.perf_counter() - start, results.num_rows
-        writer.add(results)
+
+    def label_source(source, listings: dict) -> None:
+        nonlocal first_rows_seconds, first_rows
+        dataset = build_label_dataset(source, loaded.checkpoint, loaded.transforms, options, done, gpus, listings)
+        for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if first_rows_seconds is None:
+                first_rows_seconds, first_rows = time.perf_counter() - start, results.num_rows
+            writer.add(results)
+
+    label_source(source, listings)
+    if folder_of_archives(listings):
+        # The folder's listing found only archives in it and read as no records: it is an archive source (what
+        # detect_kind says of it when it lists the folder itself).
+        label_source(open_source(input_path, "archive"), {})
     writer.flush()
     seconds = time.perf_counter() - start
 

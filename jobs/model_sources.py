@@ -13,10 +13,16 @@ name, version and run id travel along so outputs can say which model made them.
 """
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.transforms import TransformsConfig
 
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
@@ -31,6 +37,7 @@ class ResolvedModel:
     version: str = ""
     run_id: str = ""
     uri: str = ""
+    download_dir: str | None = None  # a temporary folder this resolver made (an MLflow download)
 
 
 def is_mlflow_uri(spec: str) -> bool:
@@ -71,12 +78,13 @@ def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | N
         name, version, run_id = mv.name, str(mv.version), mv.run_id or ""
     elif spec.startswith("runs:/"):
         run_id = spec.split("/")[1]
-    target = Path(cache_dir or tempfile.mkdtemp(prefix="raydetr-model-"))
+    target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="raydetr-model-"))
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target / key),
                                                       tracking_uri=uri))
     checkpoint = local if local.is_file() else _find_checkpoint(local)
-    return ResolvedModel(checkpoint=str(checkpoint), name=name, version=version, run_id=run_id, uri=spec)
+    return ResolvedModel(checkpoint=str(checkpoint), name=name, version=version, run_id=run_id, uri=spec,
+                         download_dir=None if cache_dir else str(target))
 
 
 def load_resolved(model: ResolvedModel):
@@ -91,3 +99,42 @@ def load_resolved(model: ResolvedModel):
     detector = from_official(raw)
     categories = coco_category_list() if detector.config.num_classes == 91 else None
     return detector, {"categories": categories, "source": "official"}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model argument resolved to checkpoint bytes, its identity, preprocessing and classes.
+
+    The bytes are what remote actors load (the job puts them in Ray's object store): a path on the
+    driver's disk means nothing on another node."""
+
+    resolved: ResolvedModel
+    checkpoint: bytes
+    sha256: str
+    transforms: TransformsConfig
+    categories: list | None
+    masks: bool  # the model has a mask head (panoptic)
+
+    def identity(self) -> dict:
+        r = self.resolved
+        return {"uri": r.uri, "name": r.name, "version": r.version, "run_id": r.run_id, "sha256": self.sha256}
+
+
+def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
+    """Resolve any model argument (downloading MLflow models, then removing the download), check that the
+    file loads, and read what a job's driver needs from it."""
+    from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
+    from pipelines.inference import Detector
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if is_mlflow_uri(spec):
+        ensure_tracking_available(uri)
+    resolved = resolve_model(spec, uri)
+    try:
+        data = Path(resolved.checkpoint).read_bytes()
+        detector = Detector.from_checkpoint(resolved.checkpoint, optimize=False)  # checks it; actors load their own
+    finally:
+        if resolved.download_dir:
+            shutil.rmtree(resolved.download_dir, ignore_errors=True)
+    return LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories,
+                       bool(detector.model.config.masks))

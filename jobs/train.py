@@ -149,24 +149,32 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     from pipelines import storage
     from pipelines.dataset import build_detection_dataset
     from pipelines.inference import transforms_to_metadata
+    from pipelines.placement import nodes_that_cannot_see
     from pipelines.sources import open_source
+    from pipelines.storage import check_reachable
     from pipelines.transforms import TransformsConfig
 
     config = config.resolved()
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
     ensure_tracking_available(tracking_uri)
+    train_source = open_source(config.data.train, images=config.data.train_images)
+    val_source = open_source(config.data.val, images=config.data.val_images) if config.data.val else None
+    check_reachable(config.storage.path)
     connect(address)
+    blind = nodes_that_cannot_see(config.storage.path)
+    if blind:
+        raise ValueError(f"storage.path {config.storage.path} is a folder that {len(blind)} of the cluster's nodes "
+                         f"cannot see ({', '.join(blind)}): checkpoints written there would be lost. Use an object "
+                         "store (s3://..., gs://...) or a file system mounted at the same path on every node")
 
     transforms = TransformsConfig.preset(config.data.transforms)
     window = config.data.batch_size * 8 if config.data.aspect_ratio_grouping else 0
-    train_data = build_detection_dataset(open_source(config.data.train, images=config.data.train_images),
-                                         train=True, transforms=transforms, seed=config.schedule.seed,
+    train_data = build_detection_dataset(train_source, train=True, transforms=transforms, seed=config.schedule.seed,
                                          group_aspect_ratio_window=window)
     datasets = {"train": train_data.dataset}
     val_data = None
     if config.data.val:
-        val_data = build_detection_dataset(open_source(config.data.val, images=config.data.val_images),
-                                           train=False, transforms=transforms, seed=config.schedule.seed)
+        val_data = build_detection_dataset(val_source, train=False, transforms=transforms, seed=config.schedule.seed)
         datasets["val"] = val_data.dataset
     categories = train_data.categories or []
     num_classes = max((int(c["id"]) for c in categories), default=0) + 1
@@ -204,7 +212,8 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=_use_gpu(config),
-                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+                                     placement_strategy=config.scaling.placement_strategy),
         run_config=RunConfig(
             name=run_name,
             storage_path=config.storage.path,

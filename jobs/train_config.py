@@ -84,6 +84,13 @@ class ScalingSection:
     cpus_per_worker: int = 1
     torch_threads: int | None = None
     """Intra-op threads per worker; None: cpus_per_worker."""
+    placement_strategy: str = "PACK"
+    """How Ray places the workers: PACK (few nodes; Ray's default) or SPREAD (one per node where possible)."""
+
+    def __post_init__(self) -> None:
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"scaling.placement_strategy: {self.placement_strategy!r} is not one of PACK, SPREAD, "
+                              "STRICT_PACK, STRICT_SPREAD")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pipelines import storage
 from pipelines.decode import DecodeLimits
 from pipelines.errors import ErrorRecord, RunSummary, errors_to_table
 from pipelines.loading import load_record, tally
+from pipelines.placement import driver_node_args
 from pipelines.sources.base import Source, Unit, iter_unit_records
 from pipelines.sources.parquet import shard_schema
 
@@ -149,9 +150,13 @@ def ingest(source: Source, out: str, options: IngestOptions = IngestOptions(), c
     units_ds = ray.data.from_items(
         [{"unit": pickle.dumps(u)} for u in source.units], override_num_blocks=max(1, len(source.units))
     )
+    # A task that reads local files or writes a local folder runs where they are: on the driver's node.
+    first = source.units[0].payload if source.units else None
+    first_path = first if isinstance(first, str) else (first[0].get("path") if first else None)
     results = units_ds.map_batches(
         _ingest_units, batch_size=1, concurrency=concurrency,
         fn_kwargs={"out": out, "options": options, "categories": source.categories},
+        **driver_node_args(out, source.path, first_path),
     ).take_all()
     markers = sorted((json.loads(r["marker"]) for r in results), key=lambda m: m["unit"])
     summary = RunSummary()

@@ -33,6 +33,14 @@ class LoadedImage:
     repairs: list[str] = field(default_factory=list)
 
 
+def raise_if_store_unavailable(path: str, exc: BaseException) -> None:
+    """An object store that cannot be reached is not a bad image: raise (the task fails, Ray retries it, or the
+    job stops and its re-run resumes) instead of recording the image as unreadable for good."""
+    if storage.is_unavailable_error(path, exc):
+        error = storage.store_error(path, exc)
+        raise error if isinstance(error, storage.StoreUnavailableError) else storage.StoreUnavailableError(str(exc))
+
+
 def read_record_bytes(record: Mapping[str, Any]) -> bytes:
     """The record's inline bytes, or the bytes at its path; raises PipelineError(read_error)."""
     data = record.get("bytes")
@@ -42,6 +50,7 @@ def read_record_bytes(record: Mapping[str, Any]) -> bytes:
     try:
         return storage.read_bytes(path)
     except (OSError, ValueError) as exc:
+        raise_if_store_unavailable(path, exc)
         raise E.PipelineError(E.READ_ERROR, f"{path or record.get('key')}: cannot read ({exc})") from None
 
 
@@ -66,10 +75,13 @@ def _read_segments(record: Mapping[str, Any], decoded: DecodedImage, segment_ids
     from pipelines.panoptic import decode_segments
 
     path = str(record["panoptic_path"])
-    try:
-        data = storage.read_bytes(path)
-    except (OSError, ValueError) as exc:
-        raise E.PipelineError(E.PANOPTIC_PNG_ERROR, f"{path}: cannot read the panoptic PNG ({exc})") from None
+    data = record.get("panoptic_png")
+    if data is None:
+        try:
+            data = storage.read_bytes(path)
+        except (OSError, ValueError) as exc:
+            raise_if_store_unavailable(path, exc)
+            raise E.PipelineError(E.PANOPTIC_PNG_ERROR, f"{path}: cannot read the panoptic PNG ({exc})") from None
     return decode_segments(data, path, (decoded.height, decoded.width), segment_ids)
 
 

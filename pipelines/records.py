@@ -35,6 +35,7 @@ RECORD_SCHEMA = pa.schema(
         # COCO panoptic: the segment-id PNG of this image ("" when none); `annotation_ids` are then
         # the segment ids and each annotation's mask is its segment's pixels.
         ("panoptic_path", pa.string()),
+        ("panoptic_png", pa.binary()),  # its bytes, read where `panoptic_path` is local (null: read the path)
     ]
 )
 
@@ -78,6 +79,7 @@ def make_record(
         "annotated_width": int(annotated_size[1]),
         "boxes_in_display_frame": bool(boxes_in_display_frame),
         "panoptic_path": panoptic_path,
+        "panoptic_png": None,
     }
 
 

@@ -23,11 +23,101 @@ def has_scheme(path: str) -> bool:
     return "://" in path
 
 
+class StoreUnavailableError(OSError):
+    """An object store could not be reached (network, timeouts, server errors): worth a retry, not a verdict
+    on the object."""
+
+
+class StoreAccessError(OSError):
+    """An object store refused a request for a reason the user must fix: a bucket that does not exist,
+    credentials it does not accept, or no permission."""
+
+
+# What the AWS SDK (pyarrow's S3) says when a store refuses a request, and what the user should hear.
+_REFUSALS = {
+    "NO_SUCH_BUCKET": "the bucket does not exist",
+    "SIGNATURE_DOES_NOT_MATCH": "the store refused the credentials (check AWS_SECRET_ACCESS_KEY)",
+    "INVALID_ACCESS_KEY_ID": "the store does not know the access key (check AWS_ACCESS_KEY_ID)",
+    "ACCESS_DENIED": "access denied: the credentials may not read or write there",
+    "EXPIRED_TOKEN": "the credentials have expired",
+}
+
+
+# What pyarrow's S3/GCS errors say when the store itself failed, not the object (AWS SDK error names, curl).
+_UNAVAILABLE_MARKERS = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "SLOW_DOWN",
+                        "REQUEST_TIMEOUT", "THROTTLING", "Timeout was reached", "Could not connect",
+                        "Connection refused", "Couldn't connect")
+
+
+def is_unavailable_error(path: str, exc: BaseException) -> bool:
+    """True when reading `path` failed because its object store could not be reached."""
+    if isinstance(exc, StoreUnavailableError):
+        return True
+    return has_scheme(path) and not isinstance(exc, FileNotFoundError) and any(
+        marker in str(exc) for marker in _UNAVAILABLE_MARKERS)
+
+
+def store_error(uri: str, exc: OSError) -> OSError:
+    """A store's failure on `uri` as one clear error naming it (StoreAccessError, StoreUnavailableError), or
+    `exc` itself when it is about the object (not found, not a file) or a local path."""
+    if not has_scheme(uri) or isinstance(exc, (FileNotFoundError, StoreAccessError, StoreUnavailableError)):
+        return exc
+    text = str(exc)
+    for marker, meaning in _REFUSALS.items():
+        if marker in text:
+            return StoreAccessError(f"{redact(uri)}: {meaning}")
+    if is_unavailable_error(uri, exc):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        where = f" at {endpoint}" if endpoint else ""
+        return StoreUnavailableError(f"{redact(uri)}: the object store{where} did not answer "
+                                     f"({text.split(';')[0][:200]})")
+    return exc
+
+
+def check_reachable(uri: str) -> None:
+    """Fail at once, naming `uri`, when its store refuses us or does not answer (a wrong bucket or
+    credentials, a store that is down); a path that merely does not exist yet is fine. Local paths pass."""
+    if not has_scheme(uri):
+        return
+    fs, p = resolve(uri)
+    try:
+        fs.get_file_info(p)
+    except OSError as exc:
+        raise store_error(uri, exc) from None
+
+
+def redact(uri: str) -> str:
+    """A URI without credentials in it (`s3://KEY:SECRET@bucket/x` -> `s3://***@bucket/x`), for messages."""
+    if "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    authority, sep, tail = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    query_free = tail.split("?", 1)[0]
+    return f"{scheme}://{authority}{sep}{query_free}"
+
+
+_SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
+
+
+def check_no_credentials(uri: str) -> None:
+    """Refuse credentials written into a URI's options: the URI would carry them into keys, manifests, logs
+    and MLflow params. The store's standard settings (AWS_ACCESS_KEY_ID, ...) keep them out of all of those."""
+    query = uri.split("?", 1)[1] if "?" in uri else ""
+    named = sorted({part.split("=", 1)[0] for part in query.split("&")} & set(_SECRET_OPTIONS))
+    if named or "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
+        raise ValueError(f"{redact(uri)}: credentials in the URI ({', '.join(named) or 'user:password@'}) would be "
+                         "recorded with every key, manifest and MLflow param; set them in the environment instead "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the store's own settings)")
+
+
 def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
     """(file system, path inside it) for a local path or a URI."""
     if filesystem is not None:
         return filesystem, path
     if has_scheme(path):
+        check_no_credentials(path)
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
@@ -41,20 +131,29 @@ def is_glob(path: str) -> bool:
     return any(c in _GLOB_CHARS for c in path)
 
 
-def is_dir(path: str) -> bool:
+def _info(path: str) -> pafs.FileInfo:
     fs, p = resolve(path)
-    return fs.get_file_info(p).type == pafs.FileType.Directory
+    try:
+        return fs.get_file_info(p)
+    except OSError as exc:
+        raise store_error(path, exc) from None
+
+
+def is_dir(path: str) -> bool:
+    return _info(path).type == pafs.FileType.Directory
 
 
 def exists(path: str) -> bool:
-    fs, p = resolve(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    return _info(path).type != pafs.FileType.NotFound
 
 
 def read_bytes(path: str, filesystem: pafs.FileSystem | None = None) -> bytes:
     fs, p = resolve(path, filesystem)
-    with fs.open_input_stream(p) as f:
-        return f.read()
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    except OSError as exc:
+        raise store_error(path, exc) from None
 
 
 def read_text(path: str) -> str:
@@ -68,19 +167,22 @@ def open_output_atomic(path: str) -> Iterator[Any]:
     block ends, or deleted if it raises. Readers never see half a file."""
     fs, p = resolve(path)
     parent = posixpath.dirname(p)
-    if parent:
-        fs.create_dir(parent, recursive=True)
     tmp = posixpath.join(parent, f".{posixpath.basename(p)}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}")
     try:
-        with fs.open_output_stream(tmp) as stream:
-            yield stream
-    except BaseException:
+        if parent:
+            fs.create_dir(parent, recursive=True)
         try:
-            fs.delete_file(tmp)
-        except OSError:
-            pass
-        raise
-    fs.move(tmp, p)
+            with fs.open_output_stream(tmp) as stream:
+                yield stream
+        except BaseException:
+            try:
+                fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+        fs.move(tmp, p)
+    except OSError as exc:
+        raise store_error(path, exc) from None
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
@@ -97,12 +199,9 @@ def _with_scheme(original: str, fs_path: str) -> str:
     return fs_path
 
 
-def list_files(path: str, extensions: Iterable[str] | None = None, recursive: bool = True) -> list[str]:
-    """Files under a folder, or matching a glob (`data/*/img_*.jpg`), sorted, as paths/URIs.
-
-    `extensions` filters by lower-case suffix (e.g. IMAGE_EXTENSIONS); None keeps all.
-    A path naming one file returns just that file.
-    """
+def _listing_plan(path: str, extensions: Iterable[str] | None) -> tuple[str, str | None, tuple[str, ...] | None]:
+    """(folder to list, glob pattern the names must match or None, lower-case suffixes or None) for a
+    folder, file or glob."""
     exts = tuple(e.lower() for e in extensions) if extensions is not None else None
     pattern = None
     if is_glob(path):
@@ -111,22 +210,117 @@ def list_files(path: str, extensions: Iterable[str] | None = None, recursive: bo
         base = head.rsplit("/", 1)[0] if "/" in head else "."
         pattern = path if has_scheme(path) else os.path.abspath(path)
         path = base
-    fs, p = resolve(path)
-    info = fs.get_file_info(p)
+    return path, pattern, exts
+
+
+def _keeps(name: str, pattern: str | None, exts: tuple[str, ...] | None) -> bool:
+    if exts is not None and not name.lower().endswith(exts):
+        return False
+    return pattern is None or fnmatch.fnmatchcase(name, pattern)
+
+
+def not_found(path: str) -> FileNotFoundError:
+    """The error for a path that does not exist, saying so when it is an object store's bucket that is missing."""
+    if has_scheme(path):
+        bucket = path.split("://", 1)[1].split("/", 1)[0]
+        fs, _ = resolve(path)
+        try:
+            if bucket and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                return FileNotFoundError(f"{redact(path)}: the bucket {bucket!r} does not exist")
+        except OSError:
+            pass
+    return FileNotFoundError(f"{redact(path)}: no such file or folder")
+
+
+def _root_info(fs: pafs.FileSystem, p: str, path: str) -> pafs.FileInfo:
+    try:
+        info = fs.get_file_info(p)
+    except OSError as exc:
+        raise store_error(path, exc) from None
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise not_found(path)
+    return info
+
+
+def _list(fs: pafs.FileSystem, selector: pafs.FileSelector, path: str) -> list[pafs.FileInfo]:
+    try:
+        return fs.get_file_info(selector)
+    except OSError as exc:
+        raise store_error(path, exc) from None
+
+
+def check_listable(path: str) -> None:
+    """Raise FileNotFoundError, as `list_files` would, when the folder or file to list (for a glob: the
+    folder before its first glob character) does not exist. One request; lists nothing."""
+    root, _, _ = _listing_plan(path, None)
+    fs, p = resolve(root)
+    _root_info(fs, p, root)
+
+
+def list_files(path: str, extensions: Iterable[str] | None = None, recursive: bool = True) -> list[str]:
+    """Files under a folder, or matching a glob (`data/*/img_*.jpg`), sorted, as paths/URIs.
+
+    `extensions` filters by lower-case suffix (e.g. IMAGE_EXTENSIONS); None keeps all.
+    A path naming one file returns just that file. The whole listing is held at once:
+    `FolderListing` gives the same files lazily.
+    """
+    path, pattern, exts = _listing_plan(path, extensions)
+    fs, p = resolve(path)
+    info = _root_info(fs, p, path)
     if info.type == pafs.FileType.File:
         infos = [info]
     else:
-        infos = fs.get_file_info(pafs.FileSelector(p, recursive=recursive or pattern is not None))
+        infos = _list(fs, pafs.FileSelector(p, recursive=recursive or pattern is not None), path)
     out = []
     for item in infos:
         if item.type != pafs.FileType.File:
             continue
         name = _with_scheme(path, item.path)
-        if exts is not None and not name.lower().endswith(exts):
-            continue
-        if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
-            continue
-        out.append(name)
+        if _keeps(name, pattern, exts):
+            out.append(name)
     return sorted(out)
+
+
+class FolderListing:
+    """The files `list_files(path, extensions, recursive)` returns, in the same order, listed lazily.
+
+    Creating it lists the top level of the folder only (one listing call, pyarrow's
+    `FileSelector(recursive=False)`): `top_files` are the files directly in it (every
+    name, unfiltered). Iterating yields the matching files in sorted order, listing
+    each sub-folder (recursively, one call) when its turn comes, so the first files
+    come before the whole tree is listed and at most one sub-folder's listing is held
+    at a time. pyarrow lists a folder level in one call (all its pages: on an object
+    store, a request per thousand names), so a flat folder is listed at once.
+
+    Sorted order is kept because, within one folder, a sub-folder `d` sorts as `d/`
+    among the files beside it: every path under it starts with that prefix.
+    """
+
+    def __init__(self, path: str, extensions: Iterable[str] | None = None, recursive: bool = True) -> None:
+        self.path = path
+        self._root, self._pattern, self._exts = _listing_plan(path, extensions)
+        self._recursive = recursive or self._pattern is not None
+        self._fs, p = resolve(self._root)
+        info = _root_info(self._fs, p, self._root)
+        if info.type == pafs.FileType.File:
+            entries = [info]
+        else:
+            entries = _list(self._fs, pafs.FileSelector(p, recursive=False), path)
+        # Sub-folders sort by their name + "/", so that the files under them fall where `sorted` would put them.
+        self._entries = sorted(
+            (e.path + "/" if e.type == pafs.FileType.Directory else e.path, e.type, e.path) for e in entries
+            if e.type in (pafs.FileType.File, pafs.FileType.Directory))
+        self.top_files = [_with_scheme(self._root, e[2]) for e in self._entries if e[1] == pafs.FileType.File]
+
+    def __iter__(self) -> Iterator[str]:
+        for _, kind, fs_path in self._entries:
+            if kind == pafs.FileType.File:
+                names = [_with_scheme(self._root, fs_path)]
+            elif self._recursive:
+                infos = _list(self._fs, pafs.FileSelector(fs_path, recursive=True), self.path)
+                names = sorted(_with_scheme(self._root, i.path) for i in infos if i.type == pafs.FileType.File)
+            else:
+                continue
+            for name in names:
+                if _keeps(name, self._pattern, self._exts):
+                    yield name

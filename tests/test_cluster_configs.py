@@ -48,6 +48,9 @@ def test_kuberay_manifests_name_the_projects_ray_version_and_gpus(name, doc):
     containers = head["template"]["spec"]["containers"] + [
         c for group in spec["workerGroupSpecs"] for c in group["template"]["spec"]["containers"]]
     assert all(c["image"].startswith(f"rayproject/ray:{ray.__version__}") for c in containers)
+    # Nodes share no disk: every node reaches the object store, with credentials from a Secret, never inline.
+    assert all({"secretRef": {"name": "raydetr-object-store"}} in c.get("envFrom", []) for c in containers)
+    assert not [e for c in containers for e in c.get("env", []) if e["name"].startswith("AWS_") and "value" in e]
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     gpu = groups["gpu"]
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -1,8 +1,10 @@
-"""Sources on real files: YOLO, VOC, folders and globs, tar/zip archives (unsafe members rejected)."""
+"""Sources on real files: YOLO, VOC, folders and globs (planned, or listed as they are read, locally and on an
+S3-compatible store), tar/zip archives (unsafe members rejected)."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import zipfile
 
 import numpy as np
@@ -12,7 +14,9 @@ import pytest
 from jobs.cli import main as detr
 from messy_data import encode, rgb_image, write_unsafe_tar
 from pipelines.loading import load_record
-from pipelines.sources import detect_kind, open_source
+from pipelines.sources import FolderOfArchives, detect_kind, iter_unit_records, open_source
+from pipelines.sources.folder import open_folder
+from pipelines.storage import IMAGE_EXTENSIONS, FolderListing, list_files
 
 
 def write_yolo(root):
@@ -120,3 +124,91 @@ def test_bad_coco_json_names_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         open_source(str(bad))
+
+
+# Names whose sorted order a listing made folder by folder could get wrong: `a.jpg` and `a-b.jpg` sort before the
+# files under `a/` ('-' and '.' come before '/'), `a0/` after them, and `ab/` after `a0/`.
+TREE = ("a.jpg", "a/x.jpg", "a/y/z.png", "a-b.jpg", "a0/q.jpg", "ab/c.jpg", "b/2.png", "c.JPG", "notes.txt",
+        "d/e/f/g.gif", "a.b/k.jpg")
+
+
+def write_tree(root, names=TREE):
+    for name in names:
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        (root / name).write_bytes(encode(rgb_image(len(name)), "PNG"))
+
+
+@pytest.mark.parametrize("pattern, extensions, recursive", [
+    ("", IMAGE_EXTENSIONS, True), ("", None, True), ("", None, False), ("*/*.jpg", None, True),
+    ("a*", IMAGE_EXTENSIONS, True), ("a.jpg", None, True)])
+def test_a_folder_listing_lazily_lists_what_list_files_lists(tmp_path, pattern, extensions, recursive):
+    write_tree(tmp_path)
+    path = str(tmp_path / pattern) if pattern else str(tmp_path)
+    assert list(FolderListing(path, extensions, recursive)) == list_files(path, extensions, recursive)
+    assert list_files(path, extensions, recursive)  # every case lists something
+
+
+def test_a_folder_listing_lists_each_sub_folder_when_its_turn_comes(tmp_path):
+    write_tree(tmp_path)
+    listing = FolderListing(str(tmp_path))  # lists the top level only
+    assert listing.top_files == [str(tmp_path / n) for n in ("a-b.jpg", "a.jpg", "c.JPG", "notes.txt")]
+    (tmp_path / "b" / "3.png").write_bytes(b"x")  # in a sub-folder not listed yet: seen
+    (tmp_path / "late.jpg").write_bytes(b"x")  # beside the top-level files already listed: not seen
+    names = list(listing)
+    assert str(tmp_path / "b" / "3.png") in names and str(tmp_path / "late.jpg") not in names
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        FolderListing(str(tmp_path / "missing"))
+
+
+def test_a_streamed_folder_reads_the_records_a_planned_one_holds(tmp_path):
+    write_tree(tmp_path)
+    planned, streamed = open_folder(str(tmp_path)), open_folder(str(tmp_path), stream=True)
+    assert [u.kind for u in streamed.units] == ["listing"] and streamed.lists_while_read
+    assert not planned.lists_while_read
+    assert list(streamed.iter_records()) == list(planned.iter_records())  # same keys, same order, same fields
+    unit = pickle.loads(pickle.dumps(streamed.units[0]))  # what a read task receives
+    assert [r["key"] for r in iter_unit_records(unit)] == [r["key"] for r in planned.iter_records()]
+    with pytest.raises(FileNotFoundError):  # checked when opened, as a planned folder is
+        open_folder(str(tmp_path / "missing"), stream=True)
+
+
+def test_a_streamed_folder_of_archives_says_so_before_any_record(tmp_path):
+    (tmp_path / "one.tar").write_bytes(b"")
+    (tmp_path / "two.zip").write_bytes(b"")
+    assert detect_kind(str(tmp_path)) == "archive" and detect_kind(str(tmp_path), list_folder=False) == "folder"
+    guessed = open_folder(str(tmp_path), stream=True, archives_possible=True)
+    with pytest.raises(FolderOfArchives) as raised:
+        next(guessed.iter_records())
+    assert pickle.loads(pickle.dumps(raised.value)).path == str(tmp_path)  # as a Ray task's error reaches the driver
+    named = open_folder(str(tmp_path), stream=True)  # --kind folder: archives are not images, nothing to read
+    assert list(named.iter_records()) == []
+    (tmp_path / "photo.jpg").write_bytes(encode(rgb_image(0), "JPEG"))  # one image among them: a folder
+    assert [r["key"] for r in guessed.iter_records()] == [str(tmp_path / "photo.jpg")]
+
+
+def test_open_source_streams_the_listing_of_object_store_folders_only(tmp_path, monkeypatch, s3_server):
+    s3 = s3_server  # the session's S3 server (tests/topology.py)
+    write_tree(tmp_path)
+    local = open_source(str(tmp_path), stream_listing=True)  # local folders: listed here, as always
+    assert {u.kind for u in local.units} == {"records"}
+    s3.use(monkeypatch)
+    bucket = s3.create_bucket("images")
+    for name in TREE:
+        s3.put(f"{bucket}/in/{name}", (tmp_path / name).read_bytes())
+    s3.put(f"{bucket}/tars/one.tar", b"")
+    s3.put(f"{bucket}/tars/old/two.tar", b"")
+    streamed = open_source(f"{bucket}/in/", stream_listing=True)
+    assert [u.kind for u in streamed.units] == ["listing"]
+    planned = open_source(f"{bucket}/in/")
+    assert {u.kind for u in planned.units} == {"records"}
+    keys = [r["key"] for r in streamed.iter_records()]
+    assert keys == [r["key"] for r in planned.iter_records()]
+    assert keys == list_files(f"{bucket}/in/", IMAGE_EXTENSIONS) and keys[0] == f"{bucket}/in/a-b.jpg"
+    glob = f"{bucket}/in/*/*.jpg"
+    assert [r["key"] for r in open_source(glob, stream_listing=True).iter_records()] == list_files(glob)
+    assert open_source(f"{bucket}/tars", stream_listing=False).kind == "archive"
+    with pytest.raises(FolderOfArchives):  # its kind was guessed without listing it
+        list(open_source(f"{bucket}/tars", stream_listing=True).iter_records())
+    assert list(open_source(f"{bucket}/tars", "folder", stream_listing=True).iter_records()) == []
+    with pytest.raises(FileNotFoundError):
+        open_source(f"{bucket}/missing/", stream_listing=True)

@@ -25,7 +25,8 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ BIN = Path(sys.executable).parent
 REGION = "us-east-1"
 HEAD_RESOURCE = "topology_head"
 ISOLATED_RESOURCE = "topology_isolated"
+# A tracking server with S3 artifacts hands clients presigned S3 URLs to download from; moto's IAM check
+# cannot verify presigned requests (it wants an Authorization header), so here downloads stream through the
+# server, MLflow's other documented mode.
+NO_PRESIGNED_DOWNLOADS = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
 
 
 def free_port() -> int:
@@ -44,10 +49,11 @@ def free_port() -> int:
 
 
 def _stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM a process group started with start_new_session=True, then SIGKILL what is left."""
+    """SIGTERM the leader of a process group started with start_new_session=True (it stops its children),
+    then SIGKILL what is left of the group."""
     if process.poll() is None:
         try:
-            os.killpg(process.pid, signal.SIGTERM)
+            process.terminate()
             process.wait(timeout=timeout)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
@@ -179,12 +185,36 @@ class S3Server:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION,
                 "AWS_EC2_METADATA_DISABLED": "true", **self.credentials}
 
+    @contextmanager
+    def environment(self):
+        """This process reaches the store through the standard settings while the block runs."""
+        saved = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def client(self):
         import boto3
 
         e = self.env()
         return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION,
                             aws_access_key_id=e["AWS_ACCESS_KEY_ID"], aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"])
+
+    def use(self, monkeypatch) -> None:
+        """Point this process's AWS settings at the store for one test (pyarrow reads them when a file system is
+        made)."""
+        for name, value in self.env().items():
+            monkeypatch.setenv(name, value)
+
+    def put(self, uri: str, data: bytes) -> None:
+        bucket, key = uri[len("s3://"):].split("/", 1)
+        self.client().put_object(Bucket=bucket, Key=key, Body=data)
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -230,7 +260,7 @@ class MlflowOnPostgres:
 
     def start(self) -> "MlflowOnPostgres":
         done = subprocess.run(["bash", "cluster/mlflow_server.sh", "start", "--postgres", "--pg-port", str(self.pg_port),
-                               "--port", str(self.port), "--artifacts", self.artifacts],
+                               "--port", str(self.port), "--artifacts", self.artifacts, "--workers", "1"],
                               cwd=ROOT, env=self._env(), capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             log = self.state_dir / "server.log"
@@ -246,10 +276,14 @@ class MlflowOnPostgres:
 class SharedNothingCluster:
     """A Ray head and a worker node whose processes see an empty folder where `hidden` is."""
 
-    def __init__(self, ray_dir: Path, hidden: Path, node_env: dict[str, str], cpus: int = 2) -> None:
-        self.ray_dir, self.hidden, self.cpus = ray_dir, hidden, cpus
+    def __init__(self, ray_dir: Path, hidden: Path, node_env: dict[str, str], head_cpus: int = 1,
+                 worker_cpus: int = 3) -> None:
+        # A head with one CPU, as clusters keep their head light: a job's second actor or training worker
+        # must run on the isolated node.
+        self.ray_dir, self.hidden = ray_dir, hidden
+        self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.token = uuid.uuid4().hex
-        self.env = {**os.environ, **node_env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        self.env = {**os.environ, **node_env, **NO_PRESIGNED_DOWNLOADS, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
         self.env.pop("RAY_ADDRESS", None)
@@ -266,7 +300,7 @@ class SharedNothingCluster:
     def start(self) -> "SharedNothingCluster":
         ray = BIN / "ray"
         head_log, worker_log = self.ray_dir / "head.log", self.ray_dir / "worker.log"
-        self._start(f"exec {ray} start --head --block --port={self.port} --num-cpus={self.cpus} "
+        self._start(f"exec {ray} start --head --block --port={self.port} --num-cpus={self.head_cpus} "
                     f"--resources='{{\"{HEAD_RESOURCE}\": 1}}' --temp-dir={self.ray_dir / 'ray'} "
                     f"--include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port={self.dashboard_port} "
                     f"--ray-client-server-port={free_port()} --dashboard-agent-listen-port={free_port()} "
@@ -276,7 +310,7 @@ class SharedNothingCluster:
         self.address = current.read_text().strip()
         # The worker node: its own mount namespace with an empty tmpfs over the tests' folders.
         self._start(f"unshare --mount --propagation private sh -c 'mount -t tmpfs tmpfs {self.hidden} && "
-                    f"exec {ray} start --block --address={self.address} --num-cpus={self.cpus} "
+                    f"exec {ray} start --block --address={self.address} --num-cpus={self.worker_cpus} "
                     f"--resources=\"{{\\\"{ISOLATED_RESOURCE}\\\": 1}}\" "
                     f"--dashboard-agent-listen-port={free_port()} --disable-usage-stats'", worker_log)
         _wait_for(self._both_nodes_alive, "the isolated Ray worker node", worker_log)
@@ -299,6 +333,7 @@ class Topology:
     mlflow: MlflowOnPostgres
     bucket: str  # s3://bucket for the tests' data and outputs
     driver_tmp: Path  # the drivers' TMPDIR: hidden from the isolated node
+    logs: list[str] = field(default_factory=list)  # what every job printed (searched for credentials)
 
     @property
     def tracking_uri(self) -> str:
@@ -307,16 +342,30 @@ class Topology:
     def env(self, **extra: str) -> dict[str, str]:
         """A driver's environment: the cluster's address and token, S3 settings, the tracking server."""
         return {**self.cluster.env, "RAY_ADDRESS": self.cluster.address, "MLFLOW_TRACKING_URI": self.mlflow.uri,
-                "TMPDIR": str(self.driver_tmp), "PYTHONUNBUFFERED": "1", **extra}
+                "TMPDIR": str(self.driver_tmp), "PYTHONUNBUFFERED": "1", **NO_PRESIGNED_DOWNLOADS, **extra}
 
     def detr(self, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
              ) -> subprocess.CompletedProcess:
         """Run the `detr` command line as a user would, against this topology."""
         done = subprocess.run([str(BIN / "detr"), *args], env=env or self.env(), capture_output=True, text=True,
                               timeout=timeout, cwd=self.driver_tmp)
+        self.logs += [done.stdout, done.stderr]
         if check:
             assert done.returncode == 0, f"detr {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
         return done
+
+    def actor_classes_on_isolated_node(self) -> list[str]:
+        """The class names of every actor (alive or dead) that ran on the isolated node, from Ray's state API."""
+        script = ("import json, sys\n"
+                  "from ray.util.state import list_actors, list_nodes\n"
+                  "nodes = list_nodes(address=sys.argv[1], detail=True)\n"
+                  f"isolated = {{n.node_id for n in nodes if '{ISOLATED_RESOURCE}' in (n.resources_total or {{}})}}\n"
+                  "actors = list_actors(address=sys.argv[1], detail=True, limit=10000)\n"
+                  "print(json.dumps([a.class_name for a in actors if a.node_id in isolated]))\n")
+        done = subprocess.run([sys.executable, "-c", script, self.cluster.dashboard], env=self.env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     def uri(self, *parts: str) -> str:
         return "/".join([self.bucket, *parts])
@@ -334,7 +383,17 @@ def _can_isolate() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def topology(tmp_path_factory):
+def s3_server(tmp_path_factory):
+    """moto's S3 server for the whole session (the topology's store too); each test makes its own buckets."""
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def topology(tmp_path_factory, s3_server):
     """The shared-nothing cluster, S3 and MLflow on PostgreSQL, for the whole session."""
     reason = _can_isolate()
     if reason:
@@ -346,9 +405,8 @@ def topology(tmp_path_factory):
     driver_tmp = hidden / "driver-tmp"
     driver_tmp.mkdir()
     started = []
+    s3 = s3_server
     try:
-        s3 = S3Server(state).start()
-        started.append(s3)
         bucket = s3.create_bucket("raydetr-tests")
         s3.create_bucket("raydetr-mlflow")
         mlflow = MlflowOnPostgres(state / "mlflow", s3, "s3://raydetr-mlflow/artifacts").start()

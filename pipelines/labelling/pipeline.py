@@ -64,12 +64,13 @@ def check_cluster_fits(options: LabelOptions, gpus_per_actor: float, resources: 
 
 
 def build_label_dataset(source: Source, checkpoint: bytes, transforms: TransformsConfig, options: LabelOptions,
-                        done: np.ndarray, gpus_per_actor: float = 0.0):
+                        done: np.ndarray, gpus_per_actor: float = 0.0, listings: dict | None = None):
     """The result rows (schema.RESULT_SCHEMA, or PANOPTIC_RESULT_SCHEMA for the panoptic task) of labelling
-    `source`, skipping keys whose digests are in `done` (sorted, see key_digests); a lazy ray.data.Dataset."""
+    `source`, skipping keys whose digests are in `done` (sorted, see key_digests); a lazy ray.data.Dataset.
+    `listings`: the listings of a streamed folder started early (pipelines.reader.start_listings)."""
     import ray
 
-    prepared = source.read(rows_per_block=read_block_rows(options)).map_batches(
+    prepared = source.read(rows_per_block=read_block_rows(options), listings=listings).map_batches(
         prepare_batch,
         batch_size=None,  # a read block each: one window of images ordered by shape
         batch_format="pyarrow",

@@ -16,18 +16,23 @@ from pipelines import storage
 from pipelines.sources.archive import is_archive, open_archives
 from pipelines.sources.base import Source, Unit, iter_unit_records
 from pipelines.sources.coco import coco_source, open_coco
-from pipelines.sources.folder import open_folder
+from pipelines.sources.folder import FolderOfArchives, open_folder
 from pipelines.sources.parquet import open_parquet
 from pipelines.sources.voc import voc_to_coco
 from pipelines.sources.yolo import yolo_to_coco
 
 KINDS = ("coco", "yolo", "voc", "folder", "archive", "parquet")
 
-__all__ = ["KINDS", "Source", "Unit", "detect_kind", "iter_unit_records", "open_source"]
+__all__ = ["KINDS", "FolderOfArchives", "Source", "Unit", "detect_kind", "iter_unit_records", "open_source"]
 
 
-def detect_kind(path: str) -> str:
-    """Guess a source's kind from its path and layout (see the table in this module's docstring)."""
+def detect_kind(path: str, *, list_folder: bool = True) -> str:
+    """Guess a source's kind from its path and layout (see the table in this module's docstring).
+
+    A folder whose own files are all archives is `archive`, which takes listing the folder's top level (on
+    an object store, a request per thousand names: for a flat prefix of images, its whole listing);
+    `list_folder=False` skips that and says `folder`, leaving the check to the folder's streamed listing
+    (FolderOfArchives)."""
     lower = path.lower()
     if lower.endswith(".json"):
         return "coco"
@@ -42,6 +47,8 @@ def detect_kind(path: str) -> str:
             return "yolo"
         if storage.is_dir(storage.join(path, "Annotations")) and storage.is_dir(storage.join(path, "JPEGImages")):
             return "voc"
+        if not list_folder:
+            return "folder"
         files = storage.list_files(path, recursive=False)
         if files and all(is_archive(f) for f in files):
             return "archive"
@@ -56,11 +63,20 @@ def open_source(
     classes: str | None = None,
     rows_per_unit: int = 1000,
     masks: str | None = None,
+    stream_listing: bool = False,
 ) -> Source:
     """Open any supported source. `images` is the image folder of a COCO JSON (default: its
     folder); `classes` a class-names file for YOLO (one per line) or VOC (fixes the id order);
-    `masks` the PNG folder of a COCO panoptic JSON (default: the JSON's path without `.json`)."""
-    kind = kind or detect_kind(path)
+    `masks` the PNG folder of a COCO panoptic JSON (default: the JSON's path without `.json`).
+
+    `stream_listing=True` (labelling): a folder or glob on an object store is not listed here but by
+    a task that reads it (pipelines.sources.folder, pipelines.reader.start_listings); local folders are
+    listed here as always. When its kind was guessed and it turns out to hold only archives, reading it
+    raises FolderOfArchives (or reads as nothing, and `reader.folder_of_archives` says so, when its
+    listing was started early): open it again with kind="archive"."""
+    streamed = stream_listing and storage.has_scheme(path)
+    guessed = kind is None
+    kind = kind or detect_kind(path, list_folder=not streamed)
     if kind in ("coco", "coco_panoptic"):
         return open_coco(path, images, rows_per_unit, masks_dir=masks)
     if kind == "yolo":
@@ -75,7 +91,7 @@ def open_source(
         source.kind, source.planning_errors = "voc", errors + source.planning_errors
         return source
     if kind == "folder":
-        return open_folder(path, rows_per_unit)
+        return open_folder(path, rows_per_unit, stream=streamed, archives_possible=streamed and guessed)
     if kind == "archive":
         return open_archives(path)
     if kind == "parquet":

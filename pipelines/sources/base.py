@@ -13,13 +13,15 @@ from typing import Any, Callable, Iterator
 
 from pipelines.errors import ErrorRecord
 
+LISTING = "listing"  # the kind of a streamed folder's unit: listed by whoever reads it (pipelines.sources.folder)
+
 
 @dataclass(frozen=True)
 class Unit:
     """A piece of a source: `name` is stable (used in shard names), `payload` says what to read."""
 
     name: str
-    kind: str  # "records", "archive" or "parquet"
+    kind: str  # "records", "archive", "parquet" or "listing" (a folder listed as it is read)
     payload: Any
     size_hint: int = 0  # number of records when known
 
@@ -38,6 +40,11 @@ class Source:
     def is_panoptic(self) -> bool:
         """A COCO panoptic source: records carry segment PNGs, samples carry masks."""
         return self.kind == "coco_panoptic"
+
+    @property
+    def lists_while_read(self) -> bool:
+        """A streamed folder: its records come from a listing made by whoever reads it."""
+        return any(u.kind == LISTING for u in self.units)
 
     @property
     def category_ids(self) -> set[int] | None:
@@ -69,6 +76,11 @@ def register_unit_reader(kind: str):
 def iter_unit_records(unit: Unit) -> Iterator[dict]:
     if unit.kind == "records":
         yield from unit.payload
+        return
+    if unit.kind == LISTING:
+        from pipelines.sources.folder import iter_listing
+
+        yield from iter_listing(unit)
         return
     if unit.kind not in _UNIT_READERS:
         # Importing the source modules registers their readers.

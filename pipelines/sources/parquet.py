@@ -64,6 +64,7 @@ def shards_to_records(table: pa.Table) -> pa.Table:
         "error_detail": pa.array([""] * n, pa.string()),
         "has_annotations": table["has_annotations"],
         "panoptic_path": pa.array([""] * n, pa.string()),
+        "panoptic_png": pa.nulls(n, pa.binary()),
         "boxes": boxes,
         "category_ids": table["labels"],
         "iscrowd": table["iscrowd"],

@@ -1,0 +1,272 @@
+"""Every job on the production topology (tests/topology.py): data, checkpoints, models and outputs on S3, one
+Ray node that cannot see the driver's disk, MLflow on PostgreSQL with its artifacts on S3.
+
+The jobs run as a user runs them, `detr ...` in a process of their own. The module's data and trained model
+are shared by its tests, in file order: train (a worker killed on the isolated node), evaluate, promote and
+roll back, label (prefix and tar, detection and panoptic, re-runs, a killed driver), submit, the pyfunc model
+from the registry in a fresh process.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from topology import BIN, ISOLATED_RESOURCE
+
+pytestmark = [pytest.mark.topology, pytest.mark.ray, pytest.mark.mlflow]
+
+MODEL = "topology-detector"
+
+
+@pytest.fixture(scope="module")
+def shapes(topology, tmp_path_factory):
+    """A synthetic dataset written on the driver's disk, then copied to S3 (the only copy the nodes see)."""
+    from pipelines.synthetic import SyntheticConfig, write_dataset
+
+    local = tmp_path_factory.mktemp("topology-shapes")
+    write_dataset(str(local), SyntheticConfig(images=24, classes=2, min_image_size=64, max_image_size=80,
+                                              max_object_size=40, val_fraction=0.25, seed=11))
+    uri = topology.s3.upload_folder(local, topology.uri("shapes"))
+    return {"local": local, "uri": uri, "images": sorted(p.name for p in (local / "images").iterdir())}
+
+
+KILLER = """
+import os, signal, sys, time
+import pyarrow.fs as pafs
+from ray.util.state import list_actors, list_nodes
+dashboard, run_prefix, resource = sys.argv[1:4]
+fs, root = pafs.FileSystem.from_uri(run_prefix)
+deadline = time.time() + 400
+while time.time() < deadline:
+    try:
+        names = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))]
+    except OSError:
+        names = []
+    if any("checkpoint_" in n for n in names):
+        break
+    time.sleep(1)
+isolated = next(n.node_id for n in list_nodes(address=dashboard, detail=True) if resource in (n.resources_total or {}))
+for actor in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
+    if "RayTrainWorker" in actor.class_name and actor.node_id == isolated:
+        os.kill(actor.pid, signal.SIGKILL)
+        print(actor.pid)
+        break
+"""
+
+
+@pytest.fixture(scope="module")
+def ingested(topology, shapes):
+    """`detr ingest` of the COCO JSON and its images on S3 into Parquet shards on S3."""
+    out = topology.uri("ingested")
+    done = topology.detr("ingest", f"{shapes['uri']}/train.json", out)
+    return {"uri": out, "stdout": done.stdout}
+
+
+def test_ingest_reads_s3_and_writes_parquet_shards_to_s3(topology, shapes, ingested):
+    with topology.s3.environment():
+        from pipelines import storage
+
+        manifest = json.loads(storage.read_text(f"{ingested['uri']}/manifest.json"))
+    train = json.loads((shapes["local"] / "train.json").read_text())
+    assert manifest["rows"] == len(train["images"]) and manifest["shards"]
+    keys = topology.s3.keys(ingested["uri"])
+    assert all(any(k.endswith(s["path"]) for k in keys) for s in manifest["shards"])
+
+
+@pytest.fixture(scope="module")
+def trained(topology, shapes, ingested):
+    """`detr train` on the ingested shards (validated on the S3 COCO JSON) with S3 storage, two workers
+    spread over both nodes; a worker on the isolated node is killed once the first checkpoint is on S3."""
+    run_prefix = topology.uri("runs")
+    config = topology.driver_tmp / "topology-train.yaml"
+    config.write_text(
+        f"data: {{train: {ingested['uri']}, val: {shapes['uri']}/val.json, transforms: small, "
+        "batch_size: 2}\n"
+        "model: {preset: tiny, num_queries: 8}\n"
+        "schedule: {epochs: 3, max_steps_per_epoch: 3, eval_every: 3, log_images: 1, log_every_steps: 1}\n"
+        "scaling: {num_workers: 2, placement_strategy: SPREAD}\n"
+        f"storage: {{path: {run_prefix}, run_name: killed, max_failures: 2}}\n"
+        f"tracking: {{experiment: topology, registered_model: {MODEL}}}\n")
+    killer = subprocess.Popen([sys.executable, "-c", KILLER, topology.cluster.dashboard, f"{run_prefix}/killed",
+                               ISOLATED_RESOURCE], env=topology.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        done = topology.detr("train", "--config", str(config), timeout=900)
+    finally:
+        killed, killer_err = killer.communicate(timeout=120)
+    return {"stdout": done.stdout, "killed": killed.strip(), "killer_err": killer_err, "run_prefix": run_prefix}
+
+
+def test_training_on_s3_survives_a_killed_worker_and_registers_in_postgres(topology, trained):
+    from mlflow.tracking import MlflowClient
+
+    assert trained["killed"], f"no training worker was found on the isolated node: {trained['killer_err'][-2000:]}"
+    client = MlflowClient(topology.tracking_uri)
+    version = client.get_model_version(MODEL, "1")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [0, 1, 2]
+    # One history although a worker died: every step once.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 10))
+    checkpoints = topology.s3.keys(f"{trained['run_prefix']}/killed")
+    assert any("checkpoint_" in k and k.endswith("model.pt") for k in checkpoints)
+    # The model's files went through the tracking server to S3, not to anyone's disk.
+    model_keys = topology.s3.keys("s3://raydetr-mlflow/artifacts")
+    assert any(k.endswith("MLmodel") for k in model_keys) and any("detections" in k for k in model_keys)
+
+
+def test_evaluate_promote_and_rollback_with_actors_on_the_isolated_node(topology, shapes, trained):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(topology.tracking_uri)
+    v1 = client.get_model_version(MODEL, "1")
+    # v2: the same logged model, registered again
+    client.create_model_version(MODEL, v1.source, run_id=v1.run_id, model_id=v1.source.rsplit("/", 1)[1])
+    val = f"{shapes['uri']}/val.json"
+    topology.detr("evaluate", "--model", f"models:/{MODEL}/1", "--data", val, "--concurrency", "2")
+    assert any("EvalPredictor" in name for name in topology.actor_classes_on_isolated_node())
+
+    first = topology.detr("promote", "--name", MODEL, "--candidate", "1", "--data", val)
+    assert "moved alias 'champion' to v1" in first.stdout
+    second = topology.detr("promote", "--name", MODEL, "--candidate", "2", "--data", val, "--min-gain", "0")
+    assert "moved alias 'champion' to v2" in second.stdout
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
+    topology.detr("rollback", "--name", MODEL, "--alias", "champion")
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+
+def _label_rows(topology, output: str) -> list[dict]:
+    from pipelines.labelling.output import LabelOutput
+
+    with topology.s3.environment():
+        return LabelOutput(output).read("labels").to_pylist()
+
+
+def test_label_an_s3_prefix_then_resume_exactly_once(topology, shapes, trained):
+    output = topology.uri("labels", "prefix")
+    args = ("label", "--model", f"models:/{MODEL}@champion", "--input", f"{shapes['uri']}/images/", "--output",
+            output, "--concurrency", "2", "--score-threshold", "0.0", "--top-k", "3")
+    topology.detr(*args)
+    rows = _label_rows(topology, output)
+    assert sorted(r["key"].rsplit("/", 1)[1] for r in rows) == shapes["images"]
+    again = topology.detr(*args)
+    assert "labelled 0 images" in again.stdout
+    assert len(_label_rows(topology, output)) == len(shapes["images"])
+
+
+def test_label_an_s3_tar_with_a_killed_driver_then_resume(topology, shapes, trained):
+    archive = topology.driver_tmp / "images.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in shapes["images"]:
+            tar.add(shapes["local"] / "images" / name, arcname=f"photos/{name}")
+    tar_uri = topology.uri("archives", "images.tar")
+    bucket, _, key = tar_uri[len("s3://"):].partition("/")
+    topology.s3.client().upload_file(str(archive), bucket, key)
+    output = topology.uri("labels", "tar")
+    args = [str(BIN / "detr"), "label", "--model", f"models:/{MODEL}@champion", "--input", tar_uri, "--output", output,
+            "--concurrency", "2", "--rows-per-file", "2", "--commit-seconds", "0.5", "--batch-size", "1"]
+    driver = subprocess.Popen(args, env=topology.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=topology.driver_tmp)
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        if any("/labels/part-" in k for k in topology.s3.keys(f"{output}/labels")):
+            driver.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    topology.logs.append(driver.communicate()[0])
+    partial = _label_rows(topology, output)
+    assert 0 < len(partial) <= len(shapes["images"])
+    topology.detr(*args[1:])
+    rows = _label_rows(topology, output)
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == len(shapes["images"])
+    assert {k.split("!", 1)[1] for k in keys} == {f"photos/{n}" for n in shapes["images"]}
+
+
+def test_panoptic_labelling_of_s3_images_with_a_checkpoint_on_the_drivers_disk(topology, tmp_path):
+    from panoptic_model import panoptic_images, save_tiny_panoptic
+    from pipelines.transforms import TransformsConfig
+
+    model = save_tiny_panoptic(tmp_path / "panoptic.pt", TransformsConfig.small())  # hidden from the isolated node
+    images = panoptic_images(tmp_path / "pan")
+    uri = topology.s3.upload_folder(images[0].parent, topology.uri("pan-images"))
+    output = topology.uri("labels", "panoptic")
+    topology.detr("label", "--task", "panoptic", "--model", model, "--input", uri + "/", "--output", output,
+         "--concurrency", "2", "--panoptic-threshold", "0.3")
+    rows = _label_rows(topology, output)
+    assert len(rows) == len(images) and all(r["segments"] for r in rows)
+    pngs = topology.s3.keys(f"{output}/panoptic")
+    assert sorted(Path(k).name for k in pngs if k.endswith(".png")) == sorted(Path(r["panoptic_file"]).name for r in rows)
+
+
+def test_submitted_training_and_labelling_run_on_the_cluster(topology, shapes, trained):
+    config = topology.driver_tmp / "submitted-train.yaml"
+    config.write_text(
+        f"data: {{train: {shapes['uri']}/train.json, transforms: small, batch_size: 2}}\n"
+        "model: {preset: tiny, num_queries: 8}\n"
+        "schedule: {epochs: 1, max_steps_per_epoch: 2, log_images: 0}\n"
+        "scaling: {num_workers: 2, placement_strategy: SPREAD}\n"
+        f"storage: {{path: {topology.uri('runs')}, run_name: submitted}}\n"
+        "tracking: {experiment: topology-submitted, registered_model: topology-submitted}\n")
+    address = topology.cluster.dashboard
+    out = topology.detr("submit", "train", "--address", address, "--no-requirements", "--wait", "--",
+               "--config", str(config), timeout=900).stdout
+    assert out.strip().splitlines()[-1].endswith("SUCCEEDED"), out[-3000:]
+    output = topology.uri("labels", "submitted")
+    out = topology.detr("submit", "label", "--address", address, "--no-requirements", "--wait", "--",
+               "--model", "models:/topology-submitted/1", "--input", f"{shapes['uri']}/images/", "--output", output,
+               timeout=900).stdout
+    assert out.strip().splitlines()[-1].endswith("SUCCEEDED"), out[-3000:]
+    assert len(_label_rows(topology, output)) == len(shapes["images"])
+
+
+PREDICT = """
+import json, sys
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+frame = model.predict(pd.DataFrame({"path": sys.argv[2:]}))
+print(json.dumps({"errors": [e for e in frame["error"]], "boxes": [len(b) for b in frame["boxes"]]}))
+"""
+
+
+def test_the_registered_pyfunc_predicts_on_s3_images_in_a_fresh_process(topology, shapes, trained):
+    uris = [f"{shapes['uri']}/images/{name}" for name in shapes["images"][:3]]
+    done = subprocess.run([sys.executable, "-c", PREDICT, f"models:/{MODEL}@champion", *uris], env=topology.env(),
+                          capture_output=True, text=True, timeout=300, cwd=topology.driver_tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["errors"] == ["", "", ""] and len(result["boxes"]) == 3, result
+
+
+def test_credentials_never_reach_params_tags_manifests_logs_or_error_tables(topology):
+    """Run last in the module: everything the topology's jobs wrote so far is searched for the secret key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    secret = topology.s3.credentials["AWS_SECRET_ACCESS_KEY"]
+    client = MlflowClient(topology.tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    texts = [json.dumps([r.data.params, r.data.tags]) for r in client.search_runs(experiments, max_results=1000)]
+    texts += [json.dumps(v.tags) for m in client.search_registered_models() for v in
+              client.search_model_versions(f"name='{m.name}'")]
+    with topology.s3.environment():
+        from pipelines import storage
+
+        for key in topology.s3.keys(topology.bucket + "/"):
+            uri = f"{topology.bucket}/{key}"
+            if key.endswith(".json"):
+                texts.append(storage.read_text(uri))
+            elif "/errors/" in key and key.endswith(".parquet"):
+                table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
+                texts.append(json.dumps(table.to_pylist(), default=str))
+    assert len(texts) > 20 and len(topology.logs) > 10
+    assert not [t for t in texts + topology.logs if secret in t]
+
