@@ -54,8 +54,11 @@ PY
 )"
     [ -n "$ADDRESS" ] || ADDRESS="${HEAD_IP:-127.0.0.1}:$PORT"
     echo "$ADDRESS" > "$STATE_DIR/address"
+    # Each worker node keeps its sessions, logs and runtime environments in a folder of its own, as a node of a
+    # real cluster does on its own disk: nodes sharing one, their runtime-env agents unpacked and deleted job
+    # code and environments in the same place (a job's working directory vanished under it).
     for i in $(seq 1 "$WORKERS"); do
-      "$RAY" start --address="$ADDRESS" $(cpu_flag) --disable-usage-stats
+      "$RAY" start --address="$ADDRESS" $(cpu_flag) --temp-dir="$TEMP_DIR-worker-$i" --disable-usage-stats
     done
     # `ray start` returns before a worker has registered; wait until every node is active.
     EXPECTED=$((WORKERS + 1))

@@ -92,7 +92,8 @@ def _run(module: ModuleType, args: argparse.Namespace, prog: str) -> int:
 
 def module_main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     """Run one job module as a program (`python -m jobs.train ...`)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.__doc__)
+    name = module.__spec__.name if module.__spec__ is not None else module.__name__  # not "__main__" under -m
+    parser = argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__)
     module.configure_parser(parser)
     own, passthrough = split_passthrough(argv)
     args = parser.parse_args(own)

@@ -308,8 +308,12 @@ class SharedNothingCluster:
         current = self.ray_dir / "ray" / "ray_current_cluster"
         _wait_for(current.exists, "the Ray head node", head_log)
         self.address = current.read_text().strip()
-        # The worker node: its own mount namespace with an empty tmpfs over the tests' folders.
+        # The worker node: its own mount namespace with an empty tmpfs over the tests' folders, and one over the
+        # head's Ray folder, so that it keeps its sessions, logs and runtime environments (unpacked working
+        # dirs) on a disk of its own, as a real node does: sharing one, the two nodes' runtime-env agents
+        # deleted each other's unpacked working dirs under running jobs.
         self._start(f"unshare --mount --propagation private sh -c 'mount -t tmpfs tmpfs {self.hidden} && "
+                    f"mount -t tmpfs tmpfs {self.ray_dir / 'ray'} && "
                     f"exec {ray} start --block --address={self.address} --num-cpus={self.worker_cpus} "
                     f"--resources=\"{{\\\"{ISOLATED_RESOURCE}\\\": 1}}\" "
                     f"--dashboard-agent-listen-port={free_port()} --disable-usage-stats'", worker_log)
