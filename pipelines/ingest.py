@@ -156,7 +156,7 @@ def ingest(source: Source, out: str, options: IngestOptions = IngestOptions(), c
     results = units_ds.map_batches(
         _ingest_units, batch_size=1, concurrency=concurrency,
         fn_kwargs={"out": out, "options": options, "categories": source.categories},
-        **driver_node_args(out, source.path, first_path),
+        **driver_node_args(out, source.path, first_path, num_cpus=1),  # decoding: a CPU where there is one
     ).take_all()
     markers = sorted((json.loads(r["marker"]) for r in results), key=lambda m: m["unit"])
     summary = RunSummary()

@@ -18,17 +18,24 @@ def is_local(path: str | None) -> bool:
     return bool(path) and not storage.has_scheme(str(path))
 
 
-def on_driver_node() -> dict[str, Any]:
-    """Ray remote arguments that run a task on the driver's node."""
+def on_driver_node(num_cpus: float = 0) -> dict[str, Any]:
+    """Ray remote arguments that run a task on the driver's node, reserving `num_cpus` only where that node
+    offers CPUs at all. Reading files reserves none: the node's CPUs may all be held by other work of the job
+    (training workers) or be none (a head started with --num-cpus=0, as KubeRay's), and a pinned task that
+    waits for a CPU there would wait for ever."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+    node = ray.get_runtime_context().get_node_id()
+    if num_cpus:
+        offered = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+        num_cpus = min(num_cpus, offered)
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False), "num_cpus": num_cpus}
 
 
-def driver_node_args(*paths: str | None) -> dict[str, Any]:
-    """`on_driver_node()` when any of `paths` is local; {} otherwise."""
-    return on_driver_node() if any(is_local(p) for p in paths) else {}
+def driver_node_args(*paths: str | None, num_cpus: float = 0) -> dict[str, Any]:
+    """`on_driver_node(num_cpus)` when any of `paths` is local; {} otherwise."""
+    return on_driver_node(num_cpus) if any(is_local(p) for p in paths) else {}
 
 
 def local_uri(path: str) -> str:

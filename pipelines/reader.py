@@ -76,8 +76,9 @@ def read_source(source: Source, rows_per_block: int = ROWS_PER_BLOCK,
 
     local = _touches_local_files(source)
     if source.kind == "parquet":
-        files = [local_uri(f) for f in shard_files(source.path)]  # local://: read on the driver's node
-        ds = ray.data.read_parquet(files).map_batches(shards_to_records, batch_format="pyarrow")
+        files = [local_uri(f) for f in shard_files(source.path)]  # local://: read on the driver's node,
+        read_args = {"ray_remote_args": {"num_cpus": 0}} if local else {}  # which may have no CPU to spare
+        ds = ray.data.read_parquet(files, **read_args).map_batches(shards_to_records, batch_format="pyarrow")
     elif not source.units:
         return ray.data.from_arrow(records_table([]))
     elif all(u.kind == "records" for u in source.units):

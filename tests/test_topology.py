@@ -52,3 +52,40 @@ def test_s3_refuses_wrong_credentials_and_mlflow_keeps_artifacts_on_s3(topology)
     client.log_artifact(run.info.run_id, str(path))
     assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in topology.s3.keys("s3://raydetr-mlflow/"))
     assert (topology.mlflow.state_dir / "postgres" / "data" / "PG_VERSION").exists()
+
+
+def test_local_inputs_are_read_on_the_drivers_node_and_labelled_on_every_node(topology, tmp_path):
+    """A local folder and a local model, on a cluster where one node cannot see them: the folder is read by
+    tasks on the driver's node and the bytes travel on through Ray, so no image becomes a read error."""
+    import detr
+    from pipelines.inference import transforms_to_metadata
+    from pipelines.labelling.output import LabelOutput
+    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from pipelines.transforms import TransformsConfig
+
+    write_dataset(str(tmp_path / "data"), SyntheticConfig(images=12, classes=2, min_image_size=64, max_image_size=64,
+                                                          val_fraction=0.0, seed=4))
+    model = tmp_path / "tiny.pt"
+    detr.save_checkpoint(detr.build_model("tiny", num_classes=3, num_queries=5).eval(), model,
+                         {"categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+                          "transforms": transforms_to_metadata(TransformsConfig.small())})
+    out = tmp_path / "labels"
+    topology.detr("label", "--model", str(model), "--input", str(tmp_path / "data" / "images"), "--output", str(out),
+                  "--concurrency", "3", "--batch-size", "1")
+    output = LabelOutput(str(out))
+    assert len(output.read("labels")) == 12 and len(output.read("errors")) == 0
+    assert any("LabelPredictor" in name for name in topology.actor_classes_on_isolated_node())
+
+
+def test_a_local_storage_path_that_a_node_cannot_see_is_refused_before_training(topology, tmp_path):
+    from pipelines.synthetic import SyntheticConfig, write_dataset
+
+    data = write_dataset(str(tmp_path / "data"), SyntheticConfig(images=4, classes=2, val_fraction=0.0, seed=4))
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data: {{train: {data['train']}}}\nmodel: {{preset: tiny}}\n"
+                      f"storage: {{path: {tmp_path / 'runs'}}}\n")
+    (tmp_path / "runs").mkdir()
+    done = topology.detr("train", "--config", str(config), check=False)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"storage.path {tmp_path / 'runs'} is a folder that 1 of the cluster's nodes cannot see" in last
