@@ -1,10 +1,7 @@
-"""End to end on a cluster started the way users start one: `cluster/local_cluster.sh` (ray start: a
-head and a worker node), `cluster/mlflow_server.sh` (MLflow with SQLite), then `detr submit` of a
-training job and of a labelling job that uses the model training registered.
-"""
+"""The cluster scripts as users run them: `cluster/local_cluster.sh` (ray start: a head and a worker node)
+and `cluster/mlflow_server.sh` (MLflow with SQLite), started, checked and stopped."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -64,49 +61,22 @@ def cluster_and_server(tmp_path):
         shutil.rmtree(cluster_dir, ignore_errors=True)
 
 
-def test_submit_training_then_labelling_to_a_local_multi_node_cluster(cluster_and_server, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.labelling.output import LabelOutput
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluster_and_server, ray_cluster):
+    """`detr submit` of training and labelling runs on the production topology (tests/test_topology_jobs.py);
+    here the scripts themselves: nodes with folders of their own, and a stop that leaves other clusters alone."""
+    import ray
+    import requests
 
     env, address, tracking = cluster_and_server
-    status = _run([str(BIN / "ray"), "status", "--address", (Path(env["RAYDETR_CLUSTER_DIR"]) / "address").read_text().strip()],
-                  env)
+    gcs = (Path(env["RAYDETR_CLUSTER_DIR"]) / "address").read_text().strip()
+    status = _run([str(BIN / "ray"), "status", "--address", gcs], env)
     assert status.count("node_") >= 2  # a head and a worker node
+    root = Path(env["RAYDETR_CLUSTER_DIR"]) / "ray"
+    assert (root.parent / "ray-worker-1").is_dir()  # the worker node's own sessions and runtime environments
+    assert requests.get(f"{tracking}/health", timeout=10).status_code == 200
+    assert requests.get(f"{address}/api/version", timeout=10).status_code in (200, 401)
 
-    paths = write_dataset(str(tmp_path / "data"), SyntheticConfig(images=24, classes=2, min_image_size=64,
-                                                                  max_image_size=80, max_object_size=40,
-                                                                  val_fraction=0.25, seed=5))
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        f"data: {{train: {paths['train']}, val: {paths['val']}, transforms: small, batch_size: 2}}\n"
-        "model: {preset: tiny, num_queries: 8}\n"
-        "schedule: {epochs: 1, max_steps_per_epoch: 2, log_images: 0}\n"
-        "scaling: {num_workers: 2}\n"
-        f"storage: {{path: {tmp_path / 'ray_results'}, run_name: submitted}}\n"
-        "tracking: {experiment: submitted, registered_model: submitted-model}\n")
-
-    out = _run([str(BIN / "detr"), "submit", "train", "--address", address, "--tracking-uri", tracking, "--wait",
-                "--no-requirements", "--", "--config", str(config)], env, timeout=900)
-    assert "SUCCEEDED" in out.splitlines()[-1], out[-3000:]
-    job_ids = [line.split()[3] for line in out.splitlines() if line.startswith("submitted train job")]
-    listing = _run([str(BIN / "detr"), "jobs", "list", "--address", address], env)
-    assert job_ids[0] in listing and "SUCCEEDED" in listing
-
-    client = MlflowClient(tracking)
-    version = client.get_model_version("submitted-model", "1")
-    run = client.get_run(version.run_id)
-    assert run.info.status == "FINISHED" and run.data.params["job.scaling.num_workers"] == "2"
-
-    labels = tmp_path / "labels"
-    out = _run([str(BIN / "detr"), "submit", "label", "--address", address, "--tracking-uri", tracking, "--wait",
-                "--no-requirements", "--", "--model", "models:/submitted-model/1",
-                "--input", str(Path(paths["train"]).parent / "images"), "--output", str(labels)], env, timeout=900)
-    assert "SUCCEEDED" in out.splitlines()[-1], out[-3000:]
-    table = LabelOutput(str(labels)).read("labels").to_pylist()
-    assert len(table) == 24 and len({row["key"] for row in table}) == 24
-    assert {row["model_version"] for row in table} == {"1"} and {row["model_name"] for row in table} == \
-        {"submitted-model"}
-    assert all(row["model_run_id"] == version.run_id for row in table)
-    json.dumps(table[0], default=str)
+    _run(["bash", "cluster/local_cluster.sh", "stop"], env)
+    left = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
+    assert left == []
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1  # the session's own cluster still runs

@@ -181,11 +181,12 @@ def test_the_task_is_a_row_setting_a_rerun_must_keep():
         LabelOptions(precision="float16")
 
 
-def test_panoptic_task_with_a_model_without_masks_fails_at_once(tmp_path, capsys):
+def test_panoptic_task_with_a_model_without_masks_fails_at_once(ray_cluster, tmp_path, capsys):
     from jobs.cli import main as detr_cli
 
     checkpoint = save_tiny_panoptic(tmp_path / "boxes-only.pt", TransformsConfig.small(), masks=False)
-    argv = ["label", "--model", checkpoint, "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]
+    (tmp_path / "photos").mkdir()  # the input is checked first, then the model
+    argv = ["label", "--model", checkpoint, "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "o")]
     assert detr_cli([*argv, "--task", "panoptic"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and checkpoint in error and "needs a model with a mask head" in error

@@ -71,7 +71,7 @@ def test_local_inputs_are_read_on_the_drivers_node_and_labelled_on_every_node(to
                           "transforms": transforms_to_metadata(TransformsConfig.small())})
     out = tmp_path / "labels"
     topology.detr("label", "--model", str(model), "--input", str(tmp_path / "data" / "images"), "--output", str(out),
-                  "--concurrency", "3", "--batch-size", "1")
+                  "--concurrency", "2", "--cpus-per-actor", "1", "--batch-size", "1")  # one actor per node
     output = LabelOutput(str(out))
     assert len(output.read("labels")) == 12 and len(output.read("errors")) == 0
     assert any("LabelPredictor" in name for name in topology.actor_classes_on_isolated_node())

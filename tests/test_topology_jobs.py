@@ -152,7 +152,7 @@ def _label_rows(topology, output: str) -> list[dict]:
 def test_label_an_s3_prefix_then_resume_exactly_once(topology, shapes, trained):
     output = topology.uri("labels", "prefix")
     args = ("label", "--model", f"models:/{MODEL}@champion", "--input", f"{shapes['uri']}/images/", "--output",
-            output, "--concurrency", "2", "--score-threshold", "0.0", "--top-k", "3")
+            output, "--concurrency", "2", "--cpus-per-actor", "1", "--score-threshold", "0.0", "--top-k", "3")
     topology.detr(*args)
     rows = _label_rows(topology, output)
     assert sorted(r["key"].rsplit("/", 1)[1] for r in rows) == shapes["images"]
@@ -171,7 +171,8 @@ def test_label_an_s3_tar_with_a_killed_driver_then_resume(topology, shapes, trai
     topology.s3.client().upload_file(str(archive), bucket, key)
     output = topology.uri("labels", "tar")
     args = [str(BIN / "detr"), "label", "--model", f"models:/{MODEL}@champion", "--input", tar_uri, "--output", output,
-            "--concurrency", "2", "--rows-per-file", "2", "--commit-seconds", "0.5", "--batch-size", "1"]
+            "--concurrency", "2", "--cpus-per-actor", "1", "--rows-per-file", "2", "--commit-seconds", "0.5",
+            "--batch-size", "1"]
     driver = subprocess.Popen(args, env=topology.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               cwd=topology.driver_tmp)
     deadline = time.time() + 300

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -113,47 +111,8 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
     assert {s["epoch"]: s["ema_updates"] for s in states}[3] == 6
 
 
-def test_a_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(
-        ray_cluster, mlflow_server, shapes, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from jobs.train import train
-
-    config = job_config(shapes, tmp_path, mlflow_server, epochs=3, max_steps_per_epoch=3, log_images=0,
-                        eval_every=3)
-    config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, run_name="killed", max_failures=2))
-    pid_dir = tmp_path / "pids"
-    run_dir = tmp_path / "ray_results" / "killed"
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["result"] = train(config, pid_dir=str(pid_dir))
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    killed_pid = None
-    deadline = time.time() + 240
-    while thread.is_alive() and time.time() < deadline and killed_pid is None:
-        pid_file = pid_dir / "rank1.pid"
-        if pid_file.exists() and list(run_dir.glob("checkpoint_*")):  # epoch 0 committed, epoch 1 running
-            killed_pid = int(pid_file.read_text())
-            os.kill(killed_pid, signal.SIGKILL)
-        time.sleep(0.2)
-    thread.join(timeout=300)
-    assert killed_pid is not None, "never found a worker to kill"
-    assert "error" not in outcome, outcome.get("error")
-    result = outcome["result"]
-    assert int((pid_dir / "rank1.pid").read_text()) != killed_pid  # a new worker took over
-
-    client = MlflowClient(mlflow_server)
-    assert client.get_run(result.run_id).info.status == "FINISHED"
-    assert metric_steps(client, result.run_id, "epoch") == [0, 1, 2]
-    steps = metric_steps(client, result.run_id, "train_loss")
-    assert steps == list(range(1, 10))  # one continuous history: 3 epochs x 3 steps, none twice
-    assert len(client.get_metric_history(result.run_id, "val_AP")) == 1  # validated once, at the end
+# A worker killed mid-run, replaced, resuming from its checkpoint with one MLflow history: on the production
+# topology, with the checkpoint on S3 and the worker on a node of its own (tests/test_topology_jobs.py).
 
 
 def _equivalence_worker(config):
