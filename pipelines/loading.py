@@ -33,14 +33,6 @@ class LoadedImage:
     repairs: list[str] = field(default_factory=list)
 
 
-def raise_if_store_unavailable(path: str, exc: BaseException) -> None:
-    """An object store that cannot be reached is not a bad image: raise (the task fails, Ray retries it, or the
-    job stops and its re-run resumes) instead of recording the image as unreadable for good."""
-    if storage.is_unavailable_error(path, exc):
-        error = storage.store_error(path, exc)
-        raise error if isinstance(error, storage.StoreUnavailableError) else storage.StoreUnavailableError(str(exc))
-
-
 def read_record_bytes(record: Mapping[str, Any]) -> bytes:
     """The record's inline bytes, or the bytes at its path; raises PipelineError(read_error)."""
     data = record.get("bytes")
@@ -49,8 +41,9 @@ def read_record_bytes(record: Mapping[str, Any]) -> bytes:
     path = record.get("path") or ""
     try:
         return storage.read_bytes(path)
+    except storage.StoreUnavailableError:
+        raise  # a store that cannot be reached is not a bad image: the task fails, and a re-run resumes
     except (OSError, ValueError) as exc:
-        raise_if_store_unavailable(path, exc)
         raise E.PipelineError(E.READ_ERROR, f"{path or record.get('key')}: cannot read ({exc})") from None
 
 
@@ -79,8 +72,9 @@ def _read_segments(record: Mapping[str, Any], decoded: DecodedImage, segment_ids
     if data is None:
         try:
             data = storage.read_bytes(path)
+        except storage.StoreUnavailableError:
+            raise
         except (OSError, ValueError) as exc:
-            raise_if_store_unavailable(path, exc)
             raise E.PipelineError(E.PANOPTIC_PNG_ERROR, f"{path}: cannot read the panoptic PNG ({exc})") from None
     return decode_segments(data, path, (decoded.height, decoded.width), segment_ids)
 

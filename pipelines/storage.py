@@ -49,12 +49,6 @@ _UNAVAILABLE_MARKERS = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE",
                         "Connection refused", "Couldn't connect")
 
 
-def is_unavailable_error(path: str, exc: BaseException) -> bool:
-    """True when reading `path` failed because its object store could not be reached."""
-    if isinstance(exc, StoreUnavailableError):
-        return True
-    return has_scheme(path) and not isinstance(exc, FileNotFoundError) and any(
-        marker in str(exc) for marker in _UNAVAILABLE_MARKERS)
 
 
 def store_error(uri: str, exc: OSError) -> OSError:
@@ -66,7 +60,7 @@ def store_error(uri: str, exc: OSError) -> OSError:
     for marker, meaning in _REFUSALS.items():
         if marker in text:
             return StoreAccessError(f"{redact(uri)}: {meaning}")
-    if is_unavailable_error(uri, exc):
+    if any(marker in text for marker in _UNAVAILABLE_MARKERS):
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
         where = f" at {endpoint}" if endpoint else ""
         return StoreUnavailableError(f"{redact(uri)}: the object store{where} did not answer "
@@ -77,13 +71,8 @@ def store_error(uri: str, exc: OSError) -> OSError:
 def check_reachable(uri: str) -> None:
     """Fail at once, naming `uri`, when its store refuses us or does not answer (a wrong bucket or
     credentials, a store that is down); a path that merely does not exist yet is fine. Local paths pass."""
-    if not has_scheme(uri):
-        return
-    fs, p = resolve(uri)
-    try:
-        fs.get_file_info(p)
-    except OSError as exc:
-        raise store_error(uri, exc) from None
+    if has_scheme(uri):
+        _info(uri)
 
 
 def redact(uri: str) -> str:
