@@ -244,10 +244,6 @@ def main() -> None:
     parser.add_argument("--detector-minutes", type=float, default=0.0, help="detector alone, before the masks")
     parser.add_argument("--mask-minutes", type=float, default=15.0, help="with the mask head")
     parser.add_argument("--mask-lr", type=float, default=5e-4, help="mask head learning rate")
-    parser.add_argument("--cost-mask", type=float, default=0.0,
-                        help="mask phase: the matcher's mask cross-entropy cost (DETRConfig.set_cost_mask)")
-    parser.add_argument("--cost-dice", type=float, default=0.0,
-                        help="mask phase: the matcher's dice cost (DETRConfig.set_cost_dice)")
     parser.add_argument("--mask-training", choices=("frozen", "joint"), default="joint",
                         help="frozen: the mask head trains on the frozen detector (the paper); joint: the detector "
                              "trains on with it (with --detector-minutes 0, both from the start)")
@@ -298,8 +294,7 @@ def main() -> None:
 
     # 2. The mask head on top of it: detector frozen (the paper), or training on with it (--mask-training joint).
     joint = args.mask_training == "joint"
-    config = detector_model.config.replace(masks=True, freeze_detector=not joint, set_cost_mask=args.cost_mask,
-                                           set_cost_dice=args.cost_dice)
+    config = detector_model.config.replace(masks=True, freeze_detector=not joint)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(detector_model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(model.MASK_MODULES) for k in missing)

@@ -77,11 +77,6 @@ class DETRConfig:
     dropout: float = 0.1
     pre_norm: bool = False
     num_queries: int = 100
-    query_groups: int = 1
-    """Train with this many groups of `num_queries` queries, each matched one-to-one on its own and
-    blind to the others in self-attention (Group DETR): more positive supervision per image. Only
-    the first group runs at inference; the others' embeddings (`extra_query_embed`) are
-    training-only weights, left out of official exports. Fast-convergence option."""
     aux_loss: bool = True
     """Supervise every decoder layer (losses suffixed `_0`, `_1`, ...), as the paper does."""
     encoder_aux_matches: int = 0
@@ -133,38 +128,10 @@ class DETRConfig:
     (detached, as RT-DETR does) instead of zeros. A positional query made from a box alone cannot
     tell two proposals with the same box apart (two stuff regions that both span the image), nor say
     what the cell saw; the feature carries both. Fast-convergence option."""
-    box_refine: bool = False
-    """Iterative box refinement (Deformable DETR, DAB-DETR), with `two_stage`: every decoder layer
-    refines the previous layer's boxes (offsets in logit space, gradients stopped between layers)
-    and takes its positional queries from them, so each layer looks where the last one found
-    the object. Uses the existing `bbox_embed` and `proposal_pos` for every layer: no new weights.
-    Fast-convergence option."""
-    denoising_groups: int = 0
-    """> 0, with `two_stage`: DN-DETR's denoising queries in training. Each image's target boxes,
-    noised (`denoising_box_noise`) and with some labels flipped (`denoising_label_noise`), are fed
-    to the decoder this many times as extra queries (content: an embedding of the noised label,
-    `denoising_label_embed`; position: the noised box), which must reconstruct the true boxes and
-    classes. Their losses (suffix `_dn`) need no matching, a steady signal while the Hungarian
-    matching is still unstable; an attention mask keeps the real queries and the other groups
-    from seeing them. Training-only; 0: off."""
-    denoising_label_noise: float = 0.2
-    """Probability that a denoising query's label is replaced by a random class."""
-    denoising_box_noise: float = 0.4
-    """Scale of the box noise: centres move up to this fraction of half the box size, widths and
-    heights change by up to this fraction."""
-
     # Hungarian matcher costs
     set_cost_class: float = 1.0
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
-    set_cost_mask: float = 0.0
-    """With masks: weight of the masks' sigmoid cross-entropy in the matching cost (0: off, the paper's
-    box matching). Stuff regions often share boxes (two halves of an image both span it), so box costs
-    cannot tell which query is which region and the assignment flips from step to step; a mask cost
-    can (Mask2Former). Training then computes every query's mask, not only the matched ones."""
-    set_cost_dice: float = 0.0
-    """With masks: weight of the masks' dice cost in the matching (0: off); see `set_cost_mask`."""
-
     # Loss weights
     ce_loss_coef: float = 1.0
     bbox_loss_coef: float = 5.0
@@ -234,24 +201,13 @@ class DETRConfig:
             problems.append("encoder_aux_matches needs an encoder (enc_layers >= 1)")
         if self.two_stage and not self.encoder_aux_matches:
             problems.append("two_stage takes its queries from the dense encoder head: it needs encoder_aux_matches >= 1")
-        if self.two_stage and self.query_groups > 1:
-            problems.append("two_stage selects one set of queries per image: it needs query_groups=1")
         if not 0.0 <= self.proposal_nms < 1.0:
             problems.append(f"proposal_nms is an IoU threshold in [0, 1), got {self.proposal_nms}")
         elif self.proposal_nms and not self.two_stage:
             problems.append("proposal_nms selects the two-stage proposals: it needs two_stage=True")
         if self.proposal_nms_per_class and not self.proposal_nms:
             problems.append("proposal_nms_per_class says how proposal_nms suppresses: it needs proposal_nms > 0")
-        if self.box_refine and not self.two_stage:
-            problems.append("box_refine refines the two-stage proposals: it needs two_stage=True")
-        if self.denoising_groups < 0:
-            problems.append(f"denoising_groups must be >= 0, got {self.denoising_groups}")
-        elif self.denoising_groups and not self.two_stage:
-            problems.append("denoising queries are reference boxes like the two-stage proposals: they need two_stage=True")
-        if not 0.0 <= self.denoising_label_noise <= 1.0 or self.denoising_box_noise < 0:
-            problems.append("denoising_label_noise must be in [0, 1] and denoising_box_noise >= 0, got "
-                            f"{self.denoising_label_noise}, {self.denoising_box_noise}")
-        for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries", "query_groups"):
+        for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.enc_layers < 0:
@@ -266,10 +222,6 @@ class DETRConfig:
             problems.append(f"focal_alpha must be in (0, 1) and focal_gamma >= 0, got {self.focal_alpha}, {self.focal_gamma}")
         if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
             problems.append("the matcher costs cannot all be 0")
-        if self.set_cost_mask < 0 or self.set_cost_dice < 0:
-            problems.append("set_cost_mask and set_cost_dice must be >= 0")
-        elif (self.set_cost_mask or self.set_cost_dice) and not self.masks:
-            problems.append("set_cost_mask and set_cost_dice need masks=True (a mask head to match by)")
         if self.encoder_mask_assignment and not self.encoder_aux_matches:
             problems.append("encoder_mask_assignment needs the dense head (encoder_aux_matches > 0)")
         if self.semantic_loss_coef < 0:
@@ -315,7 +267,16 @@ class DETRConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DETRConfig":
-        """Build from a mapping; unknown keys are an error naming them (typos must not pass silently)."""
+        """Build from a mapping; unknown keys are an error naming them (typos must not pass silently).
+        Removed options (`RETIRED_OPTIONS`) are accepted while they hold their "off" value, so
+        checkpoints saved before their removal still load; switched on, they are an error."""
+        values = dict(values)
+        for name, off in RETIRED_OPTIONS.items():
+            if name in values:
+                value = values.pop(name)
+                if off is not None and value != off:
+                    raise ValueError(f"{name}={value!r} was removed from raydetr (see docs/experiments.md for what it "
+                                     f"measured and the commit that holds its code); this model cannot be built")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -331,6 +292,13 @@ class DETRConfig:
             raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}") from None
         return base.replace(**overrides) if overrides else base
 
+
+RETIRED_OPTIONS: dict[str, Any] = {
+    "query_groups": 1, "box_refine": False, "denoising_groups": 0, "denoising_label_noise": None,
+    "denoising_box_noise": None, "set_cost_mask": 0.0, "set_cost_dice": 0.0,
+}
+"""Options removed after they lost in our screens, with their "off" value (None: any value, a setting
+of an option that was off anyway)."""
 
 PRESETS: dict[str, DETRConfig] = {
     "detr_r50": DETRConfig(),

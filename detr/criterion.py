@@ -6,10 +6,7 @@ Loss names are the official implementation's, so users recognise them:
 normalised by the number of boxes as in Deformable DETR), `loss_bbox` (L1 on normalised cxcywh boxes), `loss_giou`
 (1 - generalised IoU), and the logged-only `class_error` and `cardinality_error`;
 with auxiliary losses, every decoder layer but the last adds the same terms with
-the suffix `_0`, `_1`, ...; with `query_groups > 1`, each extra query group g is
-matched on its own and adds its terms (and its auxiliary terms) with the suffix
-`_g{g}` (Group DETR); the dense encoder head adds `_enc` terms (one-to-many), the
-denoising queries `_dn` and `_dn_{i}` terms (each against its own target, no matching).
+the suffix `_0`, `_1`, ...; the dense encoder head adds `_enc` terms (one-to-many).
 
 Normalisation is global across distributed workers: box losses are divided by
 the number of target boxes averaged over workers (as in the official code), and
@@ -57,15 +54,8 @@ def loss_weights(config: DETRConfig) -> dict[str, float]:
     if config.aux_loss:
         for i in range(config.dec_layers - 1):
             weights.update({f"{k}_{i}": v for k, v in base.items()})
-    for g in range(1, config.query_groups):
-        weights.update({f"{k}_g{g}": v for k, v in list(weights.items()) if "_g" not in k})
     if config.encoder_aux_matches:
         weights.update({f"{k}_enc": v for k, v in base.items()})
-    if config.denoising_groups:
-        weights.update({f"{k}_dn": v for k, v in base.items()})
-        if config.aux_loss:
-            for i in range(config.dec_layers - 1):
-                weights.update({f"{k}_dn_{i}": v for k, v in base.items()})
     if config.masks:
         weights.update({"loss_mask": config.mask_loss_coef, "loss_dice": config.dice_loss_coef})
     if config.semantic_loss_coef:
@@ -114,8 +104,7 @@ class SetCriterion(nn.Module):
     @classmethod
     def from_config(cls, config: DETRConfig) -> "SetCriterion":
         focal = (config.focal_alpha, config.focal_gamma) if config.focal_loss else None
-        matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou, focal,
-                                   config.set_cost_mask, config.set_cost_dice)
+        matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou, focal)
         losses = DEFAULT_LOSSES + (MASK_LOSSES if config.masks else ())
         return cls(config.num_classes, matcher, loss_weights(config), config.eos_coef, losses,
                    padding_invariant=config.padding_invariant, focal=focal,
@@ -233,10 +222,7 @@ class SetCriterion(nn.Module):
 
         The mask losses read only those masks, so computing the others is wasted work; at least
         one query is always selected, so the mask head takes part in every step (DDP needs that).
-        A matcher with mask costs needs every query's mask: then None (all of them).
         """
-        if self.matcher.uses_masks:
-            return None
 
         @torch.no_grad()
         def select(outputs: Mapping) -> Tensor:
@@ -284,33 +270,10 @@ class SetCriterion(nn.Module):
         self._check_targets(outputs, targets)
         norms = self._normalisers(outputs, targets)
         losses = self._set_losses(outputs, targets, norms, log=True)
-        for g, group in enumerate(outputs.get("group_outputs", []), start=1):
-            terms = self._set_losses(group, targets, norms, log=False)
-            losses.update({f"{k}_g{g}": v for k, v in terms.items()})
         if "enc_outputs" in outputs:
             losses.update(self._encoder_losses(outputs["enc_outputs"], targets, norms))
-        if "dn_outputs" in outputs:
-            losses.update(self._denoising_losses(outputs["dn_outputs"], norms))
         if "semantic_outputs" in outputs:
             losses["loss_semantic"] = semantic_cell_loss(outputs["semantic_outputs"], targets)
-        return losses
-
-    def _denoising_losses(self, dn: Mapping, norms: dict) -> dict[str, Tensor]:
-        """Each valid denoising query against the target it was noised from (no matching); every
-        group counts as a set of targets of its own for the normaliser."""
-        valid = dn["valid"]
-        restored = [{"labels": dn["labels"][valid], "boxes": dn["boxes"][valid]}]
-        pairs = torch.arange(int(valid.sum()), device=valid.device)
-        indices = [(pairs, pairs)]
-        scaled = {**norms, "num_boxes": norms["num_boxes"] * dn["groups"]}
-        losses: dict[str, Tensor] = {}
-        layers = [("", dn)] + [(f"_{i}", aux) for i, aux in enumerate(dn.get("aux_outputs", []))]
-        for suffix, layer in layers:
-            # The valid queries of the whole batch as one image's set, so the losses ignore padding slots.
-            flat = {"pred_logits": layer["pred_logits"][valid][None], "pred_boxes": layer["pred_boxes"][valid][None]}
-            terms = self.get_loss("labels", flat, restored, indices, scaled, log=False)
-            terms.update(self.get_loss("boxes", flat, restored, indices, scaled))
-            losses.update({f"{name}_dn{suffix}": value for name, value in terms.items()})
         return losses
 
     def _encoder_losses(self, enc: Mapping, targets: Sequence[Mapping], norms: dict) -> dict[str, Tensor]:
@@ -333,7 +296,7 @@ class SetCriterion(nn.Module):
         on its own. Without `log`, only the trained terms (no class_error, no cardinality_error)."""
         losses: dict[str, Tensor] = {}
         names = self.losses if log else [n for n in self.losses if n != "cardinality"]
-        last = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "group_outputs")}
+        last = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         indices = self.matcher(last, targets)
         for name in names:
             kwargs = {} if log or name != "labels" else {"log": False}

@@ -64,10 +64,9 @@ def train_step(
             with _autocast(device, autocast_dtype):
                 if "masks" in criterion.losses:
                     # The mask losses read only the matched queries' masks: compute only those.
-                    outputs = model(images, mask, mask_queries=criterion.mask_query_selection(targets),
-                                    targets=targets)
+                    outputs = model(images, mask, mask_queries=criterion.mask_query_selection(targets))
                 else:
-                    outputs = model(images, mask, targets=targets)  # read by training-only queries (denoising)
+                    outputs = model(images, mask)
             losses = criterion(outputs, targets)
             total = criterion.total(losses)
             if not math.isfinite(total.item()):

@@ -7,10 +7,6 @@ cost is Deformable DETR's focal cost instead: the focal loss of calling the
 prediction the target's class minus that of calling it background, on sigmoid
 probabilities, so that matching ranks predictions as the focal loss scores them. The cost matrix is computed for the
 whole batch at once and split per image; images without targets match nothing.
-
-With `cost_mask`/`cost_dice` (and outputs with "pred_masks", targets with "masks") the cost also holds
-each query mask's sigmoid cross-entropy and dice loss against each target mask, both on the mask grid
-(targets averaged over each cell's 4x4 pixels), as Mask2Former matches.
 """
 from __future__ import annotations
 
@@ -42,8 +38,6 @@ class HungarianMatcher(nn.Module):
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
         focal: tuple[float, float] | None = None,
-        cost_mask: float = 0.0,
-        cost_dice: float = 0.0,
     ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
@@ -52,13 +46,6 @@ class HungarianMatcher(nn.Module):
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
         self.focal = focal
-        self.cost_mask = cost_mask
-        self.cost_dice = cost_dice
-
-    @property
-    def uses_masks(self) -> bool:
-        """Whether matching reads every query's mask (the model must then compute them all)."""
-        return bool(self.cost_mask or self.cost_dice)
 
     @torch.no_grad()
     def cost_matrix(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> Tensor:
@@ -78,31 +65,7 @@ class HungarianMatcher(nn.Module):
             box_convert(out_bbox, "cxcywh", "xyxy"), box_convert(tgt_bbox, "cxcywh", "xyxy")
         )
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        cost = cost.view(bs, num_queries, -1)
-        if self.uses_masks and "pred_masks" in outputs:
-            start = 0
-            for i, t in enumerate(targets):
-                n = len(t["labels"])
-                if n:
-                    cost[i, :, start:start + n] += self.mask_cost(outputs["pred_masks"][i], t["masks"])
-                start += n
-        return cost
-
-    def mask_cost(self, logits: Tensor, target_masks: Tensor) -> Tensor:
-        """[Q, N] weighted cross-entropy and dice costs of one image's query masks (logits [Q, H4, W4] on the
-        padded batch's grid) against its target masks [N, h, w] (binary, at the image's own size)."""
-        from .segmentation import MASK_STRIDE, mask_cells
-
-        rows, cols = mask_cells(target_masks.shape[-2:])
-        pred = logits[:, :rows, :cols].flatten(1).float()
-        padded = F.pad(target_masks.float(), (0, cols * MASK_STRIDE - target_masks.shape[-1],
-                                              0, rows * MASK_STRIDE - target_masks.shape[-2]))
-        target = F.avg_pool2d(padded[:, None], MASK_STRIDE)[:, 0].flatten(1).to(pred)  # [N, cells]
-        cells = pred.shape[1]
-        cross_entropy = (F.softplus(-pred) @ target.T + F.softplus(pred) @ (1 - target).T) / cells
-        prob = pred.sigmoid()
-        dice = 1 - (2 * prob @ target.T + 1) / (prob.sum(1)[:, None] + target.sum(1)[None, :] + 1)
-        return self.cost_mask * cross_entropy + self.cost_dice * dice
+        return cost.view(bs, num_queries, -1)
 
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> MatchIndices:

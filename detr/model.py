@@ -9,20 +9,12 @@ Forward contract: `model(images, mask)` with `images` float [B,3,H,W]
   to each image's own (unpadded) size;
 - `"aux_outputs"`: the same two entries for every decoder layer but the last
   (when `aux_loss` is on), for the auxiliary losses;
-- `"group_outputs"` (training with `query_groups > 1` only): one dict like the
-  above for each extra query group, for their own losses;
 - `"enc_outputs"` (training with `encoder_aux_matches > 0` only): the dense head's
   `pred_logits` and `pred_boxes` for every encoder cell [B, H*W, ...], padding cells
   scored as certain background, and `"matches_per_target"`;
-- `"dn_outputs"` (training with `denoising_groups > 0` and `targets` given only): the
-  denoising queries' predictions (like the above, with `aux_outputs`) and the slots'
-  true `labels`, `boxes` and `valid` flags (see `detr.denoising`);
 - with `config.masks`, `"pred_masks"` [B, Q, H/4, W/4]: mask logits of every query (see
   `detr.segmentation` for the head and the mask geometry), and `"padding_invariant"` (bool),
   which tells post-processing how the masks relate to padding.
-
-`model(images, mask, targets=...)` (what `detr.engine.train_step` calls) hands the
-batch's targets to the training-only denoising queries; everything else ignores them.
 
 `model(images, mask, mask_queries=...)` computes masks only for some queries, the
 expensive part of the mask head being per query: a bool tensor [B, Q], or a callable
@@ -34,7 +26,7 @@ outputs carry the selection as `"mask_queries"`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +35,6 @@ from torchvision.ops import batched_nms, box_convert
 
 from .backbone import STAGES, Backbone
 from .config import DETRConfig
-from .denoising import denoising_attention_mask, denoising_queries
 from .position_encoding import box_sine_embedding, build_position_encoding
 from .segmentation import UNCOMPUTED_MASK_LOGIT, MaskHeadSmallConv, MHAttentionMap
 from .transformer import Transformer
@@ -54,8 +45,7 @@ MaskQueries = Tensor | Callable[[dict], Tensor] | None
 FOCAL_PRIOR = 0.01
 """Initial class probability of a focal-loss class head."""
 
-TRAINING_ONLY_PREFIXES = ("extra_query_embed.", "encoder_class_embed.", "encoder_bbox_embed.", "denoising_label_embed.",
-                          "semantic_embed.")
+TRAINING_ONLY_PREFIXES = ("encoder_class_embed.", "encoder_bbox_embed.", "semantic_embed.")
 """State-dict entries that only training uses (absent from official checkpoints and exports)."""
 
 NON_OFFICIAL_PREFIXES = TRAINING_ONLY_PREFIXES + ("proposal_pos.",)
@@ -91,12 +81,6 @@ def select_proposals(scores: Tensor, boxes: Tensor, valid: Tensor, count: int, n
 
 SURVIVOR_BONUS = 1e6
 """Added to the scores of cells that survive proposal NMS, to rank them above every other cell."""
-
-
-def group_attention_mask(groups: int, queries_per_group: int, device: torch.device) -> Tensor:
-    """[G*Q, G*Q] bool self-attention mask, True between queries of different groups (blocked)."""
-    group = torch.arange(groups * queries_per_group, device=device) // queries_per_group
-    return group[:, None] != group[None, :]
 
 
 class MLP(nn.Module):
@@ -148,11 +132,6 @@ class DETR(nn.Module):
             pre_norm=config.pre_norm,
         )
         self.query_embed = nn.Embedding(config.num_queries, config.hidden_dim)
-        self.extra_query_embed = (
-            nn.Embedding((config.query_groups - 1) * config.num_queries, config.hidden_dim)
-            if config.query_groups > 1
-            else None
-        )
         self.class_embed = nn.Linear(config.hidden_dim, config.num_classes + 1)
         if config.focal_loss:
             # Start every class at p = 0.01, as with any sigmoid focal loss: otherwise the many
@@ -174,8 +153,6 @@ class DETR(nn.Module):
             self.proposal_pos = MLP(config.hidden_dim, config.hidden_dim, config.hidden_dim, 2)
             nn.init.zeros_(self.bbox_embed.layers[-1].weight)  # start at the proposals
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)
-        if config.denoising_groups:
-            self.denoising_label_embed = nn.Embedding(config.num_classes, config.hidden_dim)
         if config.masks:
             self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0,
                                                  scaled=config.scaled_mask_attention)
@@ -212,8 +189,7 @@ class DETR(nn.Module):
         stages = self.config.backbone_stages
         return 2 ** (stages + 1) // (2 if self.config.dilation and stages == 4 else 1)
 
-    def forward(self, images: Tensor, mask: Tensor, mask_queries: MaskQueries = None,
-                targets: Sequence[Mapping[str, Tensor]] | None = None) -> dict:
+    def forward(self, images: Tensor, mask: Tensor, mask_queries: MaskQueries = None) -> dict:
         if images.ndim != 4 or mask.ndim != 3 or images.shape[0] != mask.shape[0] or images.shape[-2:] != mask.shape[-2:]:
             raise ValueError(
                 f"expected images [B,3,H,W] and mask [B,H,W] of the same B, H, W; got "
@@ -224,23 +200,15 @@ class DETR(nn.Module):
         pos = self.position_encoding(src_mask).to(src.dtype)
         src_proj = self.input_proj(src)
         if self.config.two_stage:
-            return self._forward_two_stage(src_proj, src_mask, pos, features, masks, mask, mask_queries, targets)
-        queries, attn_mask = self.query_embed.weight, None
-        if self.training and self.extra_query_embed is not None:
-            queries = torch.cat([queries, self.extra_query_embed.weight])
-            attn_mask = group_attention_mask(self.config.query_groups, self.num_queries, queries.device)
-        hs, memory = self.transformer(src_proj, src_mask, queries, pos, attn_mask)
-        out = self.predict_from_decoder(hs[:, :, : self.num_queries])
-        if attn_mask is not None:
-            groups = hs[:, :, self.num_queries :].split(self.num_queries, dim=2)
-            out["group_outputs"] = [self.predict_from_decoder(group) for group in groups]
+            return self._forward_two_stage(src_proj, src_mask, pos, features, masks, mask, mask_queries)
+        hs, memory = self.transformer(src_proj, src_mask, self.query_embed.weight, pos)
+        out = self.predict_from_decoder(hs)
         if self.training and self.config.encoder_aux_matches:
             out["enc_outputs"] = self.predict_from_encoder(memory, src_mask)
         if self.training and self.config.semantic_loss_coef:
             out["semantic_outputs"] = self.predict_semantic(memory)
         if self.config.masks:
-            out.update(self.predict_masks(out, hs[-1, :, : self.num_queries], memory, src_proj, features, masks,
-                                          mask, mask_queries))
+            out.update(self.predict_masks(out, hs[-1], memory, src_proj, features, masks, mask, mask_queries))
         return out
 
     def predict_masks(
@@ -287,8 +255,7 @@ class DETR(nn.Module):
         return result
 
     def _forward_two_stage(self, src_proj: Tensor, src_mask: Tensor, pos: Tensor, features: list[Tensor],
-                           masks: list[Tensor], mask: Tensor, mask_queries: MaskQueries,
-                           targets: Sequence[Mapping[str, Tensor]] | None) -> dict:
+                           masks: list[Tensor], mask: Tensor, mask_queries: MaskQueries) -> dict:
         memory = self.transformer.encode(src_proj, src_mask, pos)
         enc = self.predict_from_encoder(memory, src_mask)
         scores, classes = enc["pred_logits"][..., :-1].detach().max(-1)  # padding cells sit at -1e4
@@ -301,35 +268,14 @@ class DETR(nn.Module):
             content = tokens.gather(1, top[..., None].expand(-1, -1, tokens.shape[-1])).detach()
         else:
             content = reference.new_zeros(*reference.shape[:2], self.config.hidden_dim)
-        attn_mask, denoise = None, None
-        if self.training and self.config.denoising_groups:
-            # Part of every step's graph, targets or not: DDP waits for each trainable parameter's gradient.
-            content = content + 0.0 * self.denoising_label_embed.weight.sum()
-            denoise = denoising_queries(targets or [], self.config.denoising_groups, self.denoising_label_embed,
-                                        self.config.denoising_label_noise, self.config.denoising_box_noise)
-            if denoise is not None:
-                content = torch.cat([content, denoise.content.to(content.dtype)], dim=1)
-                reference = torch.cat([reference, denoise.reference.to(reference.dtype)], dim=1)
-                attn_mask = denoising_attention_mask(count, denoise.groups, denoise.size // denoise.groups,
-                                                     reference.device)
-        if self.config.box_refine:
-            hs, boxes = self.transformer.decode_refining(memory, src_mask, pos, content, reference,
-                                                         self.proposal_query_pos, self.refine_boxes, attn_mask)
-        else:
-            hs = self.transformer.decode(memory, src_mask, self.proposal_query_pos(reference), pos, attn_mask, content)
-            boxes = self.refine_boxes(hs, reference)
-        out = self.predict_from_decoder(hs[:, :, :count], boxes[:, :, :count])
+        hs = self.transformer.decode(memory, src_mask, self.proposal_query_pos(reference), pos, tgt=content)
+        out = self.predict_from_decoder(hs, self.refine_boxes(hs, reference))
         if self.training:
             out["enc_outputs"] = enc
             if self.config.semantic_loss_coef:
                 out["semantic_outputs"] = self.predict_semantic(memory)
-        if denoise is not None:
-            dn = self.predict_from_decoder(hs[:, :, count:], boxes[:, :, count:])
-            out["dn_outputs"] = {**dn, "valid": denoise.valid, "labels": denoise.labels, "boxes": denoise.boxes,
-                                 "groups": denoise.groups}
         if self.config.masks:
-            out.update(self.predict_masks(out, hs[-1, :, :count], memory, src_proj, features, masks, mask,
-                                          mask_queries))
+            out.update(self.predict_masks(out, hs[-1], memory, src_proj, features, masks, mask, mask_queries))
         return out
 
     def proposal_query_pos(self, boxes: Tensor) -> Tensor:

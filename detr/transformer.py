@@ -11,8 +11,6 @@ match the official checkpoints. Tensors are batch-first: [B, sequence, channels]
 from __future__ import annotations
 
 import copy
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,9 +73,9 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
-    def _self_attend(self, x: Tensor, query_pos: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+    def _self_attend(self, x: Tensor, query_pos: Tensor | None) -> Tensor:
         q = k = _with_pos(x, query_pos)
-        return self.self_attn(q, k, value=x, attn_mask=attn_mask, need_weights=False)[0]
+        return self.self_attn(q, k, value=x, need_weights=False)[0]
 
     def _cross_attend(
         self, x: Tensor, memory: Tensor, memory_key_padding_mask: Tensor | None, pos: Tensor | None,
@@ -101,15 +99,14 @@ class TransformerDecoderLayer(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         pos: Tensor | None = None,
         query_pos: Tensor | None = None,
-        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         if self.pre_norm:
-            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos, self_attn_mask))
+            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos))
             tgt = tgt + self.dropout2(
                 self._cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos)
             )
             return tgt + self.dropout3(self._feed_forward(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos, self_attn_mask)))
+        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos)))
         tgt = self.norm2(
             tgt + self.dropout2(self._cross_attend(tgt, memory, memory_key_padding_mask, pos, query_pos))
         )
@@ -143,12 +140,11 @@ class TransformerDecoder(nn.Module):
         memory_key_padding_mask: Tensor | None,
         pos: Tensor | None,
         query_pos: Tensor | None,
-        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Returns [num_layers, B, Q, C]."""
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
             intermediate.append(self.norm(tgt))
         return torch.stack(intermediate)
 
@@ -178,16 +174,13 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(
-        self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor, query_attn_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """src [B,C,H,W], mask [B,H,W], query_embed [Q,C], pos_embed [B,C,H,W]; `query_attn_mask` [Q,Q]
-        bool, True where a query may not attend to another in self-attention (None: all may).
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor) -> tuple[Tensor, Tensor]:
+        """src [B,C,H,W], mask [B,H,W], query_embed [Q,C], pos_embed [B,C,H,W].
 
         Returns the decoder outputs of every layer [L,B,Q,C] and the memory [B,C,H,W].
         """
         memory = self.encode(src, mask, pos_embed)
-        return self.decode(memory, mask, query_embed, pos_embed, query_attn_mask), memory
+        return self.decode(memory, mask, query_embed, pos_embed), memory
 
     def encode(self, src: Tensor, mask: Tensor, pos_embed: Tensor) -> Tensor:
         """The encoder alone: src [B,C,H,W] -> memory [B,C,H,W]."""
@@ -197,7 +190,7 @@ class Transformer(nn.Module):
         return memory.transpose(1, 2).reshape(bs, c, h, w)
 
     def decode(self, memory: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
-               query_attn_mask: Tensor | None = None, tgt: Tensor | None = None) -> Tensor:
+               tgt: Tensor | None = None) -> Tensor:
         """The decoder alone over memory [B,C,H,W]; `query_embed` [Q,C] shared by the batch or
         [B,Q,C] per image; `tgt` [B,Q,C] the queries' content (None: zeros, the paper's).
         Returns every layer's output [L,B,Q,C]."""
@@ -205,28 +198,4 @@ class Transformer(nn.Module):
         query_pos = query_embed if query_embed.dim() == 3 else query_embed.unsqueeze(0).expand(bs, -1, -1)
         memory_seq, key_mask, pos_seq = _as_sequences(memory, mask, pos_embed)
         return self.decoder(torch.zeros_like(query_pos) if tgt is None else tgt, memory_seq, key_mask, pos_seq,
-                            query_pos, query_attn_mask)
-
-    def decode_refining(
-        self,
-        memory: Tensor,
-        mask: Tensor,
-        pos_embed: Tensor,
-        tgt: Tensor,
-        reference: Tensor,
-        query_pos_of: Callable[[Tensor], Tensor],
-        boxes_of: Callable[[Tensor, Tensor], Tensor],
-        query_attn_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """The decoder with iterative box refinement: each layer's positional queries come from the
-        current boxes (`query_pos_of(boxes)`), and its normalised output refines them
-        (`boxes_of(output, boxes)`), gradients stopped between layers. `tgt` [B,Q,C] content,
-        `reference` [B,Q,4] the first boxes. Returns every layer's output [L,B,Q,C] and boxes [L,B,Q,4]."""
-        memory_seq, key_mask, pos_seq = _as_sequences(memory, mask, pos_embed)
-        outputs, boxes = [], []
-        for layer in self.decoder.layers:
-            tgt = layer(tgt, memory_seq, key_mask, pos_seq, query_pos_of(reference), query_attn_mask)
-            outputs.append(self.decoder.norm(tgt))
-            boxes.append(boxes_of(outputs[-1], reference))
-            reference = boxes[-1].detach()
-        return torch.stack(outputs), torch.stack(boxes)
+                            query_pos)
