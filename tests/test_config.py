@@ -46,3 +46,11 @@ def test_dict_round_trip_and_unknown_keys():
     assert DETRConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="hiden_dim"):
         DETRConfig.from_dict({**c.to_dict(), "hiden_dim": 3})
+
+
+def test_a_checkpoint_naming_a_removed_option_loads_only_with_it_off():
+    saved = {**DETRConfig.preset("tiny").to_dict(), "query_groups": 1, "set_cost_mask": 0.0,
+             "denoising_label_noise": 0.3}  # what a checkpoint from before the removal holds
+    assert DETRConfig.from_dict(saved) == DETRConfig.preset("tiny")
+    with pytest.raises(ValueError, match=r"box_refine=True was removed .* cannot be built"):
+        DETRConfig.from_dict({**saved, "box_refine": True})
