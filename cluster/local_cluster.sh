@@ -85,6 +85,7 @@ PY
     pkill -TERM -f -- "$ROOT" || true  # then ten seconds, as `ray stop` gives its own grace period, before SIGKILL
     for _ in $(seq 1 10); do pgrep -f -- "$ROOT" > /dev/null || break; sleep 1; done
     pkill -KILL -f -- "$ROOT" || true
+    for _ in $(seq 1 50); do pgrep -f -- "$ROOT" > /dev/null || break; sleep 0.2; done  # SIGKILL lands asynchronously
     rm -f "$STATE_DIR/address"
     echo "local Ray cluster stopped"
     ;;
