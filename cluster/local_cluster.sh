@@ -82,9 +82,10 @@ PY
     # Only this cluster's nodes (not `ray stop`, which stops every Ray on the machine): their processes name
     # its temp folders ($ROOT for the head, $ROOT-worker-N for the workers) on their command lines.
     ROOT="$(cd "$STATE_DIR" 2>/dev/null && pwd)/ray"
-    pkill -TERM -f -- "$ROOT" || true
-    for _ in $(seq 1 30); do pgrep -f -- "$ROOT" > /dev/null || break; sleep 1; done
+    pkill -TERM -f -- "$ROOT" || true  # then ten seconds, as `ray stop` gives its own grace period, before SIGKILL
+    for _ in $(seq 1 10); do pgrep -f -- "$ROOT" > /dev/null || break; sleep 1; done
     pkill -KILL -f -- "$ROOT" || true
+    for _ in $(seq 1 50); do pgrep -f -- "$ROOT" > /dev/null || break; sleep 0.2; done  # SIGKILL lands asynchronously
     rm -f "$STATE_DIR/address"
     echo "local Ray cluster stopped"
     ;;

@@ -1,6 +1,6 @@
 """`detr label` on the shared two-node Ray cluster: a messy folder, a tar archive, ingested Parquet
-with a registered model, and a driver killed mid-run; and, on a Ray of its own that reaches an
-S3-compatible store, a prefix listed by a task of the job, killed and resumed.
+with a registered model, and a driver killed mid-run. (Prefixes on an object store are labelled on the
+production topology: tests/test_topology_jobs.py.)
 
 Every test checks that rows + errors add up to the input, each image once, and
 that the detections equal a direct `Detector` call on the same decoded image
@@ -12,12 +12,10 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +29,6 @@ from PIL import Image
 import detr
 from jobs.cli import main as detr_cli
 from messy_data import corrupt_jpeg, encode, rgb_image, write_messy_coco
-from pipelines import storage
 from pipelines.decode import decode_image
 from pipelines.inference import Detector, transforms_to_metadata
 from query_classes import fit_query_classes
@@ -194,80 +191,6 @@ def test_label_a_tar_archive_with_a_class_filter(ray_cluster, checkpoint, tmp_pa
 
 
 @pytest.mark.mlflow
-def label_command(checkpoint: str, input_uri: str, output: str, env: dict) -> tuple[list[str], dict, str]:
-    """`python -m jobs.label` for a subprocess that starts its own local Ray, so that its workers see `env` (an
-    object store's settings): (command, environment, Ray's temporary folder, to delete afterwards)."""
-    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # not under tmp_path: Ray's socket paths must fit in 107 bytes
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env, "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_TMPDIR": ray_tmp, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    command = [sys.executable, "-m", "jobs.label", "--model", checkpoint, "--input", input_uri, "--output", output,
-               "--score-threshold", "0", "--concurrency", "1", "--batch-size", "2", "--rows-per-file", "4"]
-    return command, env, ray_tmp
-
-
-def label_with_its_own_ray(checkpoint: str, input_uri: str, output: str, env: dict) -> str:
-    """Run `label_command` to its end; returns what it printed."""
-    command, env, ray_tmp = label_command(checkpoint, input_uri, output, env)
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
-
-
-def test_an_object_store_prefix_listed_by_a_task_is_labelled_exactly_once(tmp_path, monkeypatch, s3_server):
-    s3 = s3_server  # the session's S3 server (tests/topology.py)
-    # The input on an S3-compatible store is listed by a task of the job, not by its driver. A run killed after
-    # its first commit, then more images, then a run to the end: every image in exactly one row or one error.
-    # A folder that turns out to hold archives labels their members.
-    checkpoint = save_tiny(tmp_path / "slow.pt", TransformsConfig().scaled(0.3))  # seconds to label: killable
-    images = synthetic_images(tmp_path / "in", 30, seed=6)
-    s3.use(monkeypatch)  # this process reads the outputs there too
-    bucket = s3.create_bucket("label-listing")
-    photos, out = f"{bucket}/photos/", f"{bucket}/labels"
-    keys = [f"{photos}{'day1/' if i % 3 == 0 else ''}{p.name}" for i, p in enumerate(images)]
-    for key, path in zip(keys[:24], images[:24]):
-        s3.put(key, path.read_bytes())
-    s3.put(f"{photos}broken.jpg", corrupt_jpeg())
-    s3.put(f"{photos}notes.txt", b"not an image")
-
-    command, env, ray_tmp = label_command(checkpoint, photos, out, s3.env())
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)  # its group: the driver and the Ray it started
-    try:
-        deadline = time.time() + 180
-        while driver.poll() is None and time.time() < deadline and not LabelOutput(out).parts(LABELS):
-            time.sleep(0.1)
-        assert driver.poll() is None, f"the driver ended before it could be killed: {driver.stderr.read()[-2000:]}"
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-        driver.stderr.close()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    first_labels, _ = committed_keys(out)
-    assert 0 < len(first_labels) < 24, "killed after the first commit, before the last"
-
-    for key, path in zip(keys[24:], images[24:]):  # more images arrive before the next run
-        s3.put(key, path.read_bytes())
-    printed = label_with_its_own_ray(checkpoint, photos, out, s3.env())
-    labels, errors = committed_keys(out)
-    assert Counter(labels + errors) == Counter(keys + [f"{photos}broken.jpg"])  # each image exactly once
-    assert errors == [f"{photos}broken.jpg"]
-    assert f"labelled {30 - len(first_labels)} images" in printed
-    rows = LabelOutput(out).read(LABELS).to_pylist()
-    assert assert_rows_match_direct_calls(rows[::5], storage.read_bytes, checkpoint, 0.0, None) > 0
-
-    local_tar = tmp_path / "batch.tar"
-    members = write_tar(local_tar, images[:3])
-    s3.put(f"{bucket}/tars/batch.tar", local_tar.read_bytes())
-    printed = label_with_its_own_ray(checkpoint, f"{bucket}/tars/", f"{bucket}/tar-labels", s3.env())
-    labels, errors = committed_keys(f"{bucket}/tar-labels")
-    assert sorted(labels + errors) == [m.replace(str(local_tar), f"{bucket}/tars/batch.tar") for m in members]
-    assert "labelled 3 images" in printed and "3 errors" in printed
-
-
 def test_label_ingested_parquet_with_a_registered_model(ray_cluster, mlflow_server, checkpoint, tmp_path):
     from mlflow.tracking import MlflowClient
 

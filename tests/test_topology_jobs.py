@@ -142,23 +142,38 @@ def test_evaluate_promote_and_rollback_with_actors_on_the_isolated_node(topology
     assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
 
 
-def _label_rows(topology, output: str) -> list[dict]:
+def _label_rows(topology, output: str, kind: str = "labels") -> list[dict]:
     from pipelines.labelling.output import LabelOutput
 
     with topology.s3.environment():
-        return LabelOutput(output).read("labels").to_pylist()
+        return LabelOutput(output).read(kind).to_pylist()
 
 
-def test_label_an_s3_prefix_then_resume_exactly_once(topology, shapes, trained):
-    output = topology.uri("labels", "prefix")
-    args = ("label", "--model", f"models:/{MODEL}@champion", "--input", f"{shapes['uri']}/images/", "--output",
-            output, "--concurrency", "2", "--cpus-per-actor", "1", "--score-threshold", "0.0", "--top-k", "3")
-    topology.detr(*args)
-    rows = _label_rows(topology, output)
-    assert sorted(r["key"].rsplit("/", 1)[1] for r in rows) == shapes["images"]
+def test_label_an_s3_prefix_then_more_images_exactly_once(topology, shapes, trained):
+    # The prefix is listed by a task of the job (never by the driver): nested folders are followed, a broken
+    # image becomes an error row, a text file is skipped; images that arrive later are the only ones a re-run
+    # labels, and every image lands in exactly one row or one error.
+    from messy_data import corrupt_jpeg
+
+    photos, output = topology.uri("photos") + "/", topology.uri("labels", "prefix")
+    local = shapes["local"] / "images"
+    first, later = shapes["images"][:12], shapes["images"][12:]
+    for i, name in enumerate(first):
+        topology.s3.put(f"{photos}{'day1/' if i % 3 == 0 else ''}{name}", (local / name).read_bytes())
+    topology.s3.put(f"{photos}broken.jpg", corrupt_jpeg())
+    topology.s3.put(f"{photos}notes.txt", b"not an image")
+    args = ("label", "--model", f"models:/{MODEL}@champion", "--input", photos, "--output", output,
+            "--concurrency", "2", "--cpus-per-actor", "1", "--score-threshold", "0.0", "--top-k", "3")
+    done = topology.detr(*args)
+    assert f"labelled {len(first)} images" in done.stdout and "1 errors" in done.stdout
+    for name in later:
+        topology.s3.put(f"{photos}day2/{name}", (local / name).read_bytes())
     again = topology.detr(*args)
-    assert "labelled 0 images" in again.stdout
-    assert len(_label_rows(topology, output)) == len(shapes["images"])
+    assert f"labelled {len(later)} images" in again.stdout
+    assert "labelled 0 images" in topology.detr(*args).stdout
+    rows = _label_rows(topology, output)
+    assert sorted(r["key"].rsplit("/", 1)[1] for r in rows) == shapes["images"]  # each exactly once
+    assert [r["image"] for r in _label_rows(topology, output, "errors")] == [f"{photos}broken.jpg"]
 
 
 def test_label_an_s3_tar_with_a_killed_driver_then_resume(topology, shapes, trained):
@@ -170,7 +185,8 @@ def test_label_an_s3_tar_with_a_killed_driver_then_resume(topology, shapes, trai
     bucket, _, key = tar_uri[len("s3://"):].partition("/")
     topology.s3.client().upload_file(str(archive), bucket, key)
     output = topology.uri("labels", "tar")
-    args = [str(BIN / "detr"), "label", "--model", f"models:/{MODEL}@champion", "--input", tar_uri, "--output", output,
+    folder = topology.uri("archives") + "/"  # a folder that turns out to hold archives: their members are labelled
+    args = [str(BIN / "detr"), "label", "--model", f"models:/{MODEL}@champion", "--input", folder, "--output", output,
             "--concurrency", "2", "--cpus-per-actor", "1", "--rows-per-file", "2", "--commit-seconds", "0.5",
             "--batch-size", "1"]
     driver = subprocess.Popen(args, env=topology.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
