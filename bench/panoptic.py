@@ -7,9 +7,8 @@ textured background regions as stuff; held-out validation images), with the
 project's own pieces and no Ray (one process, `--threads` torch threads):
 
 1. the detector (no masks) trains on the boxes of every segment, things and stuff,
-   with the named recipe of `jobs.recipes` (the fast-convergence one by default; its
-   proposal NMS per class, since stuff regions share boxes), plus MODEL's options,
-   for `--detector-minutes` (default 0: none on its own);
+   with the named recipe of `jobs.recipes` (`fast_panoptic` by default) over MODEL's
+   size, for `--detector-minutes` (default 0: none on its own);
 2. the mask head trains on top of it: by default with the detector training on
    with it (`--mask-training joint`: with no detector minutes, both from random
    weights, the best use of 15 minutes measured); `frozen` is the paper's recipe
@@ -35,6 +34,7 @@ model (`panoptic_model.pt`, a checkpoint `detr label --model` takes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
@@ -51,9 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detr import SetCriterion, build_model  # noqa: E402
 from detr.checkpoint import checkpoint_dict  # noqa: E402
-from detr.config import DETRConfig  # noqa: E402
+from detr.config import PANOPTIC_THRESHOLD, DETRConfig, MaskHead  # noqa: E402
 from detr.ema import ema_model  # noqa: E402
 from detr.engine import Batch, train_step  # noqa: E402
+from detr.weights import load_weights  # noqa: E402
 from detr.optim import OptimizerConfig, build_optimizer, build_warmup_scheduler, parameter_groups  # noqa: E402
 from jobs.config_files import build_dataclass  # noqa: E402
 from jobs.recipes import apply_recipe  # noqa: E402
@@ -79,13 +80,9 @@ from pipelines.transforms import TransformsConfig  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-MODEL = {"preset": "tiny_panoptic", "enc_layers": 3, "dec_layers": 3, "dim_feedforward": 512, "masks": False,
-         "proposal_content": True, "encoder_mask_assignment": True, "semantic_loss_coef": 2.0}
-"""The detector both stages use: ResNet-18 from random weights, hidden size 128 (the mask head's minimum),
-the recipe's backbone stages (`fast`: 2, the transformer at stride 8); queries that start from their
-proposal cells' features, a dense head trained on the cells of each segment's mask besides its best
-matches (what took PQ from 0.30 to about 0.5 in 15 minutes), and every encoder cell classified as the
-segment under it (stuff textures learnt at every cell: 0.51-0.62 in four runs; see the README)."""
+MODEL = {"preset": "tiny_panoptic", "enc_layers": 3, "dec_layers": 3, "dim_feedforward": 512}
+"""The model's size: ResNet-18 from random weights, hidden size 128 (the mask head's minimum), 3+3 layers;
+its parts and options come from the recipe (`jobs/recipes/fast_panoptic.yaml`)."""
 
 
 @dataclass(frozen=True)
@@ -103,10 +100,6 @@ def plan_from_recipe(name: str, num_classes: int) -> Plan:
     """The named recipe of `jobs.recipes` over MODEL, layered exactly as `detr train` layers it."""
     job = build_dataclass(TrainJobConfig, apply_recipe({"recipe": name, "data": {"train": "-"}, "model": dict(MODEL)}))
     model = job.model_config(num_classes)
-    if model.proposal_nms:
-        # Stuff regions share boxes by construction (two background regions split by a line both span
-        # most of the image): class-agnostic proposal NMS would leave the second one without a query.
-        model = model.replace(proposal_nms_per_class=True)
     return Plan(name, model, job.optimizer, job.data.batch_size, TransformsConfig.preset(job.data.transforms))
 
 
@@ -240,7 +233,7 @@ def labelling_speed(checkpoint: bytes, batches: list[pa.Table], threshold: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="fast", help="a jobs.recipes name")
+    parser.add_argument("--recipe", default="fast_panoptic", help="a jobs.recipes name")
     parser.add_argument("--detector-minutes", type=float, default=0.0, help="detector alone, before the masks")
     parser.add_argument("--mask-minutes", type=float, default=15.0, help="with the mask head")
     parser.add_argument("--mask-lr", type=float, default=5e-4, help="mask head learning rate")
@@ -256,7 +249,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=1500)
     parser.add_argument("--val-images", type=int, default=60)
-    parser.add_argument("--threshold", type=float, default=0.85,
+    parser.add_argument("--threshold", type=float, default=PANOPTIC_THRESHOLD,
                         help="panoptic keep threshold (the paper's 0.85) when not calibrated")
     parser.add_argument("--calibrate", type=int, default=150,
                         help="choose the threshold with the best PQ on this many further generated images (a "
@@ -284,7 +277,7 @@ def main() -> None:
     started = time.perf_counter()
 
     # 1. The detector, on the boxes of things and stuff.
-    detector_model = build_model(plan.model.replace(masks=False))
+    detector_model = build_model(plan.model.replace(mask_head=None))
     criterion = SetCriterion.from_config(detector_model.config)
     optimizer = build_optimizer(detector_model, plan.optimizer)
     data = endless_batches(DetectionTorchDataset(source, train=True, transforms=plan.transforms, seed=args.seed),
@@ -294,10 +287,9 @@ def main() -> None:
 
     # 2. The mask head on top of it: detector frozen (the paper), or training on with it (--mask-training joint).
     joint = args.mask_training == "joint"
-    config = detector_model.config.replace(masks=True, freeze_detector=not joint)
-    model = build_model(config)
-    missing, unexpected = model.load_state_dict(detector_model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(model.MASK_MODULES) for k in missing)
+    config = plan.model.replace(mask_head=dataclasses.replace(plan.model.mask_head or MaskHead(),
+                                                              freeze_detector=not joint))
+    model = load_weights(build_model(config), detector_model.state_dict(), "the detector's weights")
     criterion = SetCriterion.from_config(config)
     optimizer = torch.optim.AdamW(mask_phase_groups(model, plan.optimizer, args.mask_lr, joint),
                                   lr=args.mask_lr, weight_decay=plan.optimizer.weight_decay)

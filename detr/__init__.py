@@ -8,40 +8,41 @@ losses), `panoptic` (PanopticPostProcess, instance masks, RLE), `batching`
 (pad_images), `checkpoint` (our format), `official` (the official release layout) and
 `inference_model` (fast inference-only copies: norms folded, channels-last, bfloat16).
 """
-from .batching import image_sizes_from_mask, pad_images
-from .checkpoint import load_checkpoint, save_checkpoint
-from .coco_categories import COCO_CATEGORIES
-from .config import PRESETS, DETRConfig
-from .criterion import SetCriterion, loss_weights
-from .matcher import HungarianMatcher
-from .inference_model import PRECISIONS, forward_inference, inference_model
-from .model import DETR, boxes_only, build_model
-from .official import from_official, official_state_dict
-from .panoptic import InstanceMaskPostProcess, PanopticPostProcess, masks_to_rle, rle_to_masks
-from .postprocess import PostProcess
 
-__all__ = [
-    "COCO_CATEGORIES",
-    "DETR",
-    "DETRConfig",
-    "HungarianMatcher",
-    "InstanceMaskPostProcess",
-    "PRESETS",
-    "PRECISIONS",
-    "PanopticPostProcess",
-    "PostProcess",
-    "SetCriterion",
-    "boxes_only",
-    "build_model",
-    "forward_inference",
-    "from_official",
-    "image_sizes_from_mask",
-    "inference_model",
-    "load_checkpoint",
-    "loss_weights",
-    "masks_to_rle",
-    "official_state_dict",
-    "pad_images",
-    "rle_to_masks",
-    "save_checkpoint",
-]
+# Public names -> the module that defines them. Imported on first use (PEP 562), so that importing
+# `detr.errors` or `detr.config` alone (the command line does, to answer `--help` at once) does not
+# import torch.
+_EXPORTS = {
+    "image_sizes_from_mask": "batching", "pad_images": "batching",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "COCO_CATEGORIES": "coco_categories",
+    "PRESETS": "config", "DenseHead": "config", "DETRConfig": "config", "FocalLoss": "config",
+    "MaskHead": "config", "SemanticHead": "config", "TwoStage": "config",
+    "SetCriterion": "criterion", "loss_weights": "criterion",
+    "RaydetrError": "errors",
+    "HungarianMatcher": "matcher",
+    "PRECISIONS": "fast_inference", "forward_inference": "fast_inference", "inference_model": "fast_inference",
+    "DETR": "model", "boxes_only": "model", "build_detector": "model", "build_model": "model",
+    "detector_of": "model",
+    "from_official": "official", "official_state_dict": "official",
+    "InstanceMaskPostProcess": "panoptic", "PanopticPostProcess": "panoptic",
+    "mask_postprocess_options": "panoptic", "masks_to_rle": "panoptic", "rle_to_masks": "panoptic",
+    "PostProcess": "postprocess", "scored_by_sigmoid": "postprocess",
+    "DETRsegm": "segmentation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detr' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import BACKBONE_NORMS, RESNET_CHANNELS
+from .errors import RaydetrError
 
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 """Stages that train when the backbone trains (the official recipe)."""
@@ -183,6 +184,9 @@ class Backbone(nn.Module):
         self.body = body
         self.return_stages = tuple(return_stages)
         self.num_channels = RESNET_CHANNELS[name] // 2 ** (4 - num_stages)
+        # Input pixels per cell of the last stage: 4 after the stem, doubled by each stage after the first
+        # (a dilated last stage keeps its input's stride).
+        self.stride = 2 ** (num_stages + 1) // (2 if dilation and num_stages == 4 else 1)
         self.set_trainable(train_backbone, train_stem)
 
     def set_trainable(self, train_backbone: bool, train_stem: bool = False) -> None:
@@ -203,12 +207,12 @@ class Backbone(nn.Module):
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a ResNet state dict, found {type(state).__name__}")
+            raise RaydetrError(f"{path}: expected a ResNet state dict, found {type(state).__name__}")
         unused = ("fc.",) + tuple(f"{stage}." for stage in STAGES[self.num_stages:])
         state = {k: v for k, v in state.items() if not k.startswith(unused)}
         missing, unexpected = self.body.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise RaydetrError(
                 f"{path}: not a state dict for this backbone; missing {missing[:5]}"
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                 f"{'...' if len(unexpected) > 5 else ''}"

@@ -22,7 +22,28 @@ import torch
 from torch import nn
 
 from .config import DETRConfig
-from .model import DETR
+from .model import InferenceGuard, build_model
+from .errors import RaydetrError
+
+LEGACY_KEYS = (("encoder_class_embed.", "dense_head.class_embed."), ("encoder_bbox_embed.", "dense_head.bbox_embed."),
+               ("proposal_pos.", "proposals.query_pos."), ("semantic_embed.", "semantic_head.classifier."))
+"""Weights of our parts under the names they had before the model was assembled from parts."""
+MASK_HEAD_KEYS = ("bbox_attention.", "mask_head.")
+
+
+def upgrade_state_dict(state: Mapping[str, Any], config: DETRConfig) -> dict[str, Any]:
+    """A state dict saved before the parts (our own layout until then) under today's names: the parts' old
+    names, and for a model with masks the detector's keys under `detr.` (`DETRsegm`). Today's pass as is."""
+    if config.masks and any(k.startswith("detr.") for k in state):
+        return dict(state)
+    out = {}
+    for key, value in state.items():
+        for old, new in LEGACY_KEYS:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out["detr." + key if config.masks and not key.startswith(MASK_HEAD_KEYS) else key] = value
+    return out
 
 FORMAT = "raydetr.detr"
 FORMAT_VERSION = 1
@@ -43,13 +64,13 @@ def _check_plain(value: Any, where: str) -> None:
         raise TypeError(f"{where}: {type(value).__name__} cannot be stored in a weights-only checkpoint")
 
 
-def checkpoint_dict(model: DETR, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint of `model` as a dict (tensors on the CPU)."""
+def checkpoint_dict(model: nn.Module, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint of `model` (a DETR, or one inside `DETRsegm`) as a dict (tensors on the CPU)."""
     unwrapped = unwrap_model(model)
-    if not isinstance(unwrapped, DETR):
+    if not isinstance(unwrapped, InferenceGuard):
         raise TypeError(f"expected a DETR model, got {type(unwrapped).__name__}")
     if unwrapped.inference_settings is not None:
-        raise ValueError("an inference model (detr.inference_model: norms folded) has no checkpoint of its own; "
+        raise RaydetrError("an inference model (detr.inference_model: norms folded) has no checkpoint of its own; "
                          "save the model it was made from")
     metadata = dict(metadata or {})
     _check_plain(metadata, "metadata")
@@ -63,7 +84,7 @@ def checkpoint_dict(model: DETR, metadata: Mapping[str, Any] | None = None) -> d
     }
 
 
-def save_checkpoint(model: DETR, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write the checkpoint atomically (a crash mid-write never leaves a truncated file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,16 +113,16 @@ def read_checkpoint_file(source: str | os.PathLike | bytes | io.IOBase) -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{source}: not a loadable weights-only checkpoint ({exc})") from exc
+        raise RaydetrError(f"{source}: not a loadable weights-only checkpoint ({exc})") from exc
 
 
-def load_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[DETR, dict[str, Any]]:
+def load_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """Load one of our checkpoints (path or dict) -> (model in eval mode, metadata)."""
     ckpt = read_checkpoint_file(source) if not isinstance(source, Mapping) else source
     if not is_raydetr_checkpoint(ckpt):
-        raise ValueError(f"{source}: not a raydetr checkpoint (no format={FORMAT!r} entry)")
+        raise RaydetrError(f"{source}: not a raydetr checkpoint (no format={FORMAT!r} entry)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise RaydetrError(
             f"{source}: checkpoint format version {ckpt['format_version']} is newer than this "
             f"raydetr understands ({FORMAT_VERSION}); upgrade raydetr"
         )
@@ -109,12 +130,12 @@ def load_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[DETR
     # The weights come from the checkpoint: never fetch backbone weights again, and build the modules
     # without storage (no random initialisation to overwrite: a ResNet-50 DETR loads in a tenth of the time).
     with torch.device("meta"):
-        model = DETR(config.replace(backbone_weights=None))
+        model = build_model(config.replace(backbone_weights=None))
     model.config = config
-    model.load_state_dict(ckpt["model"], assign=True)
+    model.load_state_dict(upgrade_state_dict(ckpt["model"], config), assign=True)
     unloaded = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unloaded:
-        raise ValueError(f"{source}: the checkpoint does not hold {unloaded[:5]}")
+        raise RaydetrError(f"{source}: the checkpoint does not hold {unloaded[:5]}")
     return model.eval(), dict(ckpt.get("metadata") or {})
 
 

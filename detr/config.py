@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
+from .errors import RaydetrError
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 """Output channels of each supported backbone's last stage."""
@@ -33,13 +34,101 @@ MASK_HEAD_GROUPS = 8
 BOTTLENECK_BACKBONES = frozenset({"resnet50", "resnet101"})
 """Backbones built from bottleneck blocks: the only ones torchvision can dilate (DC5)."""
 
+PANOPTIC_THRESHOLD = 0.85
+"""The paper's panoptic keep threshold: a query takes part in the panoptic merge when its top class
+probability exceeds it (the default of every job's `--panoptic-threshold`)."""
+
 POSITION_EMBEDDINGS = ("sine", "learned")
 BACKBONE_NORMS = ("frozen", "batch")
 
 
 @dataclass(frozen=True)
+class FocalLoss:
+    """Classify with a sigmoid focal loss over the real classes and match with the focal cost (Deformable
+    DETR) instead of softmax cross-entropy. The class head keeps its num_classes + 1 outputs (the last goes
+    unused), so the layout is the official one; it starts every class at p = 0.01, and detections are
+    scored with sigmoids. Part of `recipe: fast`."""
+
+    alpha: float = 0.25
+    gamma: float = 2.0
+
+
+@dataclass(frozen=True)
+class DenseHead:
+    """A dense head on the encoder output that predicts a class and a box at every feature cell (relative
+    to the cell), each target matched to `matches` cells (one-to-many, as Co-DETR's and H-DETR's auxiliary
+    branches): direct, plentiful supervision that teaches a backbone trained from scratch to localise.
+    Losses suffixed `_enc`; needs `focal`. Training-only unless `two_stage` reads it. Part of `recipe: fast`."""
+
+    matches: int = 2
+    mask_assignment: bool = False
+    """With targets that carry masks (panoptic training): each target keeps its `matches` best-matched cells
+    (weight 1 each), and every other cell whose centre lies inside its mask becomes its positive too (a cell
+    inside several masks goes to the smallest), these sharing a further weight of `matches`. A stuff region
+    then teaches its cells its class instead of "background" (`detr.mask_assignment`)."""
+
+
+@dataclass(frozen=True)
+class TwoStage:
+    """Decoder queries from the encoder (Deformable DETR's two-stage): the dense head's best `num_queries`
+    cells become the queries, their boxes (through a sine embedding and a small MLP) the positional queries,
+    and the decoder predicts boxes relative to them: it starts from proposals instead of learning where to
+    look. Needs `dense_head`, which then runs at inference too; not exportable to the official layout.
+    Part of `recipe: fast`."""
+
+    nms: float = 0.0
+    """> 0: cells whose box overlaps a better-scored cell's box by more than this IoU are passed over
+    (class-agnostic NMS of the proposals, as Efficient DETR and DETA select them). The dense head is trained
+    one-to-many, so several cells find each object; without this, several queries start on one object and
+    the decoder needs many steps to learn that only one may claim it. If fewer than `num_queries` survive,
+    the best suppressed cells fill the rest. 0: plain top-k."""
+    nms_per_class: bool = False
+    """With `nms`: a cell suppresses only cells whose best class is its own, for data where objects of
+    different classes share a box (panoptic stuff regions that both span the image)."""
+    content: bool = False
+    """Each query's content starts as its proposal cell's encoder feature (detached, as RT-DETR does)
+    instead of zeros: a positional query made from a box alone cannot tell two proposals with the same box
+    apart, nor say what the cell saw."""
+
+
+@dataclass(frozen=True)
+class MaskHead:
+    """The paper's mask head (section 4.4) on top of the detector (`detr.segmentation.DETRsegm`): attention
+    maps of each decoder output over the encoder memory, then an FPN-like convolutional head; the model also
+    returns "pred_masks" [B, Q, H/4, W/4] logits and the criterion adds `loss_mask` and `loss_dice`."""
+
+    freeze_detector: bool = True
+    """Train only the mask head (the paper's recipe on top of a trained detector); False trains detector
+    and mask head jointly."""
+    scaled_attention: bool = False
+    """Multiply the attention maps by the number of (head, position) cells they span, so they average 1
+    instead of 1/cells. The official maps are about 1e-3 beside features of about 1, and the head learns to
+    tell queries apart only after a long plateau; scaled, it does from the first hundreds of steps. No new
+    weights: official checkpoints load. Part of `recipe: fast`."""
+    mask_loss_coef: float = 1.0
+    """Weight of the sigmoid focal loss on matched masks (`loss_mask`)."""
+    dice_loss_coef: float = 1.0
+    """Weight of the dice loss on matched masks (`loss_dice`)."""
+
+
+@dataclass(frozen=True)
+class SemanticHead:
+    """With targets that carry masks (panoptic training), a training-only linear head classifies every
+    encoder cell as the segment covering its centre, by cross-entropy averaged over the labelled cells
+    (`loss_semantic`, at `loss_coef`): stuff classes (textures) separate early (`detr.semantic_cells`)."""
+
+    loss_coef: float = 2.0
+
+
+PARTS: dict[str, type] = {"focal": FocalLoss, "dense_head": DenseHead, "two_stage": TwoStage, "mask_head": MaskHead,
+                          "semantic_head": SemanticHead}
+"""The optional parts of a model: a field of `DETRConfig` each, None when the part is left out."""
+
+
+@dataclass(frozen=True)
 class DETRConfig:
-    """Hyper-parameters of a DETR model, its matcher and its losses."""
+    """Hyper-parameters of a DETR model, its matcher and its losses. The optional parts (`PARTS`) are
+    nested configs; None leaves the part out, which is the paper's model."""
 
     num_classes: int = 91
     """Largest category id + 1 (COCO: 91). The class head has num_classes + 1 logits."""
@@ -58,14 +147,14 @@ class DETRConfig:
     backbone_norm: str = "frozen"
     """"frozen" (the paper: fixed statistics, right for pretrained weights) or "batch": batch norm
     that trains, for a backbone learning from scratch; in eval mode it is the frozen layer with the
-    learnt statistics (same checkpoint keys). Fast-convergence option, see `detr.recipes`."""
+    learnt statistics (same checkpoint keys). Part of `recipe: fast`."""
     train_backbone_stem: bool = False
     """Also train the stem and stage 1, which the paper keeps frozen (pretrained edge filters);
-    a random backbone needs them to learn. Fast-convergence option."""
+    a random backbone needs them to learn. Part of `recipe: fast`."""
     backbone_stages: int = 4
     """ResNet stages used: 4 (the paper, stride 32), 3 (stride 16, half the channels) or 2 (stride
     8, a quarter): cheaper and finer features for small images; a different model, not for
-    official weights. Fast-convergence option."""
+    official weights. Part of `recipe: fast`."""
 
     # Positional encoding and transformer
     position_embedding: str = "sine"
@@ -79,96 +168,42 @@ class DETRConfig:
     num_queries: int = 100
     aux_loss: bool = True
     """Supervise every decoder layer (losses suffixed `_0`, `_1`, ...), as the paper does."""
-    encoder_aux_matches: int = 0
-    """> 0: a training-only dense head on the encoder output predicts a class and a box at every
-    feature cell (relative to the cell), each target matched to this many cells (one-to-many, as
-    Co-DETR's and H-DETR's auxiliary branches): direct, plentiful supervision that teaches a
-    backbone trained from scratch to localise. Losses suffixed `_enc`; needs `focal_loss`. Its
-    weights (`encoder_class_embed`, `encoder_bbox_embed`) are left out of official exports and
-    unused at inference. Fast-convergence option; 0: off (the paper)."""
 
-    encoder_mask_assignment: bool = False
-    """With `encoder_aux_matches` and targets that carry masks (panoptic training): each target keeps its
-    `encoder_aux_matches` best-matched cells of the dense head (weight 1 each), and every other cell whose
-    centre lies inside its mask becomes its positive too (a cell inside several masks goes to the
-    smallest), these sharing a further weight of `encoder_aux_matches`. A stuff region then teaches its
-    cells its class instead of "background" (`detr.mask_assignment`). Targets without masks are matched
-    one-to-many as before."""
-
-    semantic_loss_coef: float = 0.0
-    """> 0: with targets that carry masks (panoptic training), a training-only linear head
-    (`semantic_embed`) classifies every encoder cell as the segment covering its centre, by
-    cross-entropy averaged over the labelled cells (loss `loss_semantic`, at this weight). The
-    set losses teach a region's texture through a few queries and cells; this teaches it at every
-    cell, so stuff classes (textures) separate early. 0: off (the paper)."""
-
-    two_stage: bool = False
-    """Decoder queries from the encoder (Deformable DETR's two-stage): the dense head's best
-    `num_queries` cells become the queries, their boxes (through a sine embedding and a small
-    MLP, `proposal_pos`) the positional queries, and the decoder predicts boxes relative to them.
-    The decoder then starts from proposals instead of learning where to look. Needs the dense
-    head (`encoder_aux_matches` > 0), which then runs at inference too; not exportable to the
-    official layout. Fast-convergence option."""
-    proposal_nms: float = 0.0
-    """> 0, with `two_stage`: before the best cells become queries, cells whose box overlaps a
-    better-scored cell's box by more than this IoU are passed over (class-agnostic non-maximum
-    suppression of the proposals, as Efficient DETR and DETA select them). The dense head is
-    trained one-to-many, so several cells find each object; without this, several queries start
-    on one object with the same position and nearly the same content, and the decoder needs
-    many steps to learn that only one of them may claim it. Selected cells are distinct objects
-    from the first step; if fewer than `num_queries` survive, the best suppressed cells fill the
-    rest. 0: off (plain top-k)."""
-    proposal_nms_per_class: bool = False
-    """With `proposal_nms`: a cell suppresses only cells whose best class is its own (per-class NMS),
-    for data where objects of different classes share a box: panoptic stuff regions (two background
-    regions both span the image) or a rider on a horse. Off: class-agnostic, which also removes the
-    early duplicates whose classes the model is still unsure of."""
-    proposal_content: bool = False
-    """With `two_stage`: each decoder query's content starts as its proposal cell's encoder feature
-    (detached, as RT-DETR does) instead of zeros. A positional query made from a box alone cannot
-    tell two proposals with the same box apart (two stuff regions that both span the image), nor say
-    what the cell saw; the feature carries both. Fast-convergence option."""
     # Hungarian matcher costs
     set_cost_class: float = 1.0
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
+
     # Loss weights
     ce_loss_coef: float = 1.0
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     eos_coef: float = 0.1
-    """Relative classification weight of the no-object class."""
-    focal_loss: bool = False
-    """Classify with a sigmoid focal loss over the real classes and match with the focal cost
-    (Deformable DETR) instead of softmax cross-entropy; the class head keeps its num_classes + 1
-    outputs (the last goes unused), so the layout is the official one, and detections are scored
-    with sigmoids. Fast-convergence option, see `detr.recipes`."""
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    """Relative classification weight of the no-object class (softmax classification only)."""
 
-    # Segmentation (the paper's section 4.4): a mask head on top of the detector
-    masks: bool = False
-    """Add the mask head (attention maps of each decoder output over the encoder memory, then an
-    FPN-like convolutional head): the model also returns "pred_masks" [B, Q, H/4, W/4] logits and
-    the criterion adds `loss_mask` and `loss_dice`. Off: a detector exactly as without this option."""
-    freeze_detector: bool = True
-    """With masks: train only the mask head (`bbox_attention`, `mask_head`), the paper's recipe on top
-    of a trained detector; False trains detector and mask head jointly. Ignored without masks."""
-    scaled_mask_attention: bool = False
-    """Multiply the mask head's attention maps by the number of (head, position) cells they span, so
-    they average 1 instead of 1/cells. The official maps (one softmax over every head and position)
-    are about 1e-3 beside features of about 1, and the head learns to tell queries apart only after
-    a long plateau (dice loss 0.7 for 2,000 steps from scratch); scaled, it does from the first
-    hundreds of steps. Fast-convergence option (no new weights: official checkpoints load)."""
-    mask_loss_coef: float = 1.0
-    """Weight of the sigmoid focal loss on matched masks (`loss_mask`)."""
-    dice_loss_coef: float = 1.0
-    """Weight of the dice loss on matched masks (`loss_dice`)."""
+    # Optional parts (None: left out)
+    focal: FocalLoss | None = None
+    dense_head: DenseHead | None = None
+    two_stage: TwoStage | None = None
+    mask_head: MaskHead | None = None
+    semantic_head: SemanticHead | None = None
 
     def __post_init__(self) -> None:
+        for name, kind in PARTS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):  # from YAML or JSON
+                object.__setattr__(self, name, _part(kind, value, name))
+            elif value is not None and not isinstance(value, kind):
+                raise RaydetrError(f"invalid DETRConfig: {name} must be a {kind.__name__}, a mapping or None, "
+                                 f"got {value!r}")
         problems = self._problems()
         if problems:
-            raise ValueError("invalid DETRConfig: " + "; ".join(problems))
+            raise RaydetrError("invalid DETRConfig: " + "; ".join(problems))
+
+    @property
+    def masks(self) -> bool:
+        """Whether the model has the mask head."""
+        return self.mask_head is not None
 
     def _problems(self) -> list[str]:
         problems = []
@@ -193,20 +228,6 @@ class DETRConfig:
             problems.append(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
         if self.num_classes < 1:
             problems.append(f"num_classes must be >= 1 (largest category id + 1), got {self.num_classes}")
-        if self.encoder_aux_matches < 0:
-            problems.append(f"encoder_aux_matches must be >= 0, got {self.encoder_aux_matches}")
-        elif self.encoder_aux_matches and not self.focal_loss:
-            problems.append("encoder_aux_matches needs focal_loss=True (its many background cells need the focal loss)")
-        elif self.encoder_aux_matches and self.enc_layers == 0:
-            problems.append("encoder_aux_matches needs an encoder (enc_layers >= 1)")
-        if self.two_stage and not self.encoder_aux_matches:
-            problems.append("two_stage takes its queries from the dense encoder head: it needs encoder_aux_matches >= 1")
-        if not 0.0 <= self.proposal_nms < 1.0:
-            problems.append(f"proposal_nms is an IoU threshold in [0, 1), got {self.proposal_nms}")
-        elif self.proposal_nms and not self.two_stage:
-            problems.append("proposal_nms selects the two-stage proposals: it needs two_stage=True")
-        if self.proposal_nms_per_class and not self.proposal_nms:
-            problems.append("proposal_nms_per_class says how proposal_nms suppresses: it needs proposal_nms > 0")
         for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "num_queries"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -218,16 +239,26 @@ class DETRConfig:
             problems.append(f"hidden_dim must be even for the 2-D positional encoding, got {self.hidden_dim}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 < self.focal_alpha < 1.0 or self.focal_gamma < 0:
-            problems.append(f"focal_alpha must be in (0, 1) and focal_gamma >= 0, got {self.focal_alpha}, {self.focal_gamma}")
         if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
             problems.append("the matcher costs cannot all be 0")
-        if self.encoder_mask_assignment and not self.encoder_aux_matches:
-            problems.append("encoder_mask_assignment needs the dense head (encoder_aux_matches > 0)")
-        if self.semantic_loss_coef < 0:
-            problems.append(f"semantic_loss_coef must be >= 0, got {self.semantic_loss_coef}")
-        if self.proposal_content and not self.two_stage:
-            problems.append("proposal_content needs two_stage (the proposals whose features start the queries)")
+        if self.focal is not None and (not 0.0 < self.focal.alpha < 1.0 or self.focal.gamma < 0):
+            problems.append(f"focal alpha must be in (0, 1) and gamma >= 0, got {self.focal}")
+        if self.dense_head is not None:
+            if self.dense_head.matches < 1:
+                problems.append(f"dense_head.matches must be >= 1, got {self.dense_head.matches}")
+            if self.focal is None:
+                problems.append("dense_head needs focal (its many background cells need the focal loss)")
+            if self.enc_layers == 0:
+                problems.append("dense_head needs an encoder (enc_layers >= 1)")
+        if self.two_stage is not None:
+            if self.dense_head is None:
+                problems.append("two_stage takes its queries from the dense encoder head: it needs dense_head")
+            if not 0.0 <= self.two_stage.nms < 1.0:
+                problems.append(f"two_stage.nms is an IoU threshold in [0, 1), got {self.two_stage.nms}")
+            elif self.two_stage.nms_per_class and not self.two_stage.nms:
+                problems.append("two_stage.nms_per_class says how two_stage.nms suppresses: it needs nms > 0")
+        if self.semantic_head is not None and self.semantic_head.loss_coef <= 0:
+            problems.append(f"semantic_head.loss_coef must be > 0, got {self.semantic_head.loss_coef}")
         if self.masks and self.hidden_dim >= 1 and self.nheads >= 1:
             # The official mask head: GroupNorm(8) over hidden+nheads channels, then hidden/2 ... hidden/16.
             if (self.hidden_dim + self.nheads) % MASK_HEAD_GROUPS or self.hidden_dim % (16 * MASK_HEAD_GROUPS):
@@ -267,20 +298,23 @@ class DETRConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DETRConfig":
-        """Build from a mapping; unknown keys are an error naming them (typos must not pass silently).
-        Removed options (`RETIRED_OPTIONS`) are accepted while they hold their "off" value, so
-        checkpoints saved before their removal still load; switched on, they are an error."""
-        values = dict(values)
+        """Build from a mapping (parts as nested mappings); unknown keys are an error naming them (typos must
+        not pass silently). The flat layout of checkpoints saved before the parts were nested is read too
+        (`detr.legacy_config`); removed options (`RETIRED_OPTIONS`) are accepted while they hold their "off"
+        value, and switched on they are an error."""
+        from .legacy_config import nest_flat_options
+
+        values = nest_flat_options(values)
         for name, off in RETIRED_OPTIONS.items():
             if name in values:
                 value = values.pop(name)
                 if off is not None and value != off:
-                    raise ValueError(f"{name}={value!r} was removed from raydetr (see docs/experiments.md for what it "
+                    raise RaydetrError(f"{name}={value!r} was removed from raydetr (see docs/experiments.md for what it "
                                      f"measured and the commit that holds its code); this model cannot be built")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown DETRConfig field(s): {unknown}; known fields: {sorted(known)}")
+            raise RaydetrError(f"unknown DETRConfig field(s): {unknown}; known fields: {sorted(known)}")
         return cls(**dict(values))
 
     @classmethod
@@ -289,8 +323,16 @@ class DETRConfig:
         try:
             base = PRESETS[name]
         except KeyError:
-            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}") from None
+            raise RaydetrError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}") from None
         return base.replace(**overrides) if overrides else base
+
+
+def _part(kind: type, values: Mapping[str, Any], name: str) -> Any:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RaydetrError(f"invalid DETRConfig: unknown {name} field(s) {unknown}; known: {sorted(known)}")
+    return kind(**values)
 
 
 RETIRED_OPTIONS: dict[str, Any] = {
@@ -324,10 +366,10 @@ PRESETS: dict[str, DETRConfig] = {
         dec_layers=2,
         dim_feedforward=256,
         num_queries=20,
-        masks=True,
+        mask_head=MaskHead(),
     ),
 }
 """Named configurations: the paper's four COCO models, `tiny` for tests and `tiny_panoptic` (with masks)."""
 
-__all__ = ["DETRConfig", "PRESETS", "RESNET_CHANNELS", "RESNET_STAGE_CHANNELS", "BOTTLENECK_BACKBONES",
+__all__ = ["DETRConfig", "PRESETS", "PARTS", "FocalLoss", "DenseHead", "TwoStage", "MaskHead", "SemanticHead", "RESNET_CHANNELS", "RESNET_STAGE_CHANNELS", "BOTTLENECK_BACKBONES",
            "MASK_HEAD_GROUPS", "BACKBONE_NORMS"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
+from .errors import RaydetrError
 
 
 def ema_decay_at(decay: float, updates: int, warmup: float = 10.0) -> float:
@@ -23,7 +24,7 @@ def ema_model(model: nn.Module, decay: float, warmup: float = 10.0) -> AveragedM
     """A copy of `model` whose weights and buffers follow its exponential moving average; call
     `update_parameters(model)` after each optimiser step and read the average from `.module`."""
     if not 0.0 < decay < 1.0:
-        raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        raise RaydetrError(f"EMA decay must be in (0, 1), got {decay}")
 
     def average(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         d = ema_decay_at(decay, int(num_averaged), warmup)

@@ -15,11 +15,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import unwrap_model
 from .criterion import SetCriterion
 from .model import boxes_only
 from .optim import clip_gradients
 from .panoptic import PanopticPostProcess
-from .postprocess import Detections, PostProcess
+from .postprocess import Detections, PostProcess, scored_by_sigmoid
 
 Batch = tuple[Tensor, Tensor, Sequence[Mapping[str, Tensor]]]
 """(images [B,3,H,W], mask [B,H,W], targets) as the data pipeline's collate function produces."""
@@ -62,7 +63,7 @@ def train_step(
         sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with _autocast(device, autocast_dtype):
-                if "masks" in criterion.losses:
+                if criterion.computes_masks:
                     # The mask losses read only the matched queries' masks: compute only those.
                     outputs = model(images, mask, mask_queries=criterion.mask_query_selection(targets))
                 else:
@@ -93,7 +94,7 @@ def predict(
     Each target must carry "image_id" and "orig_size" (height, width), as the data
     pipeline's evaluation batches do.
     """
-    postprocess = postprocess or PostProcess()
+    postprocess = postprocess or PostProcess(sigmoid=scored_by_sigmoid(getattr(unwrap_model(model), "config", None)))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -121,7 +122,7 @@ def predict_panoptic(
 ) -> tuple[dict[int, Detections], dict[int, dict]]:
     """Detections (original pixels) and panoptic segmentations (at each image's processed "size") of a
     model with masks, keyed by image id; masks are computed only for the queries the merge can keep."""
-    postprocess = postprocess or PostProcess()
+    postprocess = postprocess or PostProcess(sigmoid=scored_by_sigmoid(getattr(unwrap_model(model), "config", None)))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

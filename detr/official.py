@@ -12,9 +12,8 @@ file has it, else from the paper's defaults: 8 attention heads, no dilation
 `dilation=True` for them).
 
 Panoptic checkpoints (the official `DETRsegm`) hold the detector's keys under
-`detr.`, then `bbox_attention.*` and `mask_head.*`. Our model with masks has the
-same keys without the `detr.` prefix, so loading strips it and exporting adds it
-back; the head count comes from the mask head's input width (hidden + heads).
+`detr.`, then `bbox_attention.*` and `mask_head.*`, as our `DETRsegm` does; the head
+count comes from the mask head's input width (hidden + heads).
 
 Files are read with `torch.load(weights_only=True)`; the only class allowed
 besides tensors and containers is `argparse.Namespace`, a plain attribute bag.
@@ -27,10 +26,12 @@ import re
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .config import DETRConfig
-from .model import DETR, NON_OFFICIAL_PREFIXES, TRAINING_ONLY_PREFIXES
+from .config import DETRConfig, MaskHead
+from .model import TRAINING_ONLY_PREFIXES, build_model
+from .weights import load_weights
+from .errors import RaydetrError
 
 _RESNET_BY_BLOCKS = {
     ((2, 2, 2, 2), False): "resnet18",
@@ -59,9 +60,9 @@ def read_official_file(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: cannot be read as a weights-only DETR checkpoint ({exc})") from exc
+        raise RaydetrError(f"{path}: cannot be read as a weights-only DETR checkpoint ({exc})") from exc
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+        raise RaydetrError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     return obj
 
 
@@ -75,16 +76,16 @@ def _state_dict_of(checkpoint: Mapping[str, Any], where: str) -> dict[str, Tenso
     if isinstance(state, Mapping) and is_panoptic_state(state):
         missing = [p for p in MASK_PREFIXES if not any(k.startswith(p) for k in state)]
         if missing:
-            raise ValueError(f"{where}: a panoptic DETR checkpoint (keys under 'detr.') without its mask head: "
+            raise RaydetrError(f"{where}: a panoptic DETR checkpoint (keys under 'detr.') without its mask head: "
                              f"no {', '.join(repr(p + '*') for p in missing)} keys")
         return dict(state)
     if not isinstance(state, Mapping) or "query_embed.weight" not in state:
         if isinstance(state, Mapping) and any(k.startswith(PANOPTIC_PREFIX) for k in state):
-            raise ValueError(
+            raise RaydetrError(
                 f"{where}: not a complete panoptic DETR checkpoint: keys start with 'detr.' but there is "
                 "no 'detr.query_embed.weight'"
             )
-        raise ValueError(
+        raise RaydetrError(
             f"{where}: not an official DETR checkpoint: expected a dict with a 'model' state dict "
             "holding 'query_embed.weight', 'class_embed.weight', 'backbone.0.body.*', 'transformer.*'"
         )
@@ -113,17 +114,18 @@ def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
         hidden = int(detector["query_embed.weight"].shape[1])
         # The mask head's first layer reads hidden + nheads channels (features and one map per head).
         nheads = int(state["mask_head.lay1.weight"].shape[1]) - hidden
-        config = infer_config(detector, **{"nheads": nheads, "masks": True, **fields})
+        head = {k: fields.pop(k) for k in ("mask_loss_coef", "dice_loss_coef") if k in fields}
+        config = infer_config(detector, **{"nheads": nheads, "mask_head": MaskHead(**head), **fields})
         fpn = tuple(int(state[f"mask_head.adapter{i}.weight"].shape[1]) for i in (1, 2, 3))
         if fpn != config.fpn_dims:
-            raise ValueError(f"the mask head's FPN adapters read {fpn} channels, but a {config.backbone} "
+            raise RaydetrError(f"the mask head's FPN adapters read {fpn} channels, but a {config.backbone} "
                              f"backbone gives {config.fpn_dims}")
         return config
     blocks = tuple(_layer_count(state, f"backbone.0.body.layer{i}.") for i in range(1, 5))
     bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state
     backbone = _RESNET_BY_BLOCKS.get((blocks, bottleneck))
     if backbone is None:
-        raise ValueError(f"unsupported backbone: {blocks} blocks per stage (bottleneck={bottleneck})")
+        raise RaydetrError(f"unsupported backbone: {blocks} blocks per stage (bottleneck={bottleneck})")
     queries, hidden = state["query_embed.weight"].shape
     enc_layers = _layer_count(state, "transformer.encoder.layers.")
     dec_layers = _layer_count(state, "transformer.decoder.layers.")
@@ -139,45 +141,39 @@ def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
         position_embedding="learned" if "backbone.1.row_embed.weight" in state else "sine",
         num_classes=int(state["class_embed.weight"].shape[0]) - 1,
     )
-    inferred.update(fields)
+    inferred.update({k: v for k, v in fields.items() if k not in ("mask_loss_coef", "dice_loss_coef")})
     return DETRConfig(**inferred)
+
+
+def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """`key` with the first matching prefix renamed, inside the panoptic `detr.` prefix if it has one."""
+    prefix = PANOPTIC_PREFIX if key.startswith(PANOPTIC_PREFIX) else ""
+    inner = key[len(prefix):]
+    for old, new in renames:
+        if inner.startswith(old):
+            return prefix + new + inner[len(old):]
+    return key
+
+
+def detector_key(key: str) -> str:
+    """A state-dict key without the panoptic `detr.` prefix (mask-head keys are returned as they are)."""
+    return key[len(PANOPTIC_PREFIX):] if key.startswith(PANOPTIC_PREFIX) else key
 
 
 def to_raydetr_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename official state-dict keys (detection or panoptic layout) to this library's module names."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.startswith(PANOPTIC_PREFIX):
-            key = key[len(PANOPTIC_PREFIX):]
-        for official, ours in _KEY_MAP:
-            if key.startswith(official):
-                key = ours + key[len(official):]
-                break
-        out[key] = value
-    return out
+    return {_rename(k, _KEY_MAP): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
 
 
-def official_state_dict(model: DETR) -> dict[str, Tensor]:
+def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's weights under the official key names (for tools built on the official repository):
     the detection layout, or for a model with masks the panoptic one (detector under `detr.`);
     training-only weights (see `TRAINING_ONLY_PREFIXES`) are left out."""
-    if getattr(model, "config", None) is not None and model.config.two_stage:
-        raise ValueError("a two_stage model takes its queries from its encoder: the official layout cannot hold it")
-    out = {}
-    panoptic = bool(getattr(model, "config", None) is not None and model.config.masks)
-    for key, value in model.state_dict().items():
-        if key.startswith(TRAINING_ONLY_PREFIXES):
-            continue
-        for official, ours in _KEY_MAP:
-            if key.startswith(ours):
-                key = official + key[len(ours):]
-                break
-        if panoptic and not key.startswith(MASK_PREFIXES):
-            key = PANOPTIC_PREFIX + key
-        out[key] = value.detach().cpu()
-    return out
+    if model.config.two_stage is not None:
+        raise RaydetrError("a two_stage model takes its queries from its encoder: the official layout cannot hold it")
+    back = tuple((ours, official) for official, ours in _KEY_MAP)
+    return {_rename(k, back): v.detach().cpu() for k, v in model.state_dict().items()
+            if not detector_key(k).startswith(TRAINING_ONLY_PREFIXES)}
 
 
 def from_official(
@@ -185,7 +181,7 @@ def from_official(
     dilation: bool | None = None,
     num_classes: int | None = None,
     **overrides: Any,
-) -> DETR:
+) -> nn.Module:
     """Build a DETR from an official checkpoint (a path, or the already loaded dict).
 
     `dilation`: True for the DC5 checkpoints (their keys equal the base model's);
@@ -211,24 +207,6 @@ def from_official(
     fields.update(overrides)
     config = infer_config(state, **fields)
     weights = to_raydetr_keys(state)
-    if num_classes is not None and num_classes != config.num_classes:
-        config = config.replace(num_classes=num_classes)
-        weights = {k: v for k, v in weights.items() if not k.startswith("class_embed.")}
-    if config.masks and not is_panoptic_state(state):
-        # A detection checkpoint under a model asked to have masks: the mask head starts fresh.
-        weights = {k: v for k, v in weights.items() if not k.startswith(MASK_PREFIXES)}
-    model = DETR(config)
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:
-        raise ValueError(f"{where}: weights do not fit the inferred model {config}: {exc}") from exc
-    # A fresh class head (new num_classes) and the fast-convergence options' weights start from scratch.
-    missing = [k for k in missing if not (k.startswith("class_embed.") and num_classes is not None)
-               and not (k.startswith(MASK_PREFIXES) and not is_panoptic_state(state))
-               and not k.startswith(NON_OFFICIAL_PREFIXES)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{where}: weights do not fit the inferred model {config}: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}"
-        )
-    return model.eval()
+    if num_classes is not None:
+        config = config.replace(num_classes=num_classes)  # another count: the class head starts fresh
+    return load_weights(build_model(config), weights, f"{where}: weights").eval()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from .errors import RaydetrError
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,13 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.lr_backbone < 0 or self.weight_decay < 0 or self.clip_max_norm < 0:
-            raise ValueError(f"invalid optimiser settings: {self}")
+            raise RaydetrError(f"invalid optimiser settings: {self}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0: {self}")
+            raise RaydetrError(f"warmup_steps must be >= 0: {self}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: no average): {self}")
+            raise RaydetrError(f"ema_decay must be in [0, 1) (0: no average): {self}")
         if self.lr_drop_epoch < 1 or not 0 < self.lr_drop_factor <= 1:
-            raise ValueError(f"lr_drop_epoch must be >= 1 and lr_drop_factor in (0, 1]: {self}")
+            raise RaydetrError(f"lr_drop_epoch must be >= 1 and lr_drop_factor in (0, 1]: {self}")
 
 
 def parameter_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[dict]:

@@ -1,6 +1,6 @@
 """From mask outputs to instance masks and panoptic segmentations, in tensor operations.
 
-`PanopticPostProcess(is_thing, threshold=0.85)` applies the paper's merge rules
+`PanopticPostProcess(is_thing, threshold=PANOPTIC_THRESHOLD)` (the paper's 0.85) applies the paper's merge rules
 (the official `PostProcessPanoptic`): drop "no object" and queries whose top
 probability (no-object included) is at most `threshold`; assign each pixel to the
 query whose mask wins the per-pixel softmax over the kept queries; merge the
@@ -21,9 +21,9 @@ segment; for a merged stuff segment, its first query) aligned with it.
 
 Padding. The official post-processing stretches the whole padded mask grid
 over each image, which misplaces the masks of images padded in a batch. When
-the outputs come from a padding-invariant model (`outputs["padding_invariant"]`)
+the outputs come from a padding-invariant model (`crop_padding=True`, see `mask_postprocess_options`)
 each image's own mask cells are used instead (`detr.segmentation.masks_to_image`);
-for an official-mode model, or `crop_padding=False`, the official geometry is kept.
+for an official-mode model (`crop_padding=False`) the official geometry is kept.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from .postprocess import class_probabilities
+from .config import PANOPTIC_THRESHOLD
+from .postprocess import class_probabilities, scored_by_sigmoid
 from .segmentation import masks_to_image
 
 SMALL_SEGMENT_AREA = 4
@@ -49,10 +50,10 @@ def _size_tuple(size: Any) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
-def _crop_padding(outputs: Mapping[str, Any], crop_padding: bool | None) -> bool:
-    if crop_padding is not None:
-        return crop_padding
-    return bool(outputs.get("padding_invariant", False))
+def mask_postprocess_options(config: Any) -> dict[str, bool]:
+    """How a model's mask outputs are read, from its config: scores by sigmoid (focal loss) or softmax, and
+    whether its masks ignore padding (a padding-invariant model: crop each image's own cells)."""
+    return {"sigmoid": scored_by_sigmoid(config), "crop_padding": bool(config.padding_invariant)}
 
 
 def nearest_indices(in_size: int, out_size: int, device: torch.device | None = None) -> Tensor:
@@ -78,8 +79,10 @@ def resize_nearest(labels: Tensor, size: Sequence[int]) -> Tensor:
 class PanopticPostProcess(nn.Module):
     """Model outputs with `pred_masks` -> per image `{"id_map", "segments_info", "scores", "queries"}`."""
 
-    def __init__(self, is_thing: Mapping[int, bool], threshold: float = 0.85, crop_padding: bool | None = None):
+    def __init__(self, is_thing: Mapping[int, bool], threshold: float = PANOPTIC_THRESHOLD, crop_padding: bool = False,
+                 sigmoid: bool = False):
         super().__init__()
+        self.sigmoid = sigmoid
         self.is_thing = {int(k): bool(v) for k, v in dict(is_thing).items()}
         self.threshold = float(threshold)
         self.crop_padding = crop_padding
@@ -92,8 +95,8 @@ class PanopticPostProcess(nn.Module):
     def queries_to_keep(self, outputs: Mapping[str, Tensor]) -> Tensor:
         """bool [B, Q]: the queries the merge can use (pass as the model's `mask_queries` to compute only them)."""
         logits = outputs["pred_logits"]
-        if outputs.get("sigmoid_scores", False):
-            return class_probabilities(outputs).max(-1).values > self.threshold
+        if self.sigmoid:
+            return class_probabilities(outputs, True).max(-1).values > self.threshold
         scores, labels = logits.float().softmax(-1).max(-1)
         return labels.ne(logits.shape[-1] - 1) & (scores > self.threshold)
 
@@ -112,9 +115,9 @@ class PanopticPostProcess(nn.Module):
         if not (len(logits) == len(masks) == len(processed_sizes) == len(target_sizes)):
             raise ValueError(f"{len(processed_sizes)} processed and {len(target_sizes)} target sizes for a batch "
                              f"of {len(logits)} images")
-        crop = _crop_padding(outputs, self.crop_padding)
+        crop = self.crop_padding
         keep_all = self.queries_to_keep(outputs)
-        probabilities = class_probabilities(outputs)
+        probabilities = class_probabilities(outputs, self.sigmoid)
         return [
             self._one(prob, mk, keep, _size_tuple(size), _size_tuple(target), crop)
             for prob, mk, keep, size, target in zip(probabilities, masks, keep_all, processed_sizes, target_sizes)
@@ -171,8 +174,9 @@ class InstanceMaskPostProcess(nn.Module):
     """
 
     def __init__(self, mask_threshold: float = 0.5, score_threshold: float | None = None, top_k: int | None = None,
-                 crop_padding: bool | None = None):
+                 crop_padding: bool = False, sigmoid: bool = False):
         super().__init__()
+        self.sigmoid = sigmoid
         self.mask_threshold = float(mask_threshold)
         self.score_threshold = score_threshold
         self.top_k = top_k
@@ -181,7 +185,7 @@ class InstanceMaskPostProcess(nn.Module):
     @torch.no_grad()
     def queries_to_keep(self, outputs: Mapping[str, Tensor]) -> Tensor:
         """bool [B, Q]: the queries this post-processing returns (the model's `mask_queries`)."""
-        scores = class_probabilities(outputs).max(-1).values
+        scores = class_probabilities(outputs, self.sigmoid).max(-1).values
         keep = torch.ones_like(scores, dtype=torch.bool)
         if self.score_threshold is not None:
             keep &= scores > self.score_threshold
@@ -206,8 +210,8 @@ class InstanceMaskPostProcess(nn.Module):
         targets = [_size_tuple(s) for s in target_sizes]
         if not (len(logits) == len(sizes) == len(targets)):
             raise ValueError(f"{len(sizes)} processed and {len(targets)} target sizes for a batch of {len(logits)}")
-        crop = _crop_padding(outputs, self.crop_padding)
-        scores, labels = class_probabilities(outputs).max(-1)
+        crop = self.crop_padding
+        scores, labels = class_probabilities(outputs, self.sigmoid).max(-1)
         keep = self.queries_to_keep(outputs)
         max_size = (max(s[0] for s in sizes), max(s[1] for s in sizes))
         results = []

@@ -1,7 +1,7 @@
 """From raw model outputs to detections in pixel coordinates.
 
 Scores are the softmax probabilities without the no-object class (or, for a
-model trained with the focal loss, whose outputs carry `"sigmoid_scores": True`,
+model trained with the focal loss, `sigmoid=True`: see `scored_by_sigmoid`,
 the sigmoid of each real class's logit). A softmax query's label is its most
 probable real class, as in the official code. Sigmoid scores are independent per
 class, so, as Deformable DETR and its successors do, a detection is a (query,
@@ -15,12 +15,13 @@ the list for labelling and display.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
+from .errors import RaydetrError
 
 Detections = dict[str, Tensor]
 """Per image: "scores" [N] float, "labels" [N] int64, "boxes" [N,4] float xyxy in pixels."""
@@ -33,11 +34,17 @@ def _as_size_tensor(target_sizes: Tensor | Sequence[Sequence[int]], device: torc
     return sizes
 
 
-def class_probabilities(outputs: Mapping[str, Tensor]) -> Tensor:
+def scored_by_sigmoid(config: Any) -> bool:
+    """Whether a model's classes are scored by sigmoids (trained with the focal loss) rather than a softmax:
+    what every post-processing of its outputs is told (`sigmoid=`)."""
+    return getattr(config, "focal", None) is not None
+
+
+def class_probabilities(outputs: Mapping[str, Tensor], sigmoid: bool = False) -> Tensor:
     """[B, Q, num_classes] probabilities of the real classes: the softmax without "no object", or for
-    a model trained with the focal loss (its outputs say `"sigmoid_scores": True`) the sigmoids."""
+    a model trained with the focal loss (`sigmoid`) the sigmoids."""
     logits = outputs["pred_logits"].float()
-    if outputs.get("sigmoid_scores", False):
+    if sigmoid:
         return logits[..., :-1].sigmoid()
     return F.softmax(logits, -1)[..., :-1]
 
@@ -46,12 +53,13 @@ class PostProcess(nn.Module):
     """Turns `pred_logits`/`pred_boxes` into per-image scores, labels and pixel xyxy boxes."""
 
     def __init__(self, score_threshold: float | None = None, top_k: int | None = None,
-                 max_detections: int = 100) -> None:
+                 max_detections: int = 100, sigmoid: bool = False) -> None:
         super().__init__()
+        self.sigmoid = sigmoid
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise RaydetrError(f"top_k must be >= 1, got {top_k}")
         if max_detections < 1:
-            raise ValueError(f"max_detections must be >= 1, got {max_detections}")
+            raise RaydetrError(f"max_detections must be >= 1, got {max_detections}")
         self.score_threshold = score_threshold
         self.top_k = top_k
         self.max_detections = max_detections  # (query, class) pairs kept per image, sigmoid scores only
@@ -64,8 +72,8 @@ class PostProcess(nn.Module):
         sizes = _as_size_tensor(target_sizes, logits.device)
         if len(sizes) != len(logits):
             raise ValueError(f"{len(sizes)} target sizes for a batch of {len(logits)} images")
-        prob = class_probabilities(outputs)
-        if outputs.get("sigmoid_scores", False):
+        prob = class_probabilities(outputs, self.sigmoid)
+        if self.sigmoid:
             classes = prob.shape[-1]
             scores, pairs = prob.flatten(1).topk(min(self.max_detections, prob.shape[1] * classes), dim=1)
             labels = pairs % classes

@@ -1,9 +1,12 @@
 """The paper's mask head (section 4.4) and the mask losses.
 
+`DETRsegm` wraps a detector as the official code does (its keys under `detr.`, then `bbox_attention.*`
+and `mask_head.*`: the official panoptic layout) and adds "pred_masks" [B, Q, H/4, W/4] to its outputs.
+
 For every object query, `MHAttentionMap` computes multi-head attention weights
 of the last decoder output over the encoder memory (weights only, no values;
 padding masked out; as in the official code, one softmax spans all heads and
-positions; `scaled_mask_attention` rescales them to average 1). `MaskHeadSmallConv` concatenates those maps with the projected
+positions; `MaskHead.scaled_attention` rescales them to average 1). `MaskHeadSmallConv` concatenates those maps with the projected
 stride-32 features and upsamples them through GroupNorm convolutions, adding
 the backbone's stride-16, stride-8 and stride-4 features (FPN adapters whose
 widths follow the backbone: 1024/512/256 for ResNet-50/101, 256/128/64 for
@@ -33,13 +36,72 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from .config import MASK_HEAD_GROUPS
+from .config import MASK_HEAD_GROUPS, DETRConfig
+from .model import DETR, InferenceGuard, MaskQueries
 
 MASK_STRIDE = 4
 """`pred_masks` has one cell per 4x4 input pixels."""
 
 UNCOMPUTED_MASK_LOGIT = -1.0e4
-"""The value of `pred_masks` entries of queries whose masks were not computed (see `DETR.forward`)."""
+"""The value of `pred_masks` entries of queries whose masks were not computed (see `DETRsegm.forward`)."""
+
+
+class DETRsegm(InferenceGuard):
+    """A detector with the mask head.
+
+    `model(images, mask, mask_queries=...)` computes masks only for some queries, the expensive part of
+    the head being per query: a bool tensor [B, Q], or a callable that receives the detection outputs and
+    returns one (e.g. the queries that survive a score threshold, or those the matcher assigns to targets;
+    `detr.boxes_only`: none). The selected masks equal those computed for all queries; the others hold
+    `UNCOMPUTED_MASK_LOGIT`, and the outputs carry the selection as `"mask_queries"`.
+
+    With a padding-invariant detector the head is padding-invariant too (see the module docstring).
+    """
+
+    MASK_MODULES = ("bbox_attention.", "mask_head.")
+    """Name prefixes of the mask head's parameters."""
+
+    def __init__(self, detr: DETR, config: DETRConfig) -> None:
+        super().__init__()
+        head = config.mask_head
+        self.detr = detr
+        self.bbox_attention = MHAttentionMap(config.hidden_dim, config.hidden_dim, config.nheads, dropout=0.0,
+                                             scaled=head.scaled_attention)
+        self.mask_head = MaskHeadSmallConv(config.hidden_dim + config.nheads, config.fpn_dims, config.hidden_dim)
+        self.fpn_stages = config.fpn_stage_indices
+        self.padding_invariant = config.padding_invariant
+        self.config = config
+        if head.freeze_detector:
+            self.detr.requires_grad_(False)  # the paper: the mask head trains on a trained detector
+
+    @property
+    def num_queries(self) -> int:
+        return self.detr.num_queries
+
+    def forward(self, images: Tensor, mask: Tensor, mask_queries: MaskQueries = None) -> dict:
+        out, seen = self.detr.forward_features(images, mask)
+        queries = seen.decoded.shape[:2]
+        selected = None if mask_queries is None else torch.as_tensor(
+            mask_queries(out) if callable(mask_queries) else mask_queries, dtype=torch.bool, device=images.device)
+        if selected is not None and selected.shape != queries:
+            raise ValueError(f"mask_queries must be a bool [B, Q] = {list(queries)} selection, "
+                             f"got shape {tuple(selected.shape)}")
+        valid = None
+        if self.padding_invariant and bool(mask.any()):
+            stages = [seen.masks[-1]] + [seen.masks[i] for i in self.fpn_stages]
+            valid = [(~m)[:, None].to(seen.src_proj.dtype) for m in stages]
+        rows, cols = (torch.ones(queries, dtype=torch.bool, device=images.device) if selected is None
+                      else selected).nonzero(as_tuple=True)
+        pred_masks = seen.src_proj.new_full((*queries, *seen.features[0].shape[-2:]), UNCOMPUTED_MASK_LOGIT)
+        if len(rows):  # none selected (`boxes_only`): the head, attention maps included, does not run
+            attention = self.bbox_attention(seen.decoded, seen.memory, mask=seen.masks[-1])
+            fpns = [seen.features[i] for i in self.fpn_stages]
+            logits = self.mask_head(seen.src_proj, attention[rows, cols], fpns, rows, valid)
+            pred_masks = pred_masks.index_put((rows, cols), logits[:, 0])
+        out["pred_masks"] = pred_masks
+        if selected is not None:
+            out["mask_queries"] = selected
+        return out
 
 
 class MHAttentionMap(nn.Module):

@@ -1,10 +1,8 @@
 """Per-cell semantic supervision of the encoder: every cell learns the class of the segment under it.
 
 DETR's losses reach a stuff region through one query and, with the dense head, a few of its
-cells. After 15 minutes from scratch the panoptic benchmark's dense encoder head gave the right
-class to 49% of the cells of its noise texture and 51% of its gradient (two smooth textures),
-while the same backbone stages trained on every cell's texture class alone reach 97% in 1,000 steps. This auxiliary loss
-(`DETRConfig.semantic_loss_coef`, training only, as Panoptic FPN's semantic branch) gives
+cells, so textures separate slowly (what the panoptic benchmark measured: docs/panoptic.md). This auxiliary loss
+(`DETRConfig.semantic_head`, training only, as Panoptic FPN's semantic branch) gives
 every cell that signal: a linear head on the encoder memory, cross-entropy against the class
 of the segment covering the cell's centre (`detr.mask_assignment.covered_cells`: the smallest
 segment where several overlap), averaged over the labelled cells of the whole batch (across
@@ -16,7 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .distributed import all_reduce_mean
 from .mask_assignment import covered_cells
@@ -51,3 +49,17 @@ def semantic_cell_loss(semantic: Mapping, targets: Sequence[Mapping[str, Tensor]
     # Every worker takes part in the all-reduce, labelled cells or not.
     mean_count = all_reduce_mean(torch.tensor([float(count)], device=logits.device))[0]
     return total / mean_count.clamp(min=1.0)
+
+
+class SemanticHead(nn.Module):
+    """A linear classifier over the encoder memory: logits [B, H*W, num_classes] of every cell (training only),
+    with the cells' `grid` and `stride` that `semantic_cell_loss` labels them by."""
+
+    def __init__(self, hidden_dim: int, num_classes: int, stride: int) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(hidden_dim, num_classes)
+        self.stride = stride
+
+    def forward(self, memory: Tensor) -> dict:
+        return {"logits": self.classifier(memory.flatten(2).transpose(1, 2)), "grid": tuple(memory.shape[-2:]),
+                "stride": self.stride}

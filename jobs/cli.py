@@ -15,6 +15,9 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
+from detr.errors import RaydetrError
+
+
 # name -> (module, one-line help). The order is the order `detr --help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the end-to-end demo: data, training, evaluation, promotion, labelling"),
@@ -46,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that mean "the input or the environment is wrong": shown as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, LookupError)
+# Errors that mean "the input or the environment is wrong": shown as one line, not a traceback. Anything
+# else (a KeyError, an IndexError, a ValueError the project did not raise on purpose) is a bug: traceback.
+USER_ERRORS = (RaydetrError, FileNotFoundError, PermissionError)
 
 
 def split_passthrough(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:

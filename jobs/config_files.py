@@ -19,8 +19,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from detr.errors import RaydetrError
 
-class ConfigError(ValueError):
+
+
+class ConfigError(RaydetrError):
     """A configuration file or override that cannot be used, with the offending path in the message."""
 
 

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from detr.config import PANOPTIC_THRESHOLD
+from detr.errors import RaydetrError
 from jobs.cli import module_main
 from pipelines.cluster import connect
 
@@ -55,7 +58,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     parser.add_argument("--task", choices=TASKS, default="detection",
                         help="detection: box AP; panoptic: PQ/SQ/RQ and mask AP (a model with masks, COCO panoptic data)")
-    parser.add_argument("--panoptic-threshold", type=float, default=0.85,
+    parser.add_argument("--panoptic-threshold", type=float, default=PANOPTIC_THRESHOLD,
                         help="panoptic: keep queries whose top probability exceeds this (the paper's 0.85)")
 
 
@@ -92,10 +95,9 @@ class EvalPredictor:
     """Ray Data actor: loads the model once, turns evaluation sample batches into detections."""
 
     def __init__(self, checkpoint, mean: tuple, std: tuple, threads: int = 1) -> None:
-        from detr import PostProcess
-
-        self.model = _load_detector(checkpoint, threads).model
-        self.postprocess = PostProcess()
+        detector = _load_detector(checkpoint, threads)
+        self.model = detector.model
+        self.postprocess = detector.postprocess()
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, batch: dict) -> dict:
@@ -129,12 +131,11 @@ class PanopticPredictor:
 
     def __init__(self, checkpoint, mean: tuple, std: tuple, is_thing: dict, threshold: float,
                  threads: int = 1) -> None:
-        from detr import InstanceMaskPostProcess, PanopticPostProcess
-
-        self.model = _load_detector(checkpoint, threads).model
+        detector = _load_detector(checkpoint, threads)
+        self.model = detector.model
         self.is_thing = {int(k): bool(v) for k, v in is_thing.items()}
-        self.panoptic = PanopticPostProcess(self.is_thing, threshold)
-        self.instances = InstanceMaskPostProcess()
+        self.panoptic = detector.panoptic_postprocess(self.is_thing, threshold)
+        self.instances = detector.instance_postprocess()
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, batch: dict) -> dict:
@@ -218,7 +219,7 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
     run = TrackedRun.start(tracking_uri, experiment, f"eval-{model.name}-v{model.version or 'file'}", tags=tags)
     run.log_params({"model": model.uri, "data": data, "dataset_digest": result.digest, "images": result.images})
     names = {int(c["id"]): str(c["name"]) for c in result.categories}
-    per_class_metrics = {f"AP_class/{names.get(k, k)}": v for k, v in result.per_class.items() if v == v}
+    per_class_metrics = {f"AP_class/{names.get(k, k)}": v for k, v in result.per_class.items() if not math.isnan(v)}
     run.log_metrics({**result.metrics, **per_class_metrics}, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         table = os.path.join(tmp, "per_class_ap.csv")
@@ -253,11 +254,11 @@ def evaluate(
     reuse: bool = True,
     address: str | None = None,
     task: str = "detection",
-    panoptic_threshold: float = 0.85,
+    panoptic_threshold: float = PANOPTIC_THRESHOLD,
 ) -> EvalResult:
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+        raise RaydetrError(f"unknown task {task!r}; choose from {TASKS}")
     from ray.data import ActorPoolStrategy
 
     import ray
@@ -274,13 +275,13 @@ def evaluate(
         ensure_tracking_available(uri)
     loaded = load_model(model_spec, uri)
     if task == "panoptic" and not loaded.masks:
-        raise ValueError(f"--task panoptic needs a model with masks; {model_spec} has none (DETRConfig.masks)")
+        raise RaydetrError(f"--task panoptic needs a model with masks; {model_spec} has none (DETRConfig.masks)")
     model = loaded.resolved
     source = open_source(data, images=images)
     connect(address)
     digest = dataset_digest(source)
     if task == "panoptic" and not source.is_panoptic:
-        raise ValueError(f"{data}: --task panoptic needs a COCO panoptic dataset (a JSON with segments_info)")
+        raise RaydetrError(f"{data}: --task panoptic needs a COCO panoptic dataset (a JSON with segments_info)")
     if reuse and log_to_mlflow and model.version:
         previous = find_evaluation(uri, model.name, model.version, digest.digest, task)
         if previous is not None:
@@ -396,7 +397,7 @@ def _log_panoptic_evaluation(tracking_uri: str, experiment: str, model, data: st
                     "task": "panoptic"})
     names = {int(c["id"]): str(c["name"]) for c in result.categories}
     per_class = {f"PQ_class/{names.get(k, k)}": v["PQ"] for k, v in result.per_class_panoptic.items()}
-    run.log_metrics({k: v for k, v in {**result.metrics, **per_class}.items() if v == v}, step=0)
+    run.log_metrics({k: v for k, v in {**result.metrics, **per_class}.items() if not math.isnan(v)}, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         table = os.path.join(tmp, "per_class_pq.csv")
         things = {int(c["id"]): bool(c.get("isthing", 1)) for c in result.categories}

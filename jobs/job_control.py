@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detr.errors import RaydetrError
 from jobs.cli import module_main
 
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{job.submission_id or job.job_id:<28} {job.status.value:<10} {job.entrypoint}")
         return 0
     if not args.job_id:
-        raise ValueError(f"`detr jobs {args.action}` needs a JOB_ID")
+        raise RaydetrError(f"`detr jobs {args.action}` needs a JOB_ID")
     if args.action == "status":
         info = client.get_job_info(args.job_id)
         print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))

@@ -35,6 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from detr.errors import RaydetrError
 from jobs.cli import module_main
 from pipelines.labelling.options import PRECISIONS, LabelOptions
 
@@ -122,10 +123,10 @@ class LabelResult:
 def check_task(options: LabelOptions, loaded: LoadedModel, spec: str, coco_panoptic_json: str | None) -> None:
     """Refuse, before any work, a panoptic task without a mask head, or a panoptic export without the task."""
     if options.task == "panoptic" and not loaded.masks:
-        raise ValueError(f"--task panoptic needs a model with a mask head; {spec} has none (DETRConfig.masks is "
+        raise RaydetrError(f"--task panoptic needs a model with a mask head; {spec} has none (DETRConfig.masks is "
                          "false): label it with --task detection, or use a panoptic model")
     if coco_panoptic_json and options.task != "panoptic":
-        raise ValueError("--coco-panoptic-json needs --task panoptic")
+        raise RaydetrError("--coco-panoptic-json needs --task panoptic")
 
 
 def _gpus_per_actor(configured: float | None) -> float:

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from detr.config import PANOPTIC_THRESHOLD
+
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_detector.py")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 CODE_PATHS = [PACKAGE_ROOT / "detr", PACKAGE_ROOT / "pipelines"]
@@ -42,7 +44,7 @@ def signature(panoptic: bool = False):
     ])
     params = [ParamSpec("score_threshold", DataType.double, 0.5), ParamSpec("top_k", DataType.long, 100)]
     if panoptic:
-        params.append(ParamSpec("panoptic_threshold", DataType.double, 0.85))
+        params.append(ParamSpec("panoptic_threshold", DataType.double, PANOPTIC_THRESHOLD))
     params = ParamSchema(params)
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from detr.errors import RaydetrError
 from jobs.cli import module_main
 
 
@@ -104,7 +105,7 @@ def promote(
     common = dict(images=images, batch_size=batch_size, concurrency=concurrency, tracking_uri=uri, address=address)
     cand_eval = evaluate(f"models:/{name}/{candidate}", data, **common)
     if metric not in cand_eval.metrics:
-        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(cand_eval.metrics)}")
+        raise RaydetrError(f"unknown metric {metric!r}; choose from {sorted(cand_eval.metrics)}")
     holder_value = None
     if holder_version is not None and holder_version != str(candidate):
         holder_value = evaluate(f"models:/{name}/{holder_version}", data, **common).metrics[metric]

@@ -9,7 +9,7 @@ back). Params: `score_threshold` (default 0.5) and `top_k` (default 100).
 A model with masks (panoptic) also returns `segments`: a JSON list per image of
 {"id", "category_id", "label_name", "isthing", "area", "score", "bbox", "rle"}
 (COCO RLE of the segment's pixels), from the panoptic merge with param
-`panoptic_threshold` (default 0.85); the boxes come from the same forward pass.
+`panoptic_threshold` (default the paper's 0.85, `detr.config.PANOPTIC_THRESHOLD`); the boxes come from the same forward pass.
 MLflow executes this file when it loads the model; the weights, categories and
 preprocessing come from the raydetr checkpoint logged with it as an artifact.
 """
@@ -19,6 +19,9 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+
+from detr.config import PANOPTIC_THRESHOLD
+from detr.errors import RaydetrError
 
 
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
@@ -53,12 +56,12 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
             try:
                 if data is None or (isinstance(data, float) and pd.isna(data)):
                     if not isinstance(path, str) or not path:
-                        raise ValueError("row has neither an `image` (bytes) nor a `path`")
+                        raise RaydetrError("row has neither an `image` (bytes) nor a `path`")
                     data = read_bytes(path)
                 decoded = decode_image(bytes(data), path if isinstance(path, str) else "")
                 if panoptic:
                     result = segment_images(self.detector, [decoded.array],
-                                            float(params.get("panoptic_threshold", 0.85)))[0]
+                                            float(params.get("panoptic_threshold", PANOPTIC_THRESHOLD)))[0]
                     det = result["detections"]
                     out["segments"] = json.dumps(result["segments"])
                 else:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+from detr.errors import RaydetrError
+
 HISTORY_TAG = "raydetr.alias_history.{alias}"
 DECISION_PREFIX = "raydetr.promotion.{alias}."
 
@@ -55,12 +57,12 @@ def roll_back_alias(client, name: str, alias: str) -> tuple[str, str]:
     """Point `alias` back at its previous holder; returns (from version, to version)."""
     holder = alias_holder(client, name, alias)
     if holder is None:
-        raise ValueError(f"registered model {name!r} has no alias {alias!r} to roll back")
+        raise RaydetrError(f"registered model {name!r} has no alias {alias!r} to roll back")
     history = alias_history(client, name, alias)
     if not history or history[-1] != str(holder.version):
         history.append(str(holder.version))
     if len(history) < 2:
-        raise ValueError(f"alias {alias!r} of {name!r} has no previous holder (history: {history})")
+        raise RaydetrError(f"alias {alias!r} of {name!r} has no previous holder (history: {history})")
     current = history.pop()
     previous = history[-1]
     client.set_registered_model_alias(name, alias, previous)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from detr.errors import RaydetrError
 from jobs.cli import module_main
 from pipelines.cluster import connect, restore_working_directory
 
@@ -71,19 +73,14 @@ def _mlflow_run(config, tracking_uri: str, run_dir: str):
     return run, False
 
 
-def _init_state(spec: str | None, model_config, tracking_uri: str) -> dict | None:
-    """Weights to start from, with the class head dropped when the class count differs."""
+def _init_state(spec: str | None, tracking_uri: str) -> dict | None:
+    """The weights to start from, as saved (the workers fit them to their model: `detr.weights`)."""
     if not spec:
         return None
     from jobs.model_sources import load_resolved, resolve_model
 
     model, _ = load_resolved(resolve_model(spec, tracking_uri))
-    state = model.state_dict()
-    if model.config.num_classes != model_config.num_classes:
-        state = {k: v for k, v in state.items() if not k.startswith("class_embed.")}
-    if not model_config.masks:  # a panoptic model's detector alone
-        state = {k: v for k, v in state.items() if not k.startswith(model.MASK_MODULES)}
-    return state
+    return model.state_dict()
 
 
 def _use_gpu(config) -> bool:
@@ -163,7 +160,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     connect(address)
     blind = nodes_that_cannot_see(config.storage.path)
     if blind:
-        raise ValueError(f"storage.path {config.storage.path} is a folder that {len(blind)} of the cluster's nodes "
+        raise RaydetrError(f"storage.path {config.storage.path} is a folder that {len(blind)} of the cluster's nodes "
                          f"cannot see ({', '.join(blind)}): checkpoints written there would be lost. Use an object "
                          "store (s3://..., gs://...) or a file system mounted at the same path on every node")
 
@@ -186,7 +183,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     print(f"MLflow run {run.run_id} ({'resumed' if resumed else 'new'}) at {tracking_uri}", flush=True)
     plain = to_plain(config)
     run.log_params({**{f"job.{k}": v for k, v in flatten(plain).items()},
-                    **{f"model.{k}": v for k, v in model_config.to_dict().items()}})
+                    **{f"model.{k}": v for k, v in flatten(model_config.to_dict()).items()}})
     with tempfile.TemporaryDirectory() as tmp:
         config_path = os.path.join(tmp, "train_config.yaml")
         with open(config_path, "w") as f:
@@ -205,7 +202,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         "metadata": metadata,
         "tracking_uri": tracking_uri,
         "run_id": run.run_id,
-        "init_state": _init_state(config.init_from, model_config, tracking_uri),
+        "init_state": _init_state(config.init_from, tracking_uri),
         "pid_dir": pid_dir,
     }
     trainer = TorchTrainer(
@@ -247,7 +244,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
             run.log_artifact(write_errors_table(errors, os.path.join(tmp, "errors.parquet")), "data")
             print(f"{len(errors)} bad records quarantined in {table}", flush=True)
         tags = {"raydetr.train_run_id": run.run_id, "raydetr.train_source": config.data.train,
-                **{f"raydetr.{k}": v for k, v in best_metrics.items() if k.startswith("val_") and v == v}}
+                **{f"raydetr.{k}": v for k, v in best_metrics.items() if k.startswith("val_") and not math.isnan(v)}}
         info = log_detector_model(tracking_uri, run.run_id, model_path,
                                   registered_model_name=config.tracking.registered_model, tags=tags)
         _log_detection_images(run, model_path, config.data.val, config.data.val_images,
@@ -267,10 +264,10 @@ def run(args: argparse.Namespace) -> int:
     result = train(config, address=args.address)
     ap = result.metrics.get("val_AP")
     print(f"training finished: MLflow run {result.run_id}; best checkpoint {result.checkpoint_dir}")
-    if ap is not None and ap == ap:
+    if ap is not None and not math.isnan(ap):
         print(f"validation AP {ap:.4f}, AP50 {result.metrics.get('val_AP50', float('nan')):.4f}")
     pq = result.metrics.get("val_PQ")
-    if pq is not None and pq == pq:
+    if pq is not None and not math.isnan(pq):
         print(f"validation PQ {pq:.4f} (things {result.metrics.get('val_PQ_th', float('nan')):.4f}, "
               f"stuff {result.metrics.get('val_PQ_st', float('nan')):.4f})")
     print(f"model: {result.model_uri}" + (f" (registered version {result.registered_version})"

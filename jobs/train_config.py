@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from detr.config import DETRConfig
+from detr.errors import RaydetrError
 from detr.optim import OptimizerConfig
 from jobs.recipes import apply_recipe
 from jobs.config_files import ConfigError, unknown_key_error, apply_overrides, build_dataclass, read_config_file
@@ -50,7 +51,7 @@ class DataSection:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("batch sizes must be >= 1")
+            raise RaydetrError("batch sizes must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class ScheduleSection:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.eval_every < 1 or self.grad_accum_steps < 1 or self.log_every_steps < 1:
-            raise ValueError("epochs, eval_every, grad_accum_steps and log_every_steps must be >= 1")
+            raise RaydetrError("epochs, eval_every, grad_accum_steps and log_every_steps must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ step they agree (one all-reduce) to stop as soon as any of them runs out.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -30,11 +31,11 @@ import torch.distributed as dist
 
 from detr import SetCriterion, build_model, save_checkpoint
 from detr.checkpoint import unwrap_model
-from detr.config import DETRConfig
+from detr.config import PANOPTIC_THRESHOLD, DETRConfig
 from detr.ema import ema_model
 from detr.engine import predict, predict_panoptic, train_step
 from detr.evaluation import coco_ground_truth, evaluate_coco
-from detr.model import NON_OFFICIAL_PREFIXES
+from detr.weights import load_weights
 from detr.optim import build_lr_scheduler, build_optimizer, build_warmup_scheduler
 from jobs.config_files import build_dataclass
 from jobs.train_config import TrainJobConfig
@@ -147,12 +148,7 @@ class Trainer:
 
         model = build_model(self.model_config)
         if loop_config.get("init_state") is not None:
-            missing, unexpected = model.load_state_dict(loop_config["init_state"], strict=False)
-            # A new class head, a mask head on top of a detector and the fast-convergence options'
-            # heads (absent from official checkpoints) start fresh.
-            fresh = ("class_embed.",) + (model.MASK_MODULES if self.model_config.masks else ()) + NON_OFFICIAL_PREFIXES
-            if unexpected or any(not k.startswith(fresh) for k in missing):
-                raise ValueError(f"init_from weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            load_weights(model, loop_config["init_state"], "init_from weights")
         self.model = ray.train.torch.prepare_model(model)
         self.criterion = SetCriterion.from_config(self.model_config).to(self.device)
         self.optimizer = build_optimizer(unwrap_model(self.model), self.job.optimizer)
@@ -323,12 +319,12 @@ class Trainer:
 
     def _panoptic_validation(self, batches) -> tuple[dict, dict[str, float]]:
         """Detections, and PQ over all workers' validation images (torchmetrics' counts summed across workers)."""
-        from detr import PanopticPostProcess
+        from detr import PanopticPostProcess, mask_postprocess_options
         from detr.panoptic_evaluation import PanopticEvaluator
 
         categories = self.metadata.get("categories") or []
         is_thing = {int(c["id"]): bool(c.get("isthing", 1)) for c in categories}
-        threshold = float(self.metadata.get("panoptic_threshold", 0.85))
+        threshold = float(self.metadata.get("panoptic_threshold", PANOPTIC_THRESHOLD))
         seen: list[dict] = []
 
         def keeping(batches):
@@ -337,7 +333,8 @@ class Trainer:
                 yield batch
 
         detections, segmentations = predict_panoptic(self.eval_model, keeping(batches),
-                                                     PanopticPostProcess(is_thing, threshold),
+                                                     PanopticPostProcess(is_thing, threshold,
+                                                                         **mask_postprocess_options(self.model_config)),
                                                      autocast_dtype=self.autocast)
         evaluator = PanopticEvaluator(categories or [{"id": i, "isthing": 1}
                                                      for i in range(self.model_config.num_classes)])
@@ -395,7 +392,7 @@ class Trainer:
             return
         rows = [(step, row) for step, row in self._step_rows if step > self.logged_until["step"]]
         if epoch > self.logged_until["epoch"]:
-            clean = {k: v for k, v in metrics.items() if v == v}  # NaN: not validated this epoch
+            clean = {k: v for k, v in metrics.items() if not math.isnan(v)}  # NaN: not validated this epoch
             rows.append((epoch, clean))
         self.run.log_metric_history(rows)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from detr.errors import RaydetrError
 from pipelines import storage
 from pipelines.errors import ErrorRecord, write_errors_table
 from pipelines.sources.voc import voc_to_coco
@@ -25,7 +26,7 @@ def convert(fmt: str, source: str, out_json: str, classes: str | None = None) ->
         names = None if classes is None else [n.strip() for n in storage.read_text(classes).splitlines() if n.strip()]
         coco, errors = voc_to_coco(source, names)
     else:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise RaydetrError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     storage.write_bytes_atomic(out_json, json.dumps(coco).encode())
     write_errors_table(errors, errors_path_for(out_json))
     return coco, errors

@@ -21,9 +21,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from detr import DETR, PostProcess, boxes_only, forward_inference, inference_model, pad_images
+from detr import (InstanceMaskPostProcess, PanopticPostProcess, PostProcess, boxes_only, forward_inference,
+                  inference_model, mask_postprocess_options, pad_images, scored_by_sigmoid)
 from detr.checkpoint import is_raydetr_checkpoint, load_checkpoint, read_checkpoint_file
 from detr.coco_categories import coco_category_list
+from detr.errors import RaydetrError
 from detr.official import from_official
 from detr.postprocess import Detections
 from pipelines.transforms import TransformsConfig, apply_transform, build_eval_transform, normalize_image
@@ -65,7 +67,7 @@ class EvalPreprocessing:
 class Detector:
     """Model + evaluation preprocessing + post-processing + category names."""
 
-    model: DETR
+    model: torch.nn.Module  # a DETR, or one inside DETRsegm (masks)
     transforms: TransformsConfig
     categories: list[dict] | None = None
     score_threshold: float | None = None
@@ -79,17 +81,17 @@ class Detector:
         settings = self.model.inference_settings
         if settings is not None:  # made by the caller (from_checkpoint converts the model it loaded in place)
             if not self.optimize or settings.precision != self.precision:
-                raise ValueError(f"the model is an inference model in {settings.precision}; expected "
+                raise RaydetrError(f"the model is an inference model in {settings.precision}; expected "
                                  f"{'a plain model' if not self.optimize else self.precision}")
             self.model = self.model.to(self.device)
         elif self.optimize:
             self.model = inference_model(self.model.to(self.device), self.precision)
         elif self.precision != "float32":
-            raise ValueError("precision other than float32 needs optimize=True (an inference copy of the model)")
+            raise RaydetrError("precision other than float32 needs optimize=True (an inference copy of the model)")
         else:
             self.model = self.model.to(self.device).eval()
         self.preprocessing = EvalPreprocessing(self.transforms)
-        self._postprocess = PostProcess(self.score_threshold, self.top_k)
+        self._postprocess = self.postprocess(self.score_threshold, self.top_k)
         self._names = {int(c["id"]): str(c["name"]) for c in (self.categories or [])}
 
     @classmethod
@@ -107,6 +109,18 @@ class Detector:
         if options.get("optimize", True):  # the loaded model is ours: convert it rather than a copy of it
             model = inference_model(model, options.get("precision", "float32"), inplace=True)
         return cls(model, transforms, categories, **options)
+
+    def postprocess(self, score_threshold: float | None = None, top_k: int | None = None) -> PostProcess:
+        """Detections from this model's outputs, scored as it was trained (sigmoids after the focal loss)."""
+        return PostProcess(score_threshold, top_k, sigmoid=scored_by_sigmoid(self.model.config))
+
+    def panoptic_postprocess(self, is_thing: Mapping[int, bool], threshold: float) -> PanopticPostProcess:
+        """The panoptic merge for this model's outputs (its scoring and its treatment of padding)."""
+        return PanopticPostProcess(is_thing, threshold, **mask_postprocess_options(self.model.config))
+
+    def instance_postprocess(self) -> InstanceMaskPostProcess:
+        """Every query with its binary mask, for this model's outputs."""
+        return InstanceMaskPostProcess(**mask_postprocess_options(self.model.config))
 
     def label_name(self, label: int) -> str:
         return self._names.get(int(label), str(int(label)))

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from detr.errors import RaydetrError
 from pipelines import errors as E
 
 from pipelines.errors import (PANOPTIC_PNG_ERROR, PANOPTIC_SIZE_MISMATCH, SEGMENT_MISSING_FROM_JSON,
@@ -37,7 +38,7 @@ def id2rgb(ids: np.ndarray) -> np.ndarray:
     """[H, W] integer segment ids -> [H, W, 3] uint8 (COCO panoptic encoding)."""
     ids = np.asarray(ids).astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 256 ** 3):
-        raise ValueError("segment ids must be in [0, 2^24)")
+        raise RaydetrError("segment ids must be in [0, 2^24)")
     return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
 
 

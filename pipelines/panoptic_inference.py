@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from detr import PanopticPostProcess, PostProcess, masks_to_rle, pad_images
+from detr import PostProcess, masks_to_rle, pad_images
+from detr.config import PANOPTIC_THRESHOLD
+from detr.errors import RaydetrError
 from pipelines.inference import Detector
 
 
@@ -22,7 +24,7 @@ def is_thing_map(detector: Detector) -> dict[int, bool]:
 
 
 @torch.inference_mode()
-def segment_images(detector: Detector, images: Sequence[np.ndarray], threshold: float = 0.85,
+def segment_images(detector: Detector, images: Sequence[np.ndarray], threshold: float = PANOPTIC_THRESHOLD,
                    postprocess: PostProcess | None = None) -> list[dict[str, Any]]:
     """Per image: `detections` (as `Detector.detect` gives them), `id_map` (int64 [H, W] segment ids,
     0 = no segment) and `segments`: [{"id", "category_id", "label_name", "isthing", "area", "score",
@@ -35,20 +37,20 @@ def segment_images(detector: Detector, images: Sequence[np.ndarray], threshold: 
 
 @torch.inference_mode()
 def segment_preprocessed(detector: Detector, tensors: Sequence[torch.Tensor], original: Sequence[Sequence[int]],
-                         threshold: float = 0.85, postprocess: PostProcess | None = None) -> list[dict[str, Any]]:
+                         threshold: float = PANOPTIC_THRESHOLD, postprocess: PostProcess | None = None) -> list[dict[str, Any]]:
     """`segment_images` for images already preprocessed (normalised float [3, h, w] at the evaluation
     size); `original` are the (height, width) the results are expressed in."""
     if not tensors:
         return []
     if not detector.model.config.masks:
-        raise ValueError("panoptic inference needs a model with masks (DETRConfig.masks)")
+        raise RaydetrError("panoptic inference needs a model with masks (DETRConfig.masks)")
     original = [tuple(int(v) for v in s) for s in original]
     batch, mask = pad_images(list(tensors))
-    panoptic = PanopticPostProcess(is_thing_map(detector), threshold)
+    panoptic = detector.panoptic_postprocess(is_thing_map(detector), threshold)
     outputs = detector.forward(batch, mask, mask_queries=panoptic.queries_to_keep)
     processed = [tuple(t.shape[-2:]) for t in tensors]
     sizes = torch.tensor(original, device=detector.device)
-    detections = (postprocess or PostProcess())(outputs, sizes)
+    detections = (postprocess or detector.postprocess())(outputs, sizes)
     results = []
     for det, seg in zip(detections, panoptic(outputs, processed, original)):
         id_map = seg["id_map"].cpu()

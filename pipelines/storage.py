@@ -14,6 +14,8 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
+from detr.errors import RaydetrError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _GLOB_CHARS = set("*?[")
 TEMPORARY_MARK = ".tmp-"  # in the hidden names of files being written (open_output_atomic)
@@ -96,7 +98,7 @@ def check_no_credentials(uri: str) -> None:
     query = uri.split("?", 1)[1] if "?" in uri else ""
     named = sorted({part.split("=", 1)[0] for part in query.split("&")} & set(_SECRET_OPTIONS))
     if named or "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
-        raise ValueError(f"{redact(uri)}: credentials in the URI ({', '.join(named) or 'user:password@'}) would be "
+        raise RaydetrError(f"{redact(uri)}: credentials in the URI ({', '.join(named) or 'user:password@'}) would be "
                          "recorded with every key, manifest and MLflow param; set them in the environment instead "
                          "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the store's own settings)")
 

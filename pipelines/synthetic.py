@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from detr.errors import RaydetrError
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
 BACKGROUNDS = ("noise", "gradient", "stripes", "checks")
 STUFF = BACKGROUNDS
@@ -56,21 +58,21 @@ class SyntheticConfig:
 
     def __post_init__(self):
         if not 1 <= self.classes <= len(SHAPES):
-            raise ValueError(f"classes must be between 1 and {len(SHAPES)} (the shapes available)")
+            raise RaydetrError(f"classes must be between 1 and {len(SHAPES)} (the shapes available)")
         if not 0 <= self.min_objects <= self.max_objects:
-            raise ValueError("need 0 <= min_objects <= max_objects")
+            raise RaydetrError("need 0 <= min_objects <= max_objects")
         if not 1 <= self.min_object_size <= self.max_object_size:
-            raise ValueError("need 1 <= min_object_size <= max_object_size")
+            raise RaydetrError("need 1 <= min_object_size <= max_object_size")
         if not 8 <= self.min_image_size <= self.max_image_size:
-            raise ValueError("need 8 <= min_image_size <= max_image_size")
+            raise RaydetrError("need 8 <= min_image_size <= max_image_size")
         if self.max_object_size > self.min_image_size:
-            raise ValueError("max_object_size must fit in the smallest image (<= min_image_size)")
+            raise RaydetrError("max_object_size must fit in the smallest image (<= min_image_size)")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError("val_fraction must be in [0, 1)")
+            raise RaydetrError("val_fraction must be in [0, 1)")
         if self.image_format not in ("png", "jpg"):
-            raise ValueError("image_format must be 'png' or 'jpg'")
+            raise RaydetrError("image_format must be 'png' or 'jpg'")
         if self.panoptic and not 1 <= self.stuff_classes <= len(STUFF):
-            raise ValueError(f"stuff_classes must be between 1 and {len(STUFF)}")
+            raise RaydetrError(f"stuff_classes must be between 1 and {len(STUFF)}")
 
     def categories(self) -> list[dict]:
         return [{"id": i + 1, "name": SHAPES[i], "supercategory": "shape"} for i in range(self.classes)]
@@ -121,7 +123,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
         draw.rectangle([0, t, s, s - t], fill=255)
         return np.asarray(canvas) > 0
     else:
-        raise ValueError(f"unknown shape {shape!r}")
+        raise RaydetrError(f"unknown shape {shape!r}")
     draw.polygon(pts, fill=255)
     return np.asarray(canvas) > 0
 

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 import torch.utils.data
 
+from detr.errors import RaydetrError
 from pipelines.collate import collate_samples
 from pipelines.decode import DecodeLimits
 from pipelines.sources import Source
@@ -24,7 +25,7 @@ class DetectionTorchDataset(torch.utils.data.Dataset):
     def __init__(self, source: Source, *, train: bool, transforms: TransformsConfig = TransformsConfig(),
                  seed: int | None = 0, epoch: int = 0, limits: DecodeLimits = DecodeLimits()):
         if any(u.kind != "records" for u in source.units):
-            raise ValueError(f"{source.path}: a {source.kind} source streams; use the Ray pipeline instead")
+            raise RaydetrError(f"{source.path}: a {source.kind} source streams; use the Ray pipeline instead")
         self.records = list(source.iter_records())
         self.known = source.category_ids
         self.transform = build_transform(transforms, train)

@@ -21,6 +21,8 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from detr.errors import RaydetrError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -77,7 +79,7 @@ class TransformsConfig:
     def preset(cls, name: str) -> "TransformsConfig":
         presets = {"paper": cls.paper, "small": cls.small, "native": cls.native}
         if name not in presets:
-            raise ValueError(f"unknown transforms preset {name!r}; choose from {sorted(presets)}")
+            raise RaydetrError(f"unknown transforms preset {name!r}; choose from {sorted(presets)}")
         return presets[name]()
 
 
@@ -91,7 +93,7 @@ class RandomSizeCrop(v2.Transform):
     def __init__(self, min_size: int, max_size: int):
         super().__init__()
         if min_size > max_size:
-            raise ValueError(f"min_size {min_size} > max_size {max_size}")
+            raise RaydetrError(f"min_size {min_size} > max_size {max_size}")
         self.min_size = min_size
         self.max_size = max_size
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import detr
 from pipelines.inference import transforms_to_metadata
@@ -31,8 +33,9 @@ def save_tiny_panoptic(path: Path, transforms: TransformsConfig, masks: bool = T
     """The model described above, saved with `detr.save_checkpoint` (categories with isthing, transforms)."""
     torch.manual_seed(0)
     model = detr.build_model("tiny_panoptic", num_classes=5, num_queries=8, enc_layers=1, dim_feedforward=128,
-                             masks=masks, freeze_detector=False).eval()
-    fit_query_classes(model, transforms, (80, 80))
+                             mask_head=detr.MaskHead(freeze_detector=False) if masks else None).eval()
+    drawn = panoptic_images(Path(path).parent / f".{Path(path).stem}-fit")  # images like those the tests label
+    fit_query_classes(model, transforms, (80, 80), [np.asarray(Image.open(f).convert("RGB")) for f in drawn])
     if masks:
         with torch.no_grad():
             model.mask_head.lay1.weight[:, model.config.hidden_dim:] *= 1000

@@ -8,18 +8,24 @@ from pipelines.inference import Detector
 from pipelines.transforms import TransformsConfig
 
 
-def fit_query_classes(model: torch.nn.Module, transforms: TransformsConfig, image_size: tuple[int, int]) -> None:
-    """Fit the class head (on the decoder outputs for 8 random images of `image_size`) to give query q
-    the class q % 4 + 1. An untouched random model calls every query the same class."""
+def fit_query_classes(model: torch.nn.Module, transforms: TransformsConfig, image_size: tuple[int, int],
+                      images: list[np.ndarray] | None = None) -> None:
+    """Fit the class head (on the decoder outputs for `images`, default 8 random images of `image_size`) to
+    give query q the class q % 4 + 1. An untouched random model calls every query the same class. Fit on
+    images like those the test labels: a head fitted on noise need not tell queries apart on drawings."""
+    from detr import detector_of
+
+    head = detector_of(model).class_embed
     decoded = []
-    hook = model.class_embed.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0][-1]))
+    hook = head.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0][-1]))
     rng = np.random.default_rng(0)
-    Detector(model, transforms).detect([rng.integers(0, 255, (*image_size, 3), dtype=np.uint8) for _ in range(8)])
+    images = images or [rng.integers(0, 255, (*image_size, 3), dtype=np.uint8) for _ in range(8)]
+    Detector(model, transforms).detect(images)
     hook.remove()
     features = decoded[0].reshape(-1, model.config.hidden_dim).clone()
-    target = torch.arange(model.config.num_queries).repeat(8) % 4 + 1
-    optimizer = torch.optim.Adam(model.class_embed.parameters(), lr=0.05)
+    target = torch.arange(model.config.num_queries).repeat(len(images)) % 4 + 1
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
     for _ in range(200):
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model.class_embed(features), target).backward()
+        torch.nn.functional.cross_entropy(head(features), target).backward()
         optimizer.step()

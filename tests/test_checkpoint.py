@@ -133,3 +133,58 @@ def test_library_has_no_ray_or_mlflow_dependency():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert detr.DETRConfig is DETRConfig
+
+
+def test_a_checkpoint_saved_before_the_parts_loads_as_it_was(tmp_path):
+    """Checkpoints (and registered models) written before the model was assembled from parts hold a flat
+    config and the parts' weights under their old names, with a panoptic detector's keys unprefixed."""
+    from detr import DenseHead, FocalLoss, MaskHead, SemanticHead, TwoStage
+    from detr.checkpoint import checkpoint_dict
+
+    torch.manual_seed(0)
+    model = build_model("tiny_panoptic", num_classes=5, focal=FocalLoss(), dense_head=DenseHead(2),
+                        two_stage=TwoStage(nms=0.5, content=True), mask_head=MaskHead(scaled_attention=True),
+                        semantic_head=SemanticHead(2.0))
+    new = checkpoint_dict(model)
+    old_names = {"dense_head.class_embed.": "encoder_class_embed.", "dense_head.bbox_embed.": "encoder_bbox_embed.",
+                 "proposals.query_pos.": "proposal_pos.", "semantic_head.classifier.": "semantic_embed."}
+
+    def old_key(key: str) -> str:
+        key = key.removeprefix("detr.")
+        return next((old + key[len(new):] for new, old in old_names.items() if key.startswith(new)), key)
+
+    config = {k: v for k, v in new["config"].items()
+              if k not in ("focal", "dense_head", "two_stage", "mask_head", "semantic_head")}
+    config.update(focal_loss=True, focal_alpha=0.25, focal_gamma=2.0, encoder_aux_matches=2, two_stage=True,
+                  proposal_nms=0.5, proposal_content=True, masks=True, freeze_detector=True,
+                  scaled_mask_attention=True, semantic_loss_coef=2.0, query_groups=1, box_refine=False)
+    old = {**new, "config": config, "model": {old_key(k): v for k, v in new["model"].items()}}
+    assert "encoder_class_embed.weight" in old["model"] and "mask_head.lay1.weight" in old["model"]
+    torch.save(old, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.config == model.config
+    same_outputs(model, loaded)
+    images, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(images, mask)["pred_masks"], model(images, mask)["pred_masks"])
+
+
+def test_weights_load_into_a_model_that_differs_by_one_rule():
+    from detr import DenseHead, FocalLoss, MaskHead, TwoStage
+    from detr.weights import load_weights
+
+    torch.manual_seed(0)
+    detector = build_model("tiny_panoptic", num_classes=5, mask_head=None)
+    panoptic = load_weights(build_model("tiny_panoptic", num_classes=5), detector.state_dict())  # fresh mask head
+    torch.testing.assert_close(panoptic.detr.query_embed.weight, detector.query_embed.weight)
+    back = load_weights(build_model("tiny_panoptic", num_classes=5, mask_head=None), panoptic.state_dict())
+    torch.testing.assert_close(back.class_embed.weight, detector.class_embed.weight)  # the detector alone
+    other = load_weights(build_model("tiny_panoptic", num_classes=9, mask_head=MaskHead(), focal=FocalLoss(),
+                                     dense_head=DenseHead(2), two_stage=TwoStage()), detector.state_dict())
+    assert other.detr.class_embed.weight.shape[0] == 10  # another class count: a fresh class head
+    torch.testing.assert_close(other.detr.transformer.state_dict(), detector.transformer.state_dict())
+    with pytest.raises(ValueError, match=r"missing \['transformer.encoder.layers.0"):
+        load_weights(build_model("tiny_panoptic", num_classes=5, mask_head=None),
+                     {k: v for k, v in detector.state_dict().items() if "encoder.layers.0." not in k})
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_weights(build_model("tiny", num_classes=5), detector.state_dict())  # another width

@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-from detr import DETRConfig, SetCriterion, build_model, loss_weights, official_state_dict, pad_images
+from detr import (DenseHead, DETRConfig, FocalLoss, SetCriterion, TwoStage, build_model, loss_weights,
+                  official_state_dict, pad_images)
 
 K = 2
 
 
 def dense_model():
     torch.manual_seed(0)
-    return build_model("tiny", num_classes=4, focal_loss=True, encoder_aux_matches=K, dropout=0.0)
+    return build_model("tiny", num_classes=4, focal=FocalLoss(), dense_head=DenseHead(K), dropout=0.0)
 
 
 def test_cells_start_at_their_own_box_and_padding_is_background():
@@ -38,19 +39,23 @@ def test_each_target_gets_k_cells_and_the_head_is_training_only():
     (cells, columns), = criterion.matcher(out["enc_outputs"], repeated)
     assert len(set(cells.tolist())) == 2 * K and sorted((columns % 2).tolist()) == [0] * K + [1] * K
     criterion.total(losses).backward()
-    assert model.encoder_bbox_embed.layers[-1].weight.grad.abs().sum() > 0
+    assert model.dense_head.bbox_embed.layers[-1].weight.grad.abs().sum() > 0
     assert "enc_outputs" not in model.eval()(images, mask)
-    assert not any(k.startswith("encoder_") for k in official_state_dict(model))
+    assert not any(k.startswith("dense_head.") for k in official_state_dict(model))
 
 
-def test_the_dense_head_needs_the_focal_loss():
-    with pytest.raises(ValueError, match="focal_loss"):
-        DETRConfig(encoder_aux_matches=2)
+def test_the_dense_head_needs_the_focal_loss_and_an_encoder():
+    with pytest.raises(ValueError, match="dense_head needs focal"):
+        DETRConfig(dense_head=DenseHead(2))
+    with pytest.raises(ValueError, match="dense_head needs an encoder"):
+        DETRConfig(focal=FocalLoss(), dense_head=DenseHead(2), enc_layers=0)
+    with pytest.raises(ValueError, match="dense_head.matches must be >= 1"):
+        DETRConfig(focal=FocalLoss(), dense_head=DenseHead(0))
 
 
 def two_stage_model():
     torch.manual_seed(0)
-    return build_model("tiny", num_classes=4, focal_loss=True, encoder_aux_matches=K, two_stage=True,
+    return build_model("tiny", num_classes=4, focal=FocalLoss(), dense_head=DenseHead(K), two_stage=TwoStage(),
                        num_queries=4, dropout=0.0)
 
 
@@ -62,7 +67,7 @@ def test_two_stage_queries_are_the_best_cells_and_start_at_their_boxes():
         features, masks = model.backbone(images, mask)
         src, src_mask = model.input_proj(features[-1]), masks[-1]
         memory = model.transformer.encode(src, src_mask, model.position_encoding(src_mask))
-        enc = model.predict_from_encoder(memory, src_mask)
+        enc = model.dense_head(memory, src_mask)
     scores = enc["pred_logits"][..., :-1].max(-1).values
     for i in range(2):
         best = scores[i].topk(4).indices
@@ -82,19 +87,19 @@ def test_two_stage_trains_end_to_end():
     targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.3]])}]
     losses = criterion(model(images, mask), targets)
     criterion.total(losses).backward()
-    assert model.proposal_pos.layers[0].weight.grad.abs().sum() > 0
-    assert model.encoder_class_embed.weight.grad.abs().sum() > 0
+    assert model.proposals.query_pos.layers[0].weight.grad.abs().sum() > 0
+    assert model.dense_head.class_embed.weight.grad.abs().sum() > 0
     # DDP waits for a gradient of every trainable parameter: none may be left out.
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert not model.query_embed.weight.requires_grad
-    with pytest.raises(ValueError, match="encoder_aux_matches"):
-        DETRConfig(focal_loss=True, two_stage=True)
+    with pytest.raises(ValueError, match="it needs dense_head"):
+        DETRConfig(focal=FocalLoss(), two_stage=TwoStage())
 
 
 def test_proposal_nms_selects_distinct_cells_first_and_fills_with_suppressed_ones():
     from torchvision.ops import box_convert, box_iou
 
-    from detr.model import select_proposals
+    from detr.proposals import select_proposals
 
     # Cells: A (best), A' (IoU 0.82 with A), B (apart), padding (its box would survive NMS), C (inside A).
     boxes = torch.tensor([[[0.30, 0.30, 0.20, 0.20], [0.31, 0.31, 0.20, 0.20], [0.70, 0.70, 0.20, 0.20],
@@ -114,18 +119,18 @@ def test_proposal_nms_selects_distinct_cells_first_and_fills_with_suppressed_one
     # In a model: 4x4 cells whose boxes start two cells wide, so side neighbours overlap by IoU 1/3
     # and diagonal ones by 1/7. With proposal NMS at 0.3 no two queries start on side neighbours.
     torch.manual_seed(0)
-    model = build_model("tiny", num_classes=4, focal_loss=True, encoder_aux_matches=K, two_stage=True,
-                        num_queries=4, dropout=0.0, proposal_nms=0.3).eval()
+    model = build_model("tiny", num_classes=4, focal=FocalLoss(), dense_head=DenseHead(K), two_stage=TwoStage(nms=0.3),
+                        num_queries=4, dropout=0.0).eval()
     images, mask = pad_images([torch.randn(3, 128, 128), torch.randn(3, 128, 128)])
     with torch.no_grad():
         boxes = model(images, mask)["pred_boxes"]  # the decoder's box head starts at its proposals
     for image_boxes in boxes:
         xyxy = box_convert(image_boxes, "cxcywh", "xyxy")
         assert (box_iou(xyxy, xyxy).triu(1) <= 0.3 + 1e-4).all()
-    with pytest.raises(ValueError, match="two_stage"):
-        DETRConfig(focal_loss=True, encoder_aux_matches=K, proposal_nms=0.5)
-    with pytest.raises(ValueError, match="proposal_nms > 0"):
-        DETRConfig(focal_loss=True, encoder_aux_matches=K, two_stage=True, proposal_nms_per_class=True)
+    with pytest.raises(ValueError, match=r"two_stage.nms is an IoU threshold in \[0, 1\)"):
+        DETRConfig(focal=FocalLoss(), dense_head=DenseHead(K), two_stage=TwoStage(nms=1.0))
+    with pytest.raises(ValueError, match="it needs nms > 0"):
+        DETRConfig(focal=FocalLoss(), dense_head=DenseHead(K), two_stage=TwoStage(nms_per_class=True))
 
 
 def test_official_weights_load_into_a_two_stage_model_whose_new_heads_start_fresh(tmp_path):
@@ -135,16 +140,16 @@ def test_official_weights_load_into_a_two_stage_model_whose_new_heads_start_fres
     plain = build_model("tiny", num_classes=4, dropout=0.0)
     path = tmp_path / "official.pth"
     torch.save({"model": official_state_dict(plain)}, path)
-    model = from_official(path, focal_loss=True, encoder_aux_matches=K, two_stage=True)
-    assert model.config.two_stage and model.config.hidden_dim == plain.config.hidden_dim
+    model = from_official(path, focal=FocalLoss(), dense_head=DenseHead(K), two_stage=TwoStage())
+    assert model.config.two_stage == TwoStage() and model.config.hidden_dim == plain.config.hidden_dim
     torch.testing.assert_close(model.transformer.state_dict(), plain.transformer.state_dict())
     torch.testing.assert_close(model.backbone.state_dict(), plain.backbone.state_dict())
 
 
 def test_proposal_content_starts_each_query_with_its_cells_encoder_feature():
     torch.manual_seed(0)
-    model = build_model("tiny", num_classes=4, focal_loss=True, encoder_aux_matches=K, two_stage=True,
-                        num_queries=4, dropout=0.0, proposal_content=True).train()
+    model = build_model("tiny", num_classes=4, focal=FocalLoss(), dense_head=DenseHead(K),
+                        two_stage=TwoStage(content=True), num_queries=4, dropout=0.0).train()
     images, mask = pad_images([torch.randn(3, 96, 128), torch.randn(3, 64, 64)])
     seen = {}
 
@@ -158,7 +163,7 @@ def test_proposal_content_starts_each_query_with_its_cells_encoder_feature():
         features, masks = model.backbone(images, mask)
         src, src_mask = model.input_proj(features[-1]), masks[-1]
         memory = model.transformer.encode(src, src_mask, model.position_encoding(src_mask))
-        scores = model.predict_from_encoder(memory, src_mask)["pred_logits"][..., :-1].max(-1).values
+        scores = model.dense_head(memory, src_mask)["pred_logits"][..., :-1].max(-1).values
     tokens = memory.flatten(2).transpose(1, 2)
     for i in range(2):
         best = scores[i].topk(4).indices  # no proposal NMS: the best cells, best first
@@ -169,5 +174,3 @@ def test_proposal_content_starts_each_query_with_its_cells_encoder_feature():
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
     criterion.total(criterion(out, targets)).backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
-    with pytest.raises(ValueError, match="proposal_content needs two_stage"):
-        DETRConfig(proposal_content=True)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from detr import DETRConfig, PostProcess, SetCriterion, build_model
+from detr import DETRConfig, FocalLoss, PostProcess, SetCriterion, build_model, scored_by_sigmoid
 from detr.matcher import HungarianMatcher, focal_class_cost
 
 ALPHA, GAMMA = 0.25, 2.0
@@ -18,8 +18,7 @@ def focal_term(logit: float, positive: bool) -> float:
 
 
 def criterion(**fields) -> SetCriterion:
-    config = DETRConfig(num_classes=3, aux_loss=False, focal_loss=True, focal_alpha=ALPHA, focal_gamma=GAMMA,
-                        **fields)
+    config = DETRConfig(num_classes=3, aux_loss=False, focal=FocalLoss(ALPHA, GAMMA), **fields)
     return SetCriterion.from_config(config)
 
 
@@ -66,27 +65,25 @@ def test_sigmoid_detections_are_the_best_query_class_pairs():
     # Query 0 is torn between classes 1 and 2 (the truth may be either); query 1 is sure of class 0.
     logits = torch.tensor([[[-5.0, 1.0, 0.8, 9.0], [3.0, -6.0, -6.0, 9.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2]]])
-    outputs = {"pred_logits": logits, "pred_boxes": boxes, "sigmoid_scores": True}
-    (det,) = PostProcess(max_detections=3)(outputs, [[100, 100]])
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+    (det,) = PostProcess(max_detections=3, sigmoid=True)(outputs, [[100, 100]])
     assert det["labels"].tolist() == [0, 1, 2]
     torch.testing.assert_close(det["scores"], torch.sigmoid(torch.tensor([3.0, 1.0, 0.8])))
     torch.testing.assert_close(det["boxes"], torch.tensor([[10.0, 10, 30, 30], [40, 40, 60, 60], [40, 40, 60, 60]]))
-    (trimmed,) = PostProcess(score_threshold=0.6, top_k=5)(outputs, [[100, 100]])
+    (trimmed,) = PostProcess(score_threshold=0.6, top_k=5, sigmoid=True)(outputs, [[100, 100]])
     assert trimmed["labels"].tolist() == [0, 1, 2]  # sigmoid(0.8) = 0.69 is above the threshold too
     with pytest.raises(ValueError, match="max_detections"):
         PostProcess(max_detections=0)
 
 
 def test_focal_models_keep_the_class_head_and_are_scored_with_sigmoids():
-    model = build_model("tiny", num_classes=3, focal_loss=True).eval()
+    model = build_model("tiny", num_classes=3, focal=FocalLoss()).eval()
     assert model.class_embed.out_features == 4  # num_classes + 1, the official layout
-    images, mask = torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
-    with torch.no_grad():
-        assert model(images, mask)["sigmoid_scores"] is True
-        assert "sigmoid_scores" not in build_model("tiny", num_classes=3).eval()(images, mask)
+    torch.testing.assert_close(model.class_embed.bias.sigmoid(), torch.full((4,), 0.01))  # the focal prior
+    assert scored_by_sigmoid(model.config) and not scored_by_sigmoid(DETRConfig.preset("tiny"))
     logits = torch.tensor([[[0.0, 2.0, -1.0, 5.0]]])
-    outputs = {"pred_logits": logits, "pred_boxes": torch.full((1, 1, 4), 0.5), "sigmoid_scores": True}
-    (det,) = PostProcess()(outputs, [[10, 10]])
+    outputs = {"pred_logits": logits, "pred_boxes": torch.full((1, 1, 4), 0.5)}
+    (det,) = PostProcess(sigmoid=scored_by_sigmoid(model.config))(outputs, [[10, 10]])
     # One detection per (query, class) pair, best first; the unused no-object column (5.0) is none.
     torch.testing.assert_close(det["scores"], torch.sigmoid(torch.tensor([2.0, 0.0, -1.0])))
     assert det["labels"].tolist() == [1, 0, 2]

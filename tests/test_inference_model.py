@@ -8,13 +8,13 @@ import torch
 import detr
 from detr import forward_inference, inference_model, pad_images
 from detr.checkpoint import checkpoint_dict
-from detr.inference_model import ClearPadding, fold_norms
+from detr.fast_inference import ClearPadding, fold_norms
 from pipelines.inference import Detector
 from pipelines.labelling.options import PRECISIONS as LABEL_PRECISIONS
 from pipelines.transforms import TransformsConfig
 
-FAST_PANOPTIC = dict(backbone_norm="batch", train_backbone_stem=True, backbone_stages=2, focal_loss=True,
-                     encoder_aux_matches=2, two_stage=True, proposal_nms=0.5, num_classes=7)
+FAST_PANOPTIC = dict(backbone_norm="batch", train_backbone_stem=True, backbone_stages=2, focal=detr.FocalLoss(),
+                     dense_head=detr.DenseHead(2), two_stage=detr.TwoStage(nms=0.5), num_classes=7)
 CONFIGS = {
     "tiny": detr.DETRConfig.preset("tiny"),
     "tiny_official_padding": detr.DETRConfig.preset("tiny").replace(padding_invariant=False),
@@ -23,12 +23,12 @@ CONFIGS = {
 }
 
 
-def model_with_statistics(config: detr.DETRConfig, seed: int = 0) -> detr.DETR:
+def model_with_statistics(config: detr.DETRConfig, seed: int = 0) -> torch.nn.Module:
     """A random model whose norms are not the identity (as after pretraining), in eval mode."""
     torch.manual_seed(seed)
     model = detr.build_model(config).eval()
     with torch.no_grad():
-        for module in model.backbone.modules():
+        for module in detr.detector_of(model).backbone.modules():
             if hasattr(module, "running_var"):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
@@ -55,8 +55,8 @@ def test_float32_inference_copy_gives_the_original_outputs(name):
             assert out[key].dtype == torch.float32
             torch.testing.assert_close(out[key], expected[key], rtol=0, atol=1e-4, msg=key)
     assert not any(isinstance(m, (detr.backbone.FrozenBatchNorm2d, detr.backbone.TrainableBatchNorm2d))
-                   for m in fast.backbone.modules())
-    conv = fast.backbone.body.conv1.weight
+                   for m in detr.detector_of(fast).backbone.modules())
+    conv = detr.detector_of(fast).backbone.body.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
@@ -72,7 +72,7 @@ def test_folded_model_stays_padding_invariant():
 
 def test_fold_count_matches_the_resnets_norms():
     for preset, expected in (("tiny", 1 + 8 * 2 + 3), ("detr_r50", 1 + 16 * 3 + 4)):
-        body = detr.build_model(preset).backbone.body
+        body = detr.detector_of(detr.build_model(preset)).backbone.body
         assert fold_norms(body) == expected
 
 
@@ -82,8 +82,8 @@ def test_bfloat16_backbone_stays_close_to_float32():
     with torch.no_grad():
         expected = model(images, mask)
     fast = inference_model(model, "bfloat16")
-    assert {p.dtype for p in fast.backbone.parameters()} == {torch.bfloat16}  # where the time goes
-    assert {p.dtype for p in fast.transformer.parameters()} == {torch.float32}
+    assert {p.dtype for p in detr.detector_of(fast).backbone.parameters()} == {torch.bfloat16}  # where the time goes
+    assert {p.dtype for p in detr.detector_of(fast).transformer.parameters()} == {torch.float32}
     out = forward_inference(fast, images, mask)
     assert out["pred_logits"].dtype == torch.float32
     logit_error = (out["pred_logits"] - expected["pred_logits"]).abs().max().item()

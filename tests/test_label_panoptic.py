@@ -79,8 +79,10 @@ def test_the_actor_returns_the_segments_and_png_of_a_direct_call(panoptic_checkp
                                            panoptic_threshold=0.85, top_k=None, classes=None, threads=1)
         out = predictor(prepared)
         detector = Detector.from_checkpoint(panoptic_checkpoint)
-        expected = {str(p): segment_images(detector, [decode_image(p.read_bytes(), str(p)).array], 0.85)[0]
-                    for p in images}
+        # One batch of the three, as the actor runs them: the same arithmetic, so even pixels where two
+        # queries' masks nearly tie go the same way.
+        direct = segment_images(detector, [decode_image(p.read_bytes(), str(p)).array for p in images], 0.85)
+        expected = {str(p): result for p, result in zip(images, direct)}
     finally:
         torch.set_num_threads(threads)
     assert out.schema.equals(PANOPTIC_RESULT_SCHEMA)

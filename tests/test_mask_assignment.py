@@ -1,10 +1,11 @@
-"""encoder_mask_assignment: the dense head's positives are each target's best-matched cells and the cells inside its mask."""
+"""DenseHead.mask_assignment: the dense head's positives are each target's best-matched cells and the cells inside its mask."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from detr import DETRConfig, HungarianMatcher, SetCriterion, build_model, pad_images
+from detr import DenseHead, DETRConfig, FocalLoss, HungarianMatcher, MaskHead, SetCriterion, TwoStage, build_model, pad_images
+from detr.class_losses import FocalClasses
 from detr.mask_assignment import covered_cells, mask_assignment
 
 
@@ -58,12 +59,10 @@ def test_k_best_cells_weigh_one_and_the_rest_of_each_mask_shares_k():
     assert len(set(cells.tolist())) == len(cells)  # a cell is one target's positive at most
 
 
-def test_dense_head_trains_every_covered_cell_and_needs_the_dense_head():
-    with pytest.raises(ValueError, match="encoder_mask_assignment needs"):
-        DETRConfig(encoder_mask_assignment=True)
+def test_dense_head_trains_every_covered_cell():
     config = DETRConfig.preset("tiny_panoptic", num_classes=4, enc_layers=1, dec_layers=1, num_queries=5,
-                               freeze_detector=False, focal_loss=True, encoder_aux_matches=2, two_stage=True,
-                               backbone_stages=2, encoder_mask_assignment=True)
+                               mask_head=MaskHead(freeze_detector=False), focal=FocalLoss(),
+                               dense_head=DenseHead(2, mask_assignment=True), two_stage=TwoStage(), backbone_stages=2)
     torch.manual_seed(0)
     model = build_model(config).train()
     images, mask = pad_images([torch.randn(3, 64, 64), torch.randn(3, 48, 64)])
@@ -86,16 +85,16 @@ def test_dense_head_trains_every_covered_cell_and_needs_the_dense_head():
     assert square <= set(indices[1][0].tolist()) and len(indices[1][0]) <= 6  # plus its matched cells
     assert weights.sum().item() == pytest.approx(2 * 2 * 3)  # each of the 3 targets: k matched + k shared
     losses = criterion(out, targets)
-    plain = SetCriterion.from_config(config.replace(encoder_mask_assignment=False))(out, targets)
+    plain = SetCriterion.from_config(config.replace(dense_head=DenseHead(2)))(out, targets)
     assert losses["loss_ce_enc"] != plain["loss_ce_enc"] and losses["loss_ce"] == plain["loss_ce"]
     criterion.total(losses).backward()
-    assert model.encoder_class_embed.weight.grad.abs().sum() > 0
+    assert model.detr.dense_head.class_embed.weight.grad.abs().sum() > 0
 
 
 def test_weighted_losses_scale_each_matched_prediction():
     # Weights of 1 give the unweighted losses; weights scale each matched prediction's terms.
     criterion = SetCriterion(3, HungarianMatcher(1, 5, 2), {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2},
-                             focal=(0.25, 2.0))
+                             classes=FocalClasses(3, 0.25, 2.0))
     torch.manual_seed(0)
     outputs = {"pred_logits": torch.randn(1, 6, 4), "pred_boxes": torch.rand(1, 6, 4) * 0.5 + 0.25}
     targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.3]])}]

@@ -34,7 +34,7 @@ def test_mask_head_training_evaluation_and_pyfunc(ray_cluster, mlflow_server, pa
 
     # A "trained" detector (ours, no masks) to put the mask head on: classes 1-2 things, 3-4 stuff.
     torch.manual_seed(2)
-    detector = build_model("tiny_panoptic", num_classes=5, masks=False, num_queries=6, enc_layers=1,
+    detector = build_model("tiny_panoptic", num_classes=5, mask_head=None, num_queries=6, enc_layers=1,
                            dim_feedforward=128)
     save_checkpoint(detector, tmp_path / "detector.pt")
     config = load_train_config(None, [
@@ -51,13 +51,13 @@ def test_mask_head_training_evaluation_and_pyfunc(ray_cluster, mlflow_server, pa
     client = MlflowClient(mlflow_server)
     for key in ("train_loss_mask", "train_loss_dice", "train_loss_ce", "val_PQ", "val_PQ_th", "val_PQ_st", "val_AP"):
         assert client.get_metric_history(result.run_id, key), key
-    assert client.get_run(result.run_id).data.params["model.masks"] == "True"
+    assert client.get_run(result.run_id).data.params["model.mask_head.freeze_detector"] == "True"
     model, metadata = load_checkpoint(Path(result.checkpoint_dir) / "model.pt")
-    assert model.config.masks and model.config.freeze_detector
+    assert model.config.masks and model.config.mask_head.freeze_detector
     assert {c["id"]: c["isthing"] for c in metadata["categories"]} == {1: 1, 2: 1, 3: 0, 4: 0}
     # The paper's recipe: the detector is frozen, only the mask head learned.
     state, initial = model.state_dict(), detector.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in initial.items())
+    assert all(torch.equal(state["detr." + k], v) for k, v in initial.items())
     # The mask head trained: out_lay's bias starts at 0 (the official init) and moved.
     assert state["mask_head.out_lay.bias"].abs().item() > 0
 

@@ -6,23 +6,39 @@ import torch
 
 from detr.optim import OptimizerConfig, build_lr_scheduler, build_optimizer, build_warmup_scheduler
 from jobs.config_files import ConfigError
-from jobs.recipes import RECIPES, apply_recipe
+from detr import DenseHead, FocalLoss, MaskHead, SemanticHead, TwoStage
+from jobs.recipes import RECIPES, apply_recipe, recipe_path
 from jobs.train_config import load_train_config
 
 
 def test_a_recipe_fills_in_what_the_file_leaves_out_and_the_file_wins(tmp_path):
     path = tmp_path / "train.yaml"
-    path.write_text("recipe: fast\ndata: {train: x.json, batch_size: 2}\nmodel: {preset: tiny, encoder_aux_matches: 3}\n")
-    config = load_train_config(path, ["optimizer.lr=3e-4"])
-    fast = RECIPES["fast"]
+    path.write_text("recipe: fast\ndata: {train: x.json, batch_size: 2}\nmodel: {preset: tiny, dense_head: {matches: 3}}\n")
+    config = load_train_config(path, ["optimizer.lr=3e-4", "model.two_stage.nms=0.6"])
     assert config.recipe == "fast"
-    assert config.data.batch_size == 2 and config.data.transforms == fast["data"]["transforms"]
+    assert config.data.batch_size == 2 and config.data.transforms == "native"
     assert config.optimizer.lr == pytest.approx(3e-4)  # --set beats the recipe
-    assert config.optimizer.lr_backbone == fast["optimizer"]["lr_backbone"]
-    assert config.optimizer.warmup_steps == fast["optimizer"]["warmup_steps"]
+    assert (config.optimizer.lr_backbone, config.optimizer.warmup_steps) == (pytest.approx(2e-4), 100)
     model = config.model_config(num_classes=5)
-    assert model.encoder_aux_matches == 3 and model.hidden_dim == 64  # the file and the preset beat the recipe
-    assert model.focal_loss and model.backbone_norm == "batch" and model.dropout == 0.0
+    assert model.dense_head == DenseHead(matches=3) and model.hidden_dim == 64  # the file and the preset win
+    assert model.two_stage == TwoStage(nms=0.6)  # a --set inside a part the recipe names
+    assert model.focal == FocalLoss() and model.backbone_norm == "batch" and model.dropout == 0.0
+    assert (model.backbone_stages, model.set_cost_class, model.ce_loss_coef) == (2, 2.0, 2.0)
+    assert model.mask_head is None  # `fast` adds no mask head to a detector
+    off = load_train_config(None, ["data.train=x.json", "recipe=fast", "model.preset=tiny", "model.two_stage=null"])
+    assert off.model_config(5).two_stage is None and off.model_config(5).dense_head == DenseHead(2)
+
+
+def test_fast_panoptic_extends_fast_with_the_mask_head_and_the_panoptic_settings():
+    config = load_train_config(None, ["data.train=x.json", "recipe=fast_panoptic", "model.preset=tiny_panoptic"])
+    model = config.model_config(num_classes=5)
+    assert model.two_stage == TwoStage(nms=0.5, nms_per_class=True, content=True)
+    assert model.dense_head == DenseHead(matches=2, mask_assignment=True)
+    assert model.semantic_head == SemanticHead(loss_coef=2.0)
+    assert model.mask_head == MaskHead(freeze_detector=False, scaled_attention=True)
+    assert model.focal == FocalLoss() and model.backbone_stages == 2 and config.data.transforms == "native"
+    assert set(RECIPES) == {"paper", "fast", "fast_panoptic"}
+    assert recipe_path("fast").read_text().startswith("# What makes a randomly initialised DETR learn")
 
 
 def test_the_paper_recipe_is_the_defaults_and_unknown_recipes_are_refused():

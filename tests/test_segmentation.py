@@ -4,18 +4,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr import (DETRConfig, InstanceMaskPostProcess, PanopticPostProcess, SetCriterion, build_model,
+from detr import (DETRConfig, InstanceMaskPostProcess, MaskHead, PanopticPostProcess, SetCriterion, build_model,
                   from_official, load_checkpoint, official_state_dict, pad_images, save_checkpoint)
 from detr.segmentation import UNCOMPUTED_MASK_LOGIT, masks_to_image
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 SMALL = dict(backbone="resnet18", hidden_dim=128, nheads=8, enc_layers=1, dec_layers=2, dim_feedforward=128,
-             num_queries=6, num_classes=5, masks=True)
+             num_queries=6, num_classes=5)
 
 
-def small_model(**overrides):
+def small_model(head: MaskHead = MaskHead(), **overrides):
     torch.manual_seed(0)
-    return build_model(DETRConfig(**{**SMALL, **overrides})).eval()
+    return build_model(DETRConfig(**{**SMALL, **overrides}, mask_head=head)).eval()
 
 
 def random_targets(sizes, seed=0):
@@ -40,7 +40,7 @@ def test_masks_are_off_by_default_and_detection_models_are_unchanged():
     keys = build_model(config).state_dict().keys()
     assert not any(k.startswith(("bbox_attention.", "mask_head.")) for k in keys)
     with pytest.raises(ValueError, match="masks need hidden_dim a multiple of 128"):
-        DETRConfig.preset("tiny", masks=True)
+        DETRConfig.preset("tiny", mask_head=MaskHead())
     assert DETRConfig.preset("detr_r50").fpn_dims == (1024, 512, 256)
     assert DETRConfig.preset("tiny").fpn_dims == (256, 128, 64)
     assert DETRConfig.preset("tiny", backbone_stages=2).fpn_dims == (128, 128, 64)  # stride 8, 8, 4
@@ -79,7 +79,7 @@ def test_an_image_padded_in_a_batch_gets_the_masks_it_gets_alone(stages):
     cells = alone["pred_masks"].shape[-2:]
     assert cells == (18, 23)
     torch.testing.assert_close(batched["pred_masks"][1, :, :18, :23], alone["pred_masks"][0], atol=1e-4, rtol=0)
-    post = PanopticPostProcess({i: i % 2 == 0 for i in range(6)}, threshold=0.0)
+    post = PanopticPostProcess({i: i % 2 == 0 for i in range(6)}, threshold=0.0, crop_padding=True)
     one = post(alone, [(70, 90)], [(140, 180)])[0]
     two = post(batched, [(128, 100), (70, 90)], [(128, 100), (140, 180)])[1]
     # The masks agree to 1e-4 (above); at random initialisation the queries' masks cross almost tied, so
@@ -87,7 +87,7 @@ def test_an_image_padded_in_a_batch_gets_the_masks_it_gets_alone(stages):
     flipped = (one["id_map"] != two["id_map"]).float().mean()
     assert flipped == 0 if stages > 2 else flipped < 1e-3
     assert [s["category_id"] for s in one["segments_info"]] == [s["category_id"] for s in two["segments_info"]]
-    inst = InstanceMaskPostProcess()
+    inst = InstanceMaskPostProcess(crop_padding=True)
     assert torch.equal(inst(alone, [(70, 90)])[0]["masks"], inst(batched, [(128, 100), (70, 90)])[1]["masks"])
 
 
@@ -101,7 +101,7 @@ def test_official_padding_mode_is_not_padding_invariant():
 
 
 def test_mask_losses_are_padding_invariant_and_need_only_matched_masks():
-    model = small_model(freeze_detector=False)
+    model = small_model(MaskHead(freeze_detector=False))
     criterion = SetCriterion.from_config(model.config)
     assert {"loss_mask", "loss_dice"} <= set(criterion.weight_dict)
     small, large = torch.randn(3, 70, 90), torch.randn(3, 128, 100)
@@ -126,8 +126,8 @@ def test_freezing_the_detector_trains_only_the_mask_head():
     model = small_model().train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("bbox_attention.", "mask_head.")) for n in trainable)
-    joint = small_model(freeze_detector=False)
-    assert any(n.startswith("transformer.") and p.requires_grad for n, p in joint.named_parameters())
+    joint = small_model(MaskHead(freeze_detector=False))
+    assert any(n.startswith("detr.transformer.") and p.requires_grad for n, p in joint.named_parameters())
     criterion = SetCriterion.from_config(model.config)
     images, mask = pad_images([torch.randn(3, 64, 64)])
     targets = random_targets([(64, 64)])
@@ -164,15 +164,15 @@ def test_our_checkpoint_round_trips_with_masks(tmp_path):
 def test_official_panoptic_export_has_the_release_layout():
     rows = [line.split("\t") for line in (REFERENCE / "detr_r50_panoptic_keys.tsv").read_text().splitlines() if line]
     expected = {key: [int(x) for x in shape.strip("[]").split(",") if x.strip()] for key, shape, _ in rows}
-    state = official_state_dict(build_model("detr_r50", masks=True, num_classes=250))  # COCO panoptic ids
+    state = official_state_dict(build_model("detr_r50", mask_head=MaskHead(), num_classes=250))  # COCO panoptic ids
     assert {k: list(v.shape) for k, v in state.items()} == expected
 
 
 def test_detection_checkpoint_starts_a_fresh_mask_head():
-    detector = build_model("tiny_panoptic", num_classes=4, masks=False)
-    model = from_official({"model": official_state_dict(detector)}, masks=True)
-    assert model.config.masks and model.config.freeze_detector
-    torch.testing.assert_close(model.query_embed.weight, detector.query_embed.weight)
+    detector = build_model("tiny_panoptic", num_classes=4, mask_head=None)
+    model = from_official({"model": official_state_dict(detector)}, mask_head=MaskHead())
+    assert model.config.masks and model.config.mask_head.freeze_detector
+    torch.testing.assert_close(model.detr.query_embed.weight, detector.query_embed.weight)
 
 
 def test_detection_inference_of_a_mask_model_skips_the_mask_head():
@@ -200,9 +200,9 @@ def test_detection_inference_of_a_mask_model_skips_the_mask_head():
 
 
 def test_scaled_mask_attention_averages_one_per_query_and_stays_padding_invariant():
-    """`scaled_mask_attention` multiplies the official maps by the (head, unpadded position) count: the same
+    """`MaskHead.scaled_attention` multiplies the official maps by the (head, unpadded position) count: the same
     maps, averaging 1 over each image instead of 1/cells, alone or padded in a batch; no new weights."""
-    official, scaled = small_model(), small_model(scaled_mask_attention=True)
+    official, scaled = small_model(), small_model(MaskHead(scaled_attention=True))
     assert official.state_dict().keys() == scaled.state_dict().keys()
     scaled.load_state_dict(official.state_dict())
     torch.manual_seed(3)

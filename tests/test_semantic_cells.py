@@ -1,4 +1,4 @@
-"""semantic_loss_coef: every encoder cell trains on the class of the segment under it, by hand and in a model."""
+"""The semantic head: every encoder cell trains on the class of the segment under it, by hand and in a model."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detr import DETRConfig, SetCriterion, build_model, official_state_dict, pad_images
+from detr import DETRConfig, MaskHead, SemanticHead, SetCriterion, build_model, official_state_dict, pad_images
 from detr.semantic_cells import cell_labels, semantic_cell_loss
 
 
@@ -46,10 +46,11 @@ def test_loss_is_the_mean_cross_entropy_over_labelled_cells():
 
 
 def test_model_trains_its_semantic_head_only_in_training_and_never_exports_it():
-    with pytest.raises(ValueError, match="semantic_loss_coef"):
-        DETRConfig(semantic_loss_coef=-1.0)
+    with pytest.raises(ValueError, match="semantic_head.loss_coef must be > 0"):
+        DETRConfig(semantic_head=SemanticHead(loss_coef=0.0))
     config = DETRConfig.preset("tiny_panoptic", num_classes=4, enc_layers=1, dec_layers=1, num_queries=5,
-                               freeze_detector=False, backbone_stages=2, semantic_loss_coef=2.0)
+                               mask_head=MaskHead(freeze_detector=False), backbone_stages=2,
+                               semantic_head=SemanticHead(2.0))
     torch.manual_seed(0)
     model = build_model(config).train()
     images, mask = pad_images([torch.randn(3, 64, 64), torch.randn(3, 48, 64)])
@@ -67,10 +68,10 @@ def test_model_trains_its_semantic_head_only_in_training_and_never_exports_it():
     # A fresh linear head over 4 classes starts near the uniform cross-entropy, ln 4.
     assert losses["loss_semantic"].item() == pytest.approx(math.log(4), rel=0.5)
     criterion.total(losses).backward()
-    assert model.semantic_embed.weight.grad.abs().sum() > 0
-    assert model.backbone.body.layer2[0].conv1.weight.grad.abs().sum() > 0  # it reaches the backbone
+    assert model.detr.semantic_head.classifier.weight.grad.abs().sum() > 0
+    assert model.detr.backbone.body.layer2[0].conv1.weight.grad.abs().sum() > 0  # it reaches the backbone
     assert "semantic_outputs" not in model.eval()(images, mask)
-    assert not any(k.startswith("semantic_embed.") for k in official_state_dict(model))
+    assert not any("semantic_head." in k for k in official_state_dict(model))
 
 
 def _half_batch_worker(rank, world, init_file, out_dir):

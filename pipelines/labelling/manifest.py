@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
+from detr.errors import RaydetrError
 from pipelines.labelling.output import FORMAT, Committed, LabelOutput
 
 
@@ -30,7 +31,7 @@ def check_compatible(existing: Mapping[str, Any] | None, model: Mapping[str, str
     if existing is None:
         return
     if existing.get("format") != FORMAT:
-        raise ValueError(f"{where}: not a labelling output (manifest format {existing.get('format')!r})")
+        raise RaydetrError(f"{where}: not a labelling output (manifest format {existing.get('format')!r})")
     problems = []
     for name in ("name", "version", "run_id", "sha256"):
         before, now = existing["model"].get(name, ""), model.get(name, "")
@@ -42,7 +43,7 @@ def check_compatible(existing: Mapping[str, Any] | None, model: Mapping[str, str
         if before != now:
             problems.append(f"{name} {before!r} (now {now!r})")
     if problems:
-        raise ValueError(f"{where} was labelled with " + ", ".join(problems)
+        raise RaydetrError(f"{where} was labelled with " + ", ".join(problems)
                          + "; use the same model and settings to resume, or a new --output")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from detr.config import PANOPTIC_THRESHOLD
+from detr.errors import RaydetrError
 from pipelines.decode import DEFAULT_MAX_PIXELS
 
 TASKS = ("detection", "panoptic")
@@ -21,7 +23,7 @@ class LabelOptions:
     """How to label: the task, detection filters, parallelism, and how often rows are committed."""
 
     task: str = "detection"  # "panoptic": also the segments and a panoptic PNG per image (a model with masks)
-    panoptic_threshold: float = 0.85  # panoptic: keep queries whose top probability exceeds this (the paper's)
+    panoptic_threshold: float = PANOPTIC_THRESHOLD  # panoptic: keep queries whose top probability exceeds this
     score_threshold: float | None = 0.5  # keep detections scoring above this (None: every query)
     top_k: int | None = None  # then keep at most this many per image, best first
     classes: tuple[int, ...] | None = None  # category ids to keep (None: all)
@@ -53,7 +55,7 @@ class LabelOptions:
         if self.draw < 0 or self.commit_seconds < 0:
             problems.append("draw and commit_seconds must be >= 0")
         if problems:
-            raise ValueError("invalid labelling options: " + "; ".join(problems))
+            raise RaydetrError("invalid labelling options: " + "; ".join(problems))
 
     @property
     def torch_threads(self) -> int:
@@ -89,6 +91,6 @@ def parse_classes(spec: str | None, categories: Sequence[dict] | None) -> tuple[
             unknown.append(token)
     if unknown:
         names = ", ".join(sorted(by_name)[:20]) + (" ..." if len(by_name) > 20 else "")
-        raise ValueError(f"--classes: the model has no class {', '.join(map(repr, unknown))}"
+        raise RaydetrError(f"--classes: the model has no class {', '.join(map(repr, unknown))}"
                          + (f" (it knows: {names})" if names else " (it has no class names: use ids)"))
     return tuple(sorted(ids)) or None

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import torch
 
-from detr import PostProcess
+from detr.errors import RaydetrError
 from pipelines.labelling.predictor import LabelPredictor, select_detections
 from pipelines.labelling.schema import PANOPTIC_RESULT_SCHEMA
 from pipelines.labelling.segments import segments_array
@@ -28,9 +28,9 @@ class PanopticLabelPredictor(LabelPredictor):
                  **options: Any) -> None:
         super().__init__(checkpoint, score_threshold=score_threshold, **options)
         if not self.detector.model.config.masks:
-            raise ValueError("--task panoptic needs a model with a mask head (DETRConfig.masks)")
+            raise RaydetrError("--task panoptic needs a model with a mask head (DETRConfig.masks)")
         self.panoptic_threshold = panoptic_threshold
-        self.postprocess = PostProcess(score_threshold)
+        self.postprocess = self.detector.postprocess(score_threshold)
 
     def infer(self, images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[dict]:
         """Per image: filtered `detections`, `segments` and `panoptic_png` (COCO panoptic PNG bytes)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from detr.errors import RaydetrError
 from pipelines.decode import DecodeLimits
 from pipelines.labelling.options import LabelOptions
 from pipelines.labelling.panoptic_predictor import PanopticLabelPredictor
@@ -53,10 +54,10 @@ def check_cluster_fits(options: LabelOptions, gpus_per_actor: float, resources: 
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     actor_cpus = options.concurrency * options.cpus_per_actor
     if gpus_per_actor and options.concurrency * gpus_per_actor > gpus:
-        raise ValueError(f"{options.concurrency} actors x {gpus_per_actor:g} GPUs need {options.concurrency * gpus_per_actor:g}"
+        raise RaydetrError(f"{options.concurrency} actors x {gpus_per_actor:g} GPUs need {options.concurrency * gpus_per_actor:g}"
                          f" GPUs; the cluster has {gpus:g}: lower --concurrency or --gpus-per-actor")
     if actor_cpus + TASK_CPUS > cpus:
-        raise ValueError(
+        raise RaydetrError(
             f"{options.concurrency} actors x {options.cpus_per_actor:g} CPUs leave no CPU for reading and decoding "
             f"on a cluster of {cpus:g} CPUs; lower --concurrency, or reserve less per actor (e.g. "
             f"--cpus-per-actor {max(0.25, (cpus - TASK_CPUS) / options.concurrency):g}: each actor still runs "

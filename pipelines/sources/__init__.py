@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+from detr.errors import RaydetrError
 from pipelines import storage
 from pipelines.sources.archive import is_archive, open_archives
 from pipelines.sources.base import Source, Unit, iter_unit_records
@@ -96,4 +97,4 @@ def open_source(
         return open_archives(path)
     if kind == "parquet":
         return open_parquet(path)
-    raise ValueError(f"unknown source kind {kind!r}; choose from {', '.join(KINDS)}")
+    raise RaydetrError(f"unknown source kind {kind!r}; choose from {', '.join(KINDS)}")

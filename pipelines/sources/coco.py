@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+from detr.errors import RaydetrError
 from pipelines import storage
 from pipelines.errors import ErrorRecord
 from pipelines.records import make_record
@@ -26,9 +27,9 @@ def load_coco_json(path: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: COCO annotation file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise RaydetrError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{path}: not a COCO instances file (no 'images' list)")
+        raise RaydetrError(f"{path}: not a COCO instances file (no 'images' list)")
     return data
 
 

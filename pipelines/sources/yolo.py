@@ -14,6 +14,7 @@ import posixpath
 
 import numpy as np
 
+from detr.errors import RaydetrError
 from pipelines import storage
 from pipelines.decode import display_size, orient_boxes, probe_image
 from pipelines.errors import BAD_LABEL_FILE, UNKNOWN_CATEGORY, ErrorRecord, PipelineError
@@ -35,7 +36,7 @@ def read_class_names(root: str, classes_file: str | None = None) -> list[str]:
                 return [str(names[k]) for k in sorted(names, key=int)]
             if isinstance(names, list):
                 return [str(n) for n in names]
-            raise ValueError(f"{yml}: no 'names' list or mapping")
+            raise RaydetrError(f"{yml}: no 'names' list or mapping")
     raise FileNotFoundError(f"{root}: no classes.txt or data.yaml with class names (or pass a classes file)")
 
 

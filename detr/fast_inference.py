@@ -3,12 +3,11 @@ tensors, and optionally bfloat16 weights.
 
 Why: a frozen norm is a per-channel affine map, so it can live in the convolution in front of it
 (weights scaled, a bias added) instead of costing one more pass over every activation; and oneDNN
-on CPUs and cuDNN on GPUs run convolutions fastest on channels-last tensors. Together they take
-DETR-R50 at 320 px from 0.29 to 0.22 s per image on one CPU thread (`bench/label_speed.py`), and
-the outputs stay those of the original model up to float32 rounding (1e-5). A bfloat16 backbone
-runs about three times faster again on CPUs with AMX or AVX512-BF16 (and on tensor-core GPUs), at
-the cost of about 1e-2 in the logits, so it is an option (`precision="bfloat16"`), never the
-default; the transformer stays in float32 (see `LowPrecision`).
+on CPUs and cuDNN on GPUs run convolutions fastest on channels-last tensors (the gain:
+`bench/label_speed.py`, figures in bench/RESULTS.md), and the outputs stay those of the original
+model up to float32 rounding (1e-5). A bfloat16 backbone runs faster again on CPUs with AMX or
+AVX512-BF16 (and on tensor-core GPUs), at the cost of about 1e-2 in the logits, so it is an option
+(`precision="bfloat16"`), never the default; the transformer stays in float32 (see `LowPrecision`).
 
 Padding invariance is kept: where a norm cleared the padded area of a padded batch, a
 `ClearPadding` layer still does. An inference model cannot train and has no checkpoint of its own
@@ -26,7 +25,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .backbone import TrainableBatchNorm2d, _ValidRegion
-from .model import DETR
+from .model import detector_of
+from .errors import RaydetrError
 
 PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """The weight and activation precisions an inference model can run in."""
@@ -59,25 +59,26 @@ class ClearPadding(nn.Module):
         return x if valid is None else x * valid.to(x.dtype)
 
 
-def inference_model(model: DETR, precision: str = "float32", channels_last: bool = True,
-                    inplace: bool = False) -> DETR:
+def inference_model(model: nn.Module, precision: str = "float32", channels_last: bool = True,
+                    inplace: bool = False) -> nn.Module:
     """A copy of `model` for inference: eval mode, norms folded, channels-last, weights in `precision`
     (`inplace=True`: `model` itself is converted, for a caller that owns it, such as a loader).
 
     The copy's outputs equal the original's to float32 rounding (`precision="float32"`); run it with
     `forward_inference`, which moves the inputs to its device, precision and memory format."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise RaydetrError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if getattr(model, "inference_settings", None) is not None:
         raise ValueError("the model is already an inference model")
     fast = (model if inplace else copy.deepcopy(model)).eval()
     for param in fast.parameters():
         param.requires_grad_(False)
-    fold_norms(fast.backbone.body)
+    detector = detector_of(fast)
+    fold_norms(detector.backbone.body)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     if precision != "float32":
-        fast.backbone = LowPrecision(fast.backbone.to(PRECISIONS[precision]), PRECISIONS[precision])
+        detector.backbone = LowPrecision(detector.backbone.to(PRECISIONS[precision]), PRECISIONS[precision])
     fast.inference_settings = InferenceSettings(precision, channels_last)
     return fast
 
@@ -85,9 +86,8 @@ def inference_model(model: DETR, precision: str = "float32", channels_last: bool
 class LowPrecision(nn.Module):
     """A backbone run in a lower precision: images cast in, features cast back to float32.
 
-    Only the backbone: it is where the time goes (DETR-R50 at 320 px on one CPU thread, bfloat16:
-    0.056 s against 0.163 s), while the transformer's matrix products on CPUs ran slower in bfloat16
-    than in float32 (0.26 s against 0.04 s, weights copied per sequence position)."""
+    Only the backbone: it is where the time goes, while the transformer's matrix products on CPUs ran
+    slower in bfloat16 than in float32 (weights copied per sequence position)."""
 
     def __init__(self, backbone: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
@@ -145,7 +145,7 @@ def _set_child(module: nn.Module, name: str, child: nn.Module) -> None:
         setattr(module, name, child)
 
 
-def forward_inference(model: DETR, images: Tensor, mask: Tensor, **kwargs: Any) -> dict:
+def forward_inference(model: nn.Module, images: Tensor, mask: Tensor, **kwargs: Any) -> dict:
     """`model(images, mask, **kwargs)` under `torch.inference_mode`, with the inputs moved to the model's
     device, precision and memory format, and the main outputs (`pred_logits`, `pred_boxes`, `pred_masks`)
     returned in float32 (post-processing expects it). Works for plain models too."""
