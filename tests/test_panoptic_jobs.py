@@ -2,7 +2,6 @@
 detector (detector frozen), `detr evaluate --task panoptic`, and the pyfunc model's segments."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -27,15 +26,24 @@ def test_mask_head_training_evaluation_and_pyfunc(ray_cluster, mlflow_server, pa
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    import numpy as np
+    from PIL import Image
+
     from detr import build_model, load_checkpoint, save_checkpoint
     from jobs.evaluate import evaluate, format_result
+    from pipelines.transforms import TransformsConfig
+    from query_classes import fit_query_classes
     from jobs.train import train
     from jobs.train_config import load_train_config
 
-    # A "trained" detector (ours, no masks) to put the mask head on: classes 1-2 things, 3-4 stuff.
+    # A "trained" detector (ours, no masks) to put the mask head on: its queries fitted to the classes 1-2
+    # (things) and 3-4 (stuff) on the dataset's images, so the panoptic merge has segments to keep.
     torch.manual_seed(2)
     detector = build_model("tiny_panoptic", num_classes=5, mask_head=None, num_queries=6, enc_layers=1,
                            dim_feedforward=128)
+    images = sorted(Path(panoptic_shapes["panoptic_train"]).parent.glob("images/*.png"))
+    fit_query_classes(detector, TransformsConfig.small(), (80, 80),
+                      [np.asarray(Image.open(p).convert("RGB")) for p in images])
     save_checkpoint(detector, tmp_path / "detector.pt")
     config = load_train_config(None, [
         f"data.train={panoptic_shapes['panoptic_train']}", f"data.val={panoptic_shapes['panoptic_val']}",
