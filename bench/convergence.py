@@ -2,7 +2,7 @@
 
     python bench/convergence.py [--minutes 10] [--eval-every 1] [--recipes paper,fast] [--threads 2]
 
-Generates the synthetic shapes dataset once (`pipelines.synthetic`: 64-128 px images,
+Generates the synthetic shapes dataset once (`jobs.synthetic_data`: 64-128 px images,
 1-4 shapes of 16-48 px, 4 classes, a held-out val split), then trains one model per
 recipe from random weights: the same ResNet-18 DETR (hidden size 128, 3+3 layers, 20
 queries, the sizes a new user tries on a CPU) with the same augmentation at about the
@@ -39,9 +39,9 @@ from jobs.config_files import build_dataclass  # noqa: E402
 from jobs.recipes import RECIPES, apply_recipe  # noqa: E402
 from jobs.train_config import TrainJobConfig  # noqa: E402
 from pipelines.sources import open_source  # noqa: E402
-from pipelines.synthetic import SyntheticConfig, write_dataset  # noqa: E402
-from pipelines.torch_dataset import DetectionTorchDataset, collate_skipping_rejected, endless_batches  # noqa: E402
-from pipelines.transforms import TransformsConfig  # noqa: E402
+from jobs.synthetic_data import SyntheticConfig, write_dataset  # noqa: E402
+from pipelines.training.torch_dataset import DetectionTorchDataset, collate_skipping_rejected, endless_batches  # noqa: E402
+from pipelines.training.transforms import TransformsConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = {"preset": "tiny", "hidden_dim": 128, "nheads": 8, "enc_layers": 3, "dec_layers": 3,

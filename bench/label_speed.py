@@ -106,8 +106,8 @@ def make_model(path: str, preset: str, eval_size: int) -> dict:
 
     import detr
     from detr.coco_categories import coco_category_list
-    from pipelines.inference import transforms_to_metadata
-    from pipelines.transforms import TransformsConfig
+    from pipelines.inference.detector import transforms_to_metadata
+    from pipelines.training.transforms import TransformsConfig
 
     torch.manual_seed(0)
     model = detr.build_model(preset)
@@ -124,8 +124,8 @@ def plain_loop(checkpoint: str, paths: list[str], score_threshold: float, thread
     trained, or with `optimize` over the job's inference copy)."""
     import torch
 
-    from pipelines.decode import decode_image
-    from pipelines.inference import Detector
+    from pipelines.validation.decode import decode_image
+    from pipelines.inference.detector import Detector
 
     torch.set_num_threads(threads)
     detector = Detector.from_checkpoint(checkpoint, score_threshold=score_threshold, optimize=optimize)
@@ -145,7 +145,7 @@ def _shape_batches(detector, paths: list[str], batch_size: int) -> list:
     """Resized, normalised images grouped by shape into padded batches (what the model sees at best),
     split where padding would waste too much, as the label job's actors split them."""
     from detr import pad_images
-    from pipelines.decode import decode_image
+    from pipelines.validation.decode import decode_image
     from pipelines.labelling.shapes import padding_groups
 
     tensors = [detector.preprocess(decode_image(open(p, "rb").read(), p).array) for p in paths]
@@ -168,7 +168,7 @@ def _forward_seconds(detector, batches) -> float:
 def _forward_child(checkpoint: str, paths: list[str], batch_size: int, precision: str, barrier, results) -> None:
     import torch
 
-    from pipelines.inference import Detector
+    from pipelines.inference.detector import Detector
 
     torch.set_num_threads(1)
     detector = Detector.from_checkpoint(checkpoint, precision=precision)
@@ -183,7 +183,7 @@ def forward_only(checkpoint: str, paths: list[str], batch_size: int, processes: 
     each thread count > 1 in `threads`; the fastest is the limit."""
     import torch
 
-    from pipelines.inference import Detector
+    from pipelines.inference.detector import Detector
 
     results = {}
     for count in sorted({t for t in threads if t > 1}):

@@ -127,8 +127,8 @@ def make_model(path: str) -> None:
     import torch
 
     import detr
-    from pipelines.inference import transforms_to_metadata
-    from pipelines.transforms import TransformsConfig
+    from pipelines.inference.detector import transforms_to_metadata
+    from pipelines.training.transforms import TransformsConfig
 
     torch.manual_seed(0)
     model = detr.build_model(detr.DETRConfig.preset("tiny"), num_classes=5).eval()

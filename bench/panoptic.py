@@ -60,22 +60,22 @@ from jobs.config_files import build_dataclass  # noqa: E402
 from jobs.recipes import apply_recipe  # noqa: E402
 from jobs.train_config import TrainJobConfig  # noqa: E402
 from detr.panoptic_evaluation import PanopticEvaluator, instance_ground_truth, mask_ap  # noqa: E402
-from pipelines.decode import decode_image  # noqa: E402
-from pipelines.inference import Detector, transforms_to_metadata  # noqa: E402
+from pipelines.validation.decode import decode_image  # noqa: E402
+from pipelines.inference.detector import Detector, transforms_to_metadata  # noqa: E402
 from pipelines.labelling.key_digests import DIGEST_DTYPE  # noqa: E402
 from pipelines.labelling.panoptic_predictor import PanopticLabelPredictor  # noqa: E402
 from pipelines.labelling.pipeline import GROUP_WINDOW_BATCHES  # noqa: E402
 from pipelines.labelling.predictor import LabelPredictor  # noqa: E402
 from pipelines.labelling.prepare import prepare_batch  # noqa: E402
-from pipelines.loading import read_record_bytes  # noqa: E402
-from pipelines.panoptic import decode_panoptic_png, panoptic_categories  # noqa: E402
-from pipelines.records import records_table  # noqa: E402
-from pipelines.panoptic_inference import segment_images  # noqa: E402
-from pipelines.sources import open_source  # noqa: E402
+from pipelines.validation.loading import read_record_bytes  # noqa: E402
+from pipelines.validation.panoptic import decode_panoptic_png, panoptic_categories  # noqa: E402
+from pipelines.sources.records import records_table  # noqa: E402
+from pipelines.inference.panoptic import segment_images  # noqa: E402
+from pipelines.sources import iter_records, open_source  # noqa: E402
 from pipelines.storage import read_bytes  # noqa: E402
-from pipelines.synthetic import SyntheticConfig, write_dataset  # noqa: E402
-from pipelines.torch_dataset import DetectionTorchDataset, endless_batches  # noqa: E402
-from pipelines.transforms import TransformsConfig  # noqa: E402
+from jobs.synthetic_data import SyntheticConfig, write_dataset  # noqa: E402
+from pipelines.training.torch_dataset import DetectionTorchDataset, endless_batches  # noqa: E402
+from pipelines.training.transforms import TransformsConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -165,7 +165,7 @@ def evaluate(detector: Detector, val_json: str, threshold: float) -> dict[str, A
     evaluator = PanopticEvaluator(categories)
     images, annotations, results = [], [], []
     detector.model.eval()
-    for record in source.iter_records():
+    for record in iter_records(source):
         image = decode_image(read_record_bytes(record), record["key"]).array
         out = segment_images(detector, [image], threshold)[0]
         gt_ids = decode_panoptic_png(read_bytes(record["panoptic_path"]))
@@ -324,7 +324,7 @@ def main() -> None:
     by_weights = {name: evaluate(detector, paths["val"], thresholds[name]) for name, detector in detectors.items()}
     quality, model, detector = by_weights[chosen], weights[chosen], detectors[chosen]
     also = {float(t): evaluate(detector, paths["val"], float(t)) for t in args.also_thresholds.split(",") if t}
-    records = list(open_source(paths["val"]).iter_records())[: args.speed_images]
+    records = list(iter_records(open_source(paths["val"])))[: args.speed_images]
     batches = prepared_batches(records, plan.transforms, batch=4)
     checkpoint = checkpoint_bytes(model, categories, plan.transforms)
     (out / "panoptic_model.pt").write_bytes(checkpoint)  # for `detr label --task panoptic` or a closer look

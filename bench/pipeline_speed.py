@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 
 def make_data(folder: str, images: int, min_size: int, max_size: int) -> str:
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     config = SyntheticConfig(images=images, min_image_size=min_size, max_image_size=max_size,
                              max_object_size=min(48, min_size), image_format="jpg", seed=1)
@@ -59,10 +59,10 @@ def loader_epoch(loader) -> tuple[int, float]:
 def throughput(args) -> dict:
     import torch
 
-    from pipelines.dataset import build_detection_dataset
+    from pipelines.training.dataset import build_detection_dataset
     from pipelines.sources import open_source
-    from pipelines.torch_dataset import DetectionTorchDataset, collate_skipping_rejected
-    from pipelines.transforms import TransformsConfig
+    from pipelines.training.torch_dataset import DetectionTorchDataset, collate_skipping_rejected
+    from pipelines.training.transforms import TransformsConfig
 
     folder = tempfile.mkdtemp(prefix="bench-speed-")
     coco = make_data(folder, args.images, args.min_image_size, args.max_image_size)
@@ -123,8 +123,8 @@ def tree_pss(pid: int) -> int:
 
 def memory_child(images: int, workers: int, folder: str) -> None:
     """Runs in a fresh process: stream `images` images through the pipeline once, print the count."""
-    from pipelines.dataset import build_detection_dataset
-    from pipelines.transforms import TransformsConfig
+    from pipelines.training.dataset import build_detection_dataset
+    from pipelines.training.transforms import TransformsConfig
 
     start_ray(workers)
     data = build_detection_dataset(os.path.join(folder, "train.json"), train=True,
@@ -155,7 +155,7 @@ def peak_memory(images: int, workers: int, folder: str) -> dict:
 
 
 def memory(args) -> dict:
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     results = {}
     for n in (args.memory_small, args.memory_large):

@@ -29,7 +29,7 @@ def worker(config: dict) -> None:
     from detr import SetCriterion, build_model
     from detr.engine import move_batch
     from detr.optim import OptimizerConfig, build_optimizer, clip_gradients
-    from pipelines.collate import DetectionCollate
+    from pipelines.training.collate import DetectionCollate
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
@@ -112,9 +112,9 @@ def main() -> None:
 
     import ray
 
-    from pipelines.dataset import build_detection_dataset
-    from pipelines.synthetic import SyntheticConfig, write_dataset
-    from pipelines.transforms import TransformsConfig
+    from pipelines.training.dataset import build_detection_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
+    from pipelines.training.transforms import TransformsConfig
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=4, include_dashboard=False, logging_level="error", log_to_driver=False,

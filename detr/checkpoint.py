@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .config import DETRConfig
-from .model import InferenceGuard, build_model
 from .errors import RaydetrError
+from .model import InferenceGuard, build_model
 
 LEGACY_KEYS = (("encoder_class_embed.", "dense_head.class_embed."), ("encoder_bbox_embed.", "dense_head.bbox_embed."),
                ("proposal_pos.", "proposals.query_pos."), ("semantic_embed.", "semantic_head.classifier."))

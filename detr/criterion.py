@@ -31,11 +31,11 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 from .class_losses import CrossEntropyClasses, FocalClasses
 from .config import DETRConfig
 from .distributed import all_reduce_mean
+from .errors import RaydetrError
 from .mask_assignment import mask_assignment
 from .mask_losses import mask_losses_official, mask_losses_per_image, matched_pairs
 from .matcher import HungarianMatcher, MatchIndices
 from .semantic_cells import semantic_cell_loss
-from .errors import RaydetrError
 
 MaskLoss = Callable[[Tensor, Sequence[Mapping], MatchIndices], tuple[Tensor, Tensor]]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
+
 from .errors import RaydetrError
 
 

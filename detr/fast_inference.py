@@ -25,8 +25,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .backbone import TrainableBatchNorm2d, _ValidRegion
-from .model import detector_of
 from .errors import RaydetrError
+from .model import detector_of
 
 PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """The weight and activation precisions an inference model can run in."""

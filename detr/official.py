@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import DETRConfig, MaskHead
+from .errors import RaydetrError
 from .model import TRAINING_ONLY_PREFIXES, build_model
 from .weights import load_weights
-from .errors import RaydetrError
 
 _RESNET_BY_BLOCKS = {
     ((2, 2, 2, 2), False): "resnet18",

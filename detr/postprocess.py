@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
+
 from .errors import RaydetrError
 
 Detections = dict[str, Tensor]

@@ -11,6 +11,7 @@ match the official checkpoints. Tensors are batch-first: [B, sequence, channels]
 from __future__ import annotations
 
 import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

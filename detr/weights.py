@@ -13,8 +13,8 @@ from typing import Mapping
 
 from torch import Tensor, nn
 
-from .model import NON_OFFICIAL_PREFIXES
 from .errors import RaydetrError
+from .model import NON_OFFICIAL_PREFIXES
 
 DETECTOR_PREFIX = "detr."
 """Where `DETRsegm` (ours and the official) keeps its detector's keys."""

@@ -17,7 +17,6 @@ from typing import Sequence
 
 from detr.errors import RaydetrError
 
-
 # name -> (module, one-line help). The order is the order `detr --help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the end-to-end demo: data, training, evaluation, promotion, labelling"),

@@ -22,7 +22,6 @@ import yaml
 from detr.errors import RaydetrError
 
 
-
 class ConfigError(RaydetrError):
     """A configuration file or override that cannot be used, with the offending path in the message."""
 

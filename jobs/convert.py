@@ -18,7 +18,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from pipelines.convert import convert, errors_path_for
+    from pipelines.tools.convert import convert, errors_path_for
 
     coco, errors = convert(args.format, args.source, args.out, args.classes)
     print(f"{len(coco['images'])} images, {len(coco['annotations'])} annotations, "

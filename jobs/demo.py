@@ -56,7 +56,7 @@ def _done(start: float) -> None:
 
 
 def make_data(settings: DemoSettings) -> dict[str, str]:
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     data_dir = os.path.join(settings.workdir, "data")
     config = SyntheticConfig(images=settings.images, classes=4, min_objects=1, max_objects=3,
@@ -91,10 +91,10 @@ def demo(settings: DemoSettings) -> dict:
     from jobs.evaluate import evaluate, format_result
     from jobs.label import format_result as format_label_result
     from jobs.label import label
-    from pipelines.labelling.options import LabelOptions
     from jobs.promote import promote
     from jobs.tracking import resolve_tracking_uri
     from jobs.train import train
+    from pipelines.labelling.options import LabelOptions
 
     os.makedirs(settings.workdir, exist_ok=True)
     tracking_uri = resolve_tracking_uri(None)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from detr.config import PANOPTIC_THRESHOLD
 from detr.errors import RaydetrError
 from jobs.cli import module_main
-from pipelines.cluster import connect
+from jobs.ray_session import connect
 
 EVAL_EXPERIMENT = "raydetr-evaluations"
 TAG_JOB = "raydetr.job"
@@ -81,7 +81,7 @@ def _load_detector(checkpoint, threads: int):
     uses (official checkpoints padding-invariant, as labelling runs them)."""
     import torch
 
-    from pipelines.inference import Detector
+    from pipelines.inference.detector import Detector
 
     torch.set_num_threads(threads)
     if not isinstance(checkpoint, (bytes, bytearray)):
@@ -105,7 +105,7 @@ class EvalPredictor:
         import torch
 
         from detr import boxes_only, forward_inference
-        from pipelines.collate import collate_samples
+        from pipelines.training.collate import collate_samples
 
         images, mask, targets = collate_samples(batch, self.mean, self.std)
         outputs = forward_inference(self.model, images, mask, mask_queries=boxes_only)
@@ -144,8 +144,8 @@ class PanopticPredictor:
         import numpy as np
 
         from detr import forward_inference, masks_to_rle
-        from pipelines.collate import collate_samples
-        from pipelines.panoptic import encode_panoptic_png
+        from pipelines.training.collate import collate_samples
+        from pipelines.validation.panoptic import encode_panoptic_png
 
         images, mask, targets = collate_samples(batch, self.mean, self.std)
         outputs = forward_inference(self.model, images, mask)  # every query's mask: mask AP ranks all detections
@@ -259,16 +259,15 @@ def evaluate(
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
     if task not in TASKS:
         raise RaydetrError(f"unknown task {task!r}; choose from {TASKS}")
-    from ray.data import ActorPoolStrategy
-
     import ray
+    from ray.data import ActorPoolStrategy
 
     from detr.evaluation import STAT_NAMES, coco_ground_truth, evaluate_coco
     from jobs.model_sources import load_model
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
-    from pipelines.dataset import build_detection_dataset
-    from pipelines.digest import dataset_digest
     from pipelines.sources import open_source
+    from pipelines.tools.digest import dataset_digest
+    from pipelines.training.dataset import build_detection_dataset
 
     uri = resolve_tracking_uri(tracking_uri)
     if log_to_mlflow:
@@ -342,8 +341,9 @@ def _evaluate_panoptic(checkpoint, source, dataset, transforms, batch_size: int,
     from ray.data import ActorPoolStrategy
 
     from detr.panoptic_evaluation import PanopticEvaluator, instance_ground_truth, mask_ap
-    from pipelines.panoptic import decode_panoptic_png, panoptic_categories
+    from pipelines.sources import iter_records
     from pipelines.storage import read_bytes
+    from pipelines.validation.panoptic import decode_panoptic_png, panoptic_categories
 
     categories = source.categories or []
     is_thing = panoptic_categories(categories)
@@ -356,7 +356,7 @@ def _evaluate_panoptic(checkpoint, source, dataset, transforms, batch_size: int,
         compute=ActorPoolStrategy(size=concurrency),
         num_cpus=1,
     )
-    records = {int(r["image_id"]): r for r in source.iter_records()}
+    records = {int(r["image_id"]): r for r in iter_records(source)}
     evaluator = PanopticEvaluator(categories)
     images, annotations, results = [], [], []
     for row in predictions.iter_rows():

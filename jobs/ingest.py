@@ -8,8 +8,8 @@ from jobs.cli import module_main
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from pipelines.decode import DecodeLimits
-    from pipelines.ingest import IngestOptions
+    from pipelines.tools.ingest import IngestOptions
+    from pipelines.validation.decode import DecodeLimits
 
     parser.add_argument("source", help="COCO JSON, YOLO or VOC folder, image folder or glob, archive(s), "
                                        "or ingested shards; local path or URI (s3://, gs://, ...)")
@@ -25,11 +25,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.cluster import connect
-    from pipelines.decode import DecodeLimits
-    from pipelines.ingest import IngestOptions, ingest
+    from jobs.ray_session import connect
     from pipelines.sources import open_source
     from pipelines.storage import check_reachable
+    from pipelines.tools.ingest import IngestOptions, ingest
+    from pipelines.validation.decode import DecodeLimits
 
     source = open_source(args.source, args.kind, images=args.images, classes=args.classes)
     check_reachable(args.out)

@@ -144,9 +144,9 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     """Label `input_path` with `model` into `output` (resuming what is there); see the module docstring."""
     import ray
 
-    from pipelines.cluster import connect
-    from pipelines.reader import folder_of_archives, start_listings
+    from jobs.ray_session import connect
     from pipelines.sources import open_source
+    from pipelines.sources.reader import folder_of_archives, start_listings
     from pipelines.storage import check_reachable
 
     # An object store's folder is listed by a task of its own, started first: its listing overlaps importing

@@ -9,7 +9,7 @@ from jobs.cli import module_main
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from pipelines.synthetic import SyntheticConfig
+    from jobs.synthetic_data import SyntheticConfig
 
     d = SyntheticConfig()
     parser.add_argument("out", help="output folder: OUT/images/, OUT/train.json (and OUT/val.json)")
@@ -35,7 +35,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     config = SyntheticConfig(
         images=args.images, classes=args.classes, min_objects=args.min_objects, max_objects=args.max_objects,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipelines.transforms import TransformsConfig
+    from pipelines.training.transforms import TransformsConfig
 
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
@@ -124,7 +124,7 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
     """Resolve any model argument (downloading MLflow models, then removing the download), check that the
     file loads, and read what a job's driver needs from it."""
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
-    from pipelines.inference import Detector
+    from pipelines.inference.detector import Detector
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_mlflow_uri(spec):

@@ -26,14 +26,14 @@ from detr.errors import RaydetrError
 
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pipelines.inference import Detector
+        from pipelines.inference.detector import Detector
 
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from pipelines.decode import decode_image
-        from pipelines.errors import PipelineError
         from pipelines.storage import read_bytes
+        from pipelines.validation.decode import decode_image
+        from pipelines.validation.errors import PipelineError
 
         params = params or {}
         threshold = float(params.get("score_threshold", 0.5))
@@ -43,7 +43,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         if panoptic:
             import json
 
-            from pipelines.panoptic_inference import segment_images
+            from pipelines.inference.panoptic import segment_images
 
             columns.insert(-1, "segments")
         rows = []

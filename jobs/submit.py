@@ -69,7 +69,7 @@ SUBMISSION_STAMP = "_submitted/submission-id"
 """A file unique to each submission in its staged code. Ray names a working_dir package by its content
 and shares one unpacked copy between jobs of the same content; when one job ends Ray may delete that
 copy under a job that started from it (seen: `detr submit label` right after `detr submit train`
-failing on a vanished pipelines/reader.py). Distinct content gives each job a package of its own."""
+failing on a vanished pipelines/sources/reader.py). Distinct content gives each job a package of its own."""
 
 
 def stage_code(job_args: list[str], staging: Path) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from detr.errors import RaydetrError
 from jobs.cli import module_main
-from pipelines.cluster import connect, restore_working_directory
+from jobs.ray_session import connect, restore_working_directory
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -109,16 +109,16 @@ def _log_detection_images(run, detector_checkpoint: str, val_source: str | None,
     """PNG previews of the final model's detections on the first validation images."""
     if not val_source or count <= 0:
         return
-    from pipelines.decode import decode_image
-    from pipelines.drawing import draw_detections
-    from pipelines.inference import Detector
-    from pipelines.loading import read_record_bytes
-    from pipelines.sources import open_source
+    from pipelines.inference.detector import Detector
+    from pipelines.inference.drawing import draw_detections
+    from pipelines.sources import iter_records, open_source
+    from pipelines.validation.decode import decode_image
+    from pipelines.validation.loading import read_record_bytes
 
     detector = Detector.from_checkpoint(detector_checkpoint)
     source = open_source(val_source, images=val_images)
     written = 0
-    for record in source.iter_records():
+    for record in iter_records(source):
         if written >= count:
             break
         try:
@@ -144,12 +144,12 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from jobs.train_loop import MODEL_FILE, train_loop_per_worker
     from pipelines import storage
-    from pipelines.dataset import build_detection_dataset
-    from pipelines.inference import transforms_to_metadata
+    from pipelines.inference.detector import transforms_to_metadata
     from pipelines.placement import nodes_that_cannot_see
     from pipelines.sources import open_source
     from pipelines.storage import check_reachable
-    from pipelines.transforms import TransformsConfig
+    from pipelines.training.dataset import build_detection_dataset
+    from pipelines.training.transforms import TransformsConfig
 
     config = config.resolved()
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
@@ -238,7 +238,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         local = checkpoint.to_directory(os.path.join(tmp, "best"))
         model_path = os.path.join(local, MODEL_FILE)
         if errors:
-            from pipelines.errors import write_errors_table
+            from pipelines.validation.errors import write_errors_table
 
             table = write_errors_table(errors, storage.join(run_dir, "errors.parquet"))
             run.log_artifact(write_errors_table(errors, os.path.join(tmp, "errors.parquet")), "data")

@@ -29,8 +29,8 @@ from typing import Any, Mapping, Sequence
 from detr.config import DETRConfig
 from detr.errors import RaydetrError
 from detr.optim import OptimizerConfig
+from jobs.config_files import ConfigError, apply_overrides, build_dataclass, read_config_file, unknown_key_error
 from jobs.recipes import apply_recipe
-from jobs.config_files import ConfigError, unknown_key_error, apply_overrides, build_dataclass, read_config_file
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class DataSection:
     val: str | None = None
     val_images: str | None = None
     transforms: str = "paper"
-    """Augmentation preset of `pipelines.transforms.TransformsConfig`: paper | small | native."""
+    """Augmentation preset of `pipelines.training.transforms.TransformsConfig`: paper | small | native."""
     batch_size: int = 4
     """Images per worker per step (the paper: 4 per GPU)."""
     eval_batch_size: int = 4

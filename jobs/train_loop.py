@@ -35,8 +35,8 @@ from detr.config import PANOPTIC_THRESHOLD, DETRConfig
 from detr.ema import ema_model
 from detr.engine import predict, predict_panoptic, train_step
 from detr.evaluation import coco_ground_truth, evaluate_coco
-from detr.weights import load_weights
 from detr.optim import build_lr_scheduler, build_optimizer, build_warmup_scheduler
+from detr.weights import load_weights
 from jobs.config_files import build_dataclass
 from jobs.train_config import TrainJobConfig
 
@@ -223,7 +223,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------
     def _batches(self, shard, batch_size: int) -> Iterator:
-        from pipelines.collate import DetectionCollate
+        from pipelines.training.collate import DetectionCollate
 
         return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=DetectionCollate(), drop_last=False))
 

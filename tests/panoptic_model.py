@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 import detr
-from pipelines.inference import transforms_to_metadata
+from jobs.synthetic_data import SyntheticConfig, write_dataset
+from pipelines.inference.detector import transforms_to_metadata
+from pipelines.training.transforms import TransformsConfig
 from query_classes import fit_query_classes
-from pipelines.synthetic import SyntheticConfig, write_dataset
-from pipelines.transforms import TransformsConfig
 
 PANOPTIC_SHAPES = SyntheticConfig(images=6, classes=2, min_image_size=80, max_image_size=80, max_object_size=32,
                                   max_objects=2, val_fraction=0.0, seed=6, panoptic=True, stuff_classes=2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines.inference import Detector
-from pipelines.transforms import TransformsConfig
+from pipelines.inference.detector import Detector
+from pipelines.training.transforms import TransformsConfig
 
 
 def fit_query_classes(model: torch.nn.Module, transforms: TransformsConfig, image_size: tuple[int, int],

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import detr
-from detr import DETRConfig, build_model, from_official, load_checkpoint, official_state_dict, pad_images, save_checkpoint
+from detr import (DETRConfig, build_model, from_official, load_checkpoint, official_state_dict, pad_images,
+                  save_checkpoint)
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 

@@ -9,9 +9,9 @@ import detr
 from detr import forward_inference, inference_model, pad_images
 from detr.checkpoint import checkpoint_dict
 from detr.fast_inference import ClearPadding, fold_norms
-from pipelines.inference import Detector
+from pipelines.inference.detector import Detector
 from pipelines.labelling.options import PRECISIONS as LABEL_PRECISIONS
-from pipelines.transforms import TransformsConfig
+from pipelines.training.transforms import TransformsConfig
 
 FAST_PANOPTIC = dict(backbone_norm="batch", train_backbone_stem=True, backbone_stages=2, focal=detr.FocalLoss(),
                      dense_head=detr.DenseHead(2), two_stage=detr.TwoStage(nms=0.5), num_classes=7)

@@ -28,13 +28,13 @@ from PIL import Image
 
 import detr
 from jobs.cli import main as detr_cli
+from jobs.synthetic_data import SyntheticConfig, write_dataset
 from messy_data import corrupt_jpeg, encode, rgb_image, write_messy_coco
-from pipelines.decode import decode_image
-from pipelines.inference import Detector, transforms_to_metadata
-from query_classes import fit_query_classes
+from pipelines.inference.detector import Detector, transforms_to_metadata
 from pipelines.labelling.output import ERRORS, LABELS, LabelOutput
-from pipelines.synthetic import SyntheticConfig, write_dataset
-from pipelines.transforms import TransformsConfig
+from pipelines.training.transforms import TransformsConfig
+from pipelines.validation.decode import decode_image
+from query_classes import fit_query_classes
 
 pytestmark = pytest.mark.ray
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from messy_data import encode, rgb_image
-from pipelines.errors import ErrorRecord
 from pipelines.labelling.coco_export import write_coco_results
 from pipelines.labelling.key_digests import KeyDigestSet, key_digests
 from pipelines.labelling.manifest import check_compatible, new_manifest
@@ -22,8 +21,9 @@ from pipelines.labelling.prepare import pixels_array, prepare_batch
 from pipelines.labelling.schema import LABEL_SCHEMA, RESULT_SCHEMA
 from pipelines.labelling.shapes import padding_groups, padding_waste
 from pipelines.labelling.writer import ChunkWriter, ModelIdentity
-from pipelines.records import make_record, records_table
-from pipelines.transforms import TransformsConfig
+from pipelines.sources.records import make_record, records_table
+from pipelines.training.transforms import TransformsConfig
+from pipelines.validation.errors import ErrorRecord
 
 MODEL = ModelIdentity("shapes", "3", "run-abc")
 
@@ -193,8 +193,8 @@ def test_prepare_skips_committed_keys_decodes_resizes_and_orders_by_shape():
     assert min(wide_row["input_height"], wide_row["input_width"]) == transforms.eval_size
     import hashlib
 
-    from pipelines.decode import decode_image
-    from pipelines.inference import EvalPreprocessing
+    from pipelines.inference.detector import EvalPreprocessing
+    from pipelines.validation.decode import decode_image
 
     assert wide_row["content_hash"] == hashlib.sha256(wide).hexdigest()
     expected = EvalPreprocessing(transforms).resize(decode_image(wide, "wide.png").array).numpy()
@@ -215,11 +215,11 @@ def test_layouts_the_cluster_cannot_run_are_refused_with_a_way_out():
 
 def test_a_glob_of_archives_is_read_as_archives(tmp_path):
     from messy_data import write_unsafe_tar
-    from pipelines.sources import detect_kind, open_source
+    from pipelines.sources import detect_kind, iter_records, open_source
 
     for name in ("a.tar", "b.tar"):
         write_unsafe_tar(str(tmp_path / name))
     pattern = str(tmp_path / "*.tar")
     assert detect_kind(pattern) == "archive"
-    keys = [r["key"] for r in open_source(pattern).iter_records() if not r["error_reason"]]
+    keys = [r["key"] for r in iter_records(open_source(pattern)) if not r["error_reason"]]
     assert keys == [f"{tmp_path}/{a}!{m}" for a in ("a.tar", "b.tar") for m in ("a/one.png", "two.jpg")]

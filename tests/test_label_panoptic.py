@@ -16,8 +16,8 @@ from PIL import Image
 from detr import masks_to_rle
 from messy_data import corrupt_jpeg
 from panoptic_model import CATEGORIES, panoptic_images, save_tiny_panoptic
-from pipelines.decode import decode_image
-from pipelines.inference import Detector
+from pipelines.inference.detector import Detector
+from pipelines.inference.panoptic import segment_images
 from pipelines.labelling.key_digests import key_digests
 from pipelines.labelling.manifest import check_compatible, new_manifest
 from pipelines.labelling.options import LabelOptions
@@ -28,10 +28,10 @@ from pipelines.labelling.prepare import prepare_batch
 from pipelines.labelling.schema import PANOPTIC_LABEL_SCHEMA, PANOPTIC_RESULT_SCHEMA
 from pipelines.labelling.segments import id_map_from_segments, segment_masks, segment_row, segments_array
 from pipelines.labelling.writer import ChunkWriter, ModelIdentity
-from pipelines.panoptic import decode_panoptic_png, encode_panoptic_png
-from pipelines.panoptic_inference import segment_images
-from pipelines.records import make_record, records_table
-from pipelines.transforms import TransformsConfig
+from pipelines.sources.records import make_record, records_table
+from pipelines.training.transforms import TransformsConfig
+from pipelines.validation.decode import decode_image
+from pipelines.validation.panoptic import decode_panoptic_png, encode_panoptic_png
 
 ID_MAP = np.array([[1, 1, 2, 2, 2], [1, 1, 2, 258, 258], [3, 3, 3, 258, 258], [3, 3, 3, 3, 258]], dtype=np.int64)
 

@@ -18,13 +18,13 @@ from detr import PanopticPostProcess, pad_images
 from jobs.cli import main as detr_cli
 from messy_data import corrupt_jpeg
 from panoptic_model import panoptic_images, save_tiny_panoptic
-from pipelines.decode import decode_image
-from pipelines.inference import Detector
+from pipelines.inference.detector import Detector
+from pipelines.inference.panoptic import is_thing_map
 from pipelines.labelling.output import ERRORS, LABELS, LabelOutput
 from pipelines.labelling.segments import segment_masks
-from pipelines.panoptic import decode_panoptic_png
-from pipelines.panoptic_inference import is_thing_map
-from pipelines.transforms import TransformsConfig
+from pipelines.training.transforms import TransformsConfig
+from pipelines.validation.decode import decode_image
+from pipelines.validation.panoptic import decode_panoptic_png
 
 pytestmark = pytest.mark.ray
 

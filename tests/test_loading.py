@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 from messy_data import SIZE, encode, rgb_image, write_messy_coco
-from pipelines import errors as E
-from pipelines.decode import DecodeLimits, decode_image, orient_boxes
-from pipelines.loading import load_record
-from pipelines.sources import open_source
+from pipelines.sources import iter_records, open_source
+from pipelines.validation import errors as E
+from pipelines.validation.decode import DecodeLimits, decode_image, orient_boxes
+from pipelines.validation.loading import load_record
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def messy(tmp_path_factory):
     path, expected = write_messy_coco(str(root))
     source = open_source(path, images=str(root / "img"))
     results = {}
-    for record in source.iter_records():
+    for record in iter_records(source):
         loaded, errors = load_record(record, source.category_ids)
         results[record["key"]] = (loaded, errors)
     return results, expected

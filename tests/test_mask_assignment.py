@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detr import DenseHead, DETRConfig, FocalLoss, HungarianMatcher, MaskHead, SetCriterion, TwoStage, build_model, pad_images
+from detr import (DenseHead, DETRConfig, FocalLoss, HungarianMatcher, MaskHead, SetCriterion, TwoStage, build_model,
+                  pad_images)
 from detr.class_losses import FocalClasses
 from detr.mask_assignment import covered_cells, mask_assignment
 

@@ -12,14 +12,15 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from jobs.cli import main as detr
-from pipelines import errors as E
-from pipelines.collate import collate_samples
-from pipelines.loading import load_record
-from pipelines.panoptic import decode_panoptic_png, encode_panoptic_png, id2rgb, rgb2id
-from pipelines.samples import make_sample
-from pipelines.sources import open_source
-from pipelines.synthetic import SyntheticConfig, render_image
-from pipelines.transforms import RandomSizeCrop, TransformsConfig, _target_tensors, apply_transform, build_transform
+from jobs.synthetic_data import SyntheticConfig, render_image
+from pipelines.sources import iter_records, open_source
+from pipelines.training.collate import collate_samples
+from pipelines.training.samples import make_sample
+from pipelines.training.transforms import (RandomSizeCrop, TransformsConfig, _target_tensors, apply_transform,
+                                           build_transform)
+from pipelines.validation import errors as E
+from pipelines.validation.loading import load_record
+from pipelines.validation.panoptic import decode_panoptic_png, encode_panoptic_png, id2rgb, rgb2id
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_panoptic_png_round_trip():
 def test_source_reads_segments_as_annotations_with_masks(panoptic_set):
     source = open_source(str(panoptic_set / "panoptic_train.json"))
     assert source.is_panoptic and source.kind == "coco_panoptic"
-    record = next(source.iter_records())
+    record = next(iter_records(source))
     loaded, errors = load_record(record, source.category_ids)
     assert errors == []
     ann = loaded.annotations
@@ -154,7 +155,7 @@ def test_bad_panoptic_annotations_land_in_the_errors_table(panoptic_set, tmp_pat
     (root / "panoptic_train.json").write_text(json.dumps(data))
     source = open_source(str(root / "panoptic_train.json"))
     reasons, kept = {}, {}
-    for record in source.iter_records():
+    for record in iter_records(source):
         sample, loaded, errors = make_sample(record, build_transform(TransformsConfig.small(), False), seed=0, epoch=0,
                                              known_categories=source.category_ids, with_masks=True)
         reasons[record["image_id"]] = sorted(e.reason for e in errors)
@@ -168,7 +169,7 @@ def test_bad_panoptic_annotations_land_in_the_errors_table(panoptic_set, tmp_pat
     assert reasons[ids[4]] == [E.PANOPTIC_PNG_ERROR] and kept[ids[4]] is None
     assert reasons[ids[5]] == [E.PANOPTIC_PNG_ERROR] and kept[ids[5]] is None
     assert all(reasons[i] == [] for i in ids[6:])
-    table = E.errors_to_table([e for r in source.iter_records() for e in load_record(r, source.category_ids)[1]])
+    table = E.errors_to_table([e for r in iter_records(source) for e in load_record(r, source.category_ids)[1]])
     assert set(table.column("reason").to_pylist()) == {E.PANOPTIC_SIZE_MISMATCH, E.SEGMENT_MISSING_FROM_PNG,
                                                        E.SEGMENT_MISSING_FROM_JSON, E.UNKNOWN_CATEGORY,
                                                        E.PANOPTIC_PNG_ERROR}

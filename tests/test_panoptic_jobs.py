@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
 
 @pytest.fixture(scope="module")
 def panoptic_shapes(tmp_path_factory):
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     out = tmp_path_factory.mktemp("panoptic_shapes")
     config = SyntheticConfig(images=16, classes=2, min_image_size=64, max_image_size=80, max_object_size=32,
@@ -24,17 +24,16 @@ def panoptic_shapes(tmp_path_factory):
 
 def test_mask_head_training_evaluation_and_pyfunc(ray_cluster, mlflow_server, panoptic_shapes, tmp_path):
     import mlflow
-    from mlflow.tracking import MlflowClient
-
     import numpy as np
+    from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from detr import build_model, load_checkpoint, save_checkpoint
     from jobs.evaluate import evaluate, format_result
-    from pipelines.transforms import TransformsConfig
-    from query_classes import fit_query_classes
     from jobs.train import train
     from jobs.train_config import load_train_config
+    from pipelines.training.transforms import TransformsConfig
+    from query_classes import fit_query_classes
 
     # A "trained" detector (ours, no masks) to put the mask head on: its queries fitted to the classes 1-2
     # (things) and 3-4 (stuff) on the dataset's images, so the panoptic merge has segments to keep.

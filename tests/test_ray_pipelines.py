@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from jobs.cli import main as detr
+from jobs.synthetic_data import SyntheticConfig, write_dataset
 from messy_data import write_messy_coco, write_unsafe_tar
-from pipelines.dataset import build_detection_dataset
-from pipelines.errors import read_errors_table
-from pipelines.loading import decode_batch
 from pipelines.sources import open_source
-from pipelines.synthetic import SyntheticConfig, write_dataset
-from pipelines.transforms import TransformsConfig
+from pipelines.training.dataset import build_detection_dataset
+from pipelines.training.transforms import TransformsConfig
+from pipelines.validation.errors import read_errors_table
+from pipelines.validation.loading import decode_batch
 
 pytestmark = pytest.mark.ray
 

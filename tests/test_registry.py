@@ -32,7 +32,7 @@ def test_the_gate_decides_on_the_gain():
 @pytest.fixture(scope="module")
 def easy_shapes(tmp_path_factory):
     """Large, isolated shapes of two classes: a few minutes of training find them."""
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     out = tmp_path_factory.mktemp("easy-shapes")
     config = SyntheticConfig(images=120, classes=2, min_objects=1, max_objects=1, min_object_size=28,
@@ -109,7 +109,7 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path):
     from detr import build_model, save_checkpoint
     from jobs.mlflow_model import log_detector_model
     from jobs.tracking import TrackedRun
-    from pipelines.inference import Detector
+    from pipelines.inference.detector import Detector
 
     model = build_model("tiny", num_classes=3)
     checkpoint = save_checkpoint(model, tmp_path / "model.pt",

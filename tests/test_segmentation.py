@@ -180,8 +180,8 @@ def test_detection_inference_of_a_mask_model_skips_the_mask_head():
     import numpy as np
 
     from detr import boxes_only
-    from pipelines.inference import Detector
-    from pipelines.transforms import TransformsConfig
+    from pipelines.inference.detector import Detector
+    from pipelines.training.transforms import TransformsConfig
 
     model = small_model()
     calls = []

@@ -13,10 +13,10 @@ import pytest
 
 from jobs.cli import main as detr
 from messy_data import encode, rgb_image, write_unsafe_tar
-from pipelines.loading import load_record
-from pipelines.sources import FolderOfArchives, detect_kind, iter_unit_records, open_source
+from pipelines.sources import FolderOfArchives, detect_kind, iter_records, iter_unit_records, open_source
 from pipelines.sources.folder import open_folder
 from pipelines.storage import IMAGE_EXTENSIONS, FolderListing, list_files
+from pipelines.validation.loading import load_record
 
 
 def write_yolo(root):
@@ -52,7 +52,7 @@ def test_yolo_source_and_convert_command(tmp_path, capsys):
     assert any("a.txt:2" in e["detail"] for e in errors)
     assert "2 images, 2 annotations" in capsys.readouterr().out
     source = open_source(str(root))
-    records = list(source.iter_records())
+    records = list(iter_records(source))
     assert [r["key"] for r in records] == ["train/a.jpg", "train/b.png"] and len(source.planning_errors) == 3
     loaded, errs = load_record(records[0], source.category_ids)
     assert errs == [] and loaded.annotations.category_ids.tolist() == [1, 2]
@@ -73,7 +73,7 @@ def test_voc_source(tmp_path):
     source = open_source(str(root))
     assert source.kind == "voc" and [c["name"] for c in source.categories] == ["cat", "dog"]
     assert sorted(e.reason for e in source.planning_errors) == ["bad_label_file", "bad_label_file"]
-    (record,) = list(source.iter_records())
+    (record,) = list(iter_records(source))
     loaded, errs = load_record(record, source.category_ids)
     np.testing.assert_allclose(loaded.annotations.boxes, [[8, 10, 16, 10], [0, 0, 10, 10]])
     assert loaded.annotations.category_ids.tolist() == [2, 1] and loaded.annotations.iscrowd.tolist() == [0, 1]
@@ -83,18 +83,18 @@ def test_folder_and_glob(tmp_path):
     for name in ("b/2.png", "a/1.jpg", "a/notes.txt", "c.JPG"):
         os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
         (tmp_path / name).write_bytes(encode(rgb_image(0), "PNG"))
-    keys = [r["key"] for r in open_source(str(tmp_path)).iter_records()]
+    keys = [r["key"] for r in iter_records(open_source(str(tmp_path)))]
     assert keys == [str(tmp_path / n) for n in ("a/1.jpg", "b/2.png", "c.JPG")]
-    glob_keys = [r["key"] for r in open_source(str(tmp_path / "*" / "*.png")).iter_records()]
+    glob_keys = [r["key"] for r in iter_records(open_source(str(tmp_path / "*" / "*.png")))]
     assert glob_keys == [str(tmp_path / "b/2.png")]
-    assert all(r["has_annotations"] is False for r in open_source(str(tmp_path)).iter_records())
+    assert all(r["has_annotations"] is False for r in iter_records(open_source(str(tmp_path))))
 
 
 @pytest.mark.parametrize("name", ["imgs.tar", "imgs.tar.gz"])
 def test_tar_streams_members_and_rejects_unsafe_ones(tmp_path, name):
     path = str(tmp_path / name)
     good = write_unsafe_tar(path)
-    records = list(open_source(path).iter_records())
+    records = list(iter_records(open_source(path)))
     ok = [r for r in records if not r["error_reason"]]
     bad = {r["key"].split("!", 1)[1]: r["error_reason"] for r in records if r["error_reason"]}
     assert sorted(r["key"] for r in ok) == [f"{path}!{m}" for m in good]
@@ -113,7 +113,7 @@ def test_zip_members(tmp_path):
         zf.writestr("in/one.png", encode(rgb_image(1), "PNG"))
         zf.writestr("../up.png", encode(rgb_image(1), "PNG"))
         zf.writestr("readme.md", "skip me")
-    records = list(open_source(path).iter_records())
+    records = list(iter_records(open_source(path)))
     assert [(r["key"], r["error_reason"]) for r in records] == [
         (f"{path}!in/one.png", ""), (f"{path}!../up.png", "unsafe_archive_member")]
     assert records[0]["bytes"] == encode(rgb_image(1), "PNG")
@@ -165,9 +165,9 @@ def test_a_streamed_folder_reads_the_records_a_planned_one_holds(tmp_path):
     planned, streamed = open_folder(str(tmp_path)), open_folder(str(tmp_path), stream=True)
     assert [u.kind for u in streamed.units] == ["listing"] and streamed.lists_while_read
     assert not planned.lists_while_read
-    assert list(streamed.iter_records()) == list(planned.iter_records())  # same keys, same order, same fields
+    assert list(iter_records(streamed)) == list(iter_records(planned))  # same keys, same order, same fields
     unit = pickle.loads(pickle.dumps(streamed.units[0]))  # what a read task receives
-    assert [r["key"] for r in iter_unit_records(unit)] == [r["key"] for r in planned.iter_records()]
+    assert [r["key"] for r in iter_unit_records(unit)] == [r["key"] for r in iter_records(planned)]
     with pytest.raises(FileNotFoundError):  # checked when opened, as a planned folder is
         open_folder(str(tmp_path / "missing"), stream=True)
 
@@ -178,12 +178,12 @@ def test_a_streamed_folder_of_archives_says_so_before_any_record(tmp_path):
     assert detect_kind(str(tmp_path)) == "archive" and detect_kind(str(tmp_path), list_folder=False) == "folder"
     guessed = open_folder(str(tmp_path), stream=True, archives_possible=True)
     with pytest.raises(FolderOfArchives) as raised:
-        next(guessed.iter_records())
+        next(iter_records(guessed))
     assert pickle.loads(pickle.dumps(raised.value)).path == str(tmp_path)  # as a Ray task's error reaches the driver
     named = open_folder(str(tmp_path), stream=True)  # --kind folder: archives are not images, nothing to read
-    assert list(named.iter_records()) == []
+    assert list(iter_records(named)) == []
     (tmp_path / "photo.jpg").write_bytes(encode(rgb_image(0), "JPEG"))  # one image among them: a folder
-    assert [r["key"] for r in guessed.iter_records()] == [str(tmp_path / "photo.jpg")]
+    assert [r["key"] for r in iter_records(guessed)] == [str(tmp_path / "photo.jpg")]
 
 
 def test_open_source_streams_the_listing_of_object_store_folders_only(tmp_path, monkeypatch, s3_server):
@@ -201,14 +201,14 @@ def test_open_source_streams_the_listing_of_object_store_folders_only(tmp_path, 
     assert [u.kind for u in streamed.units] == ["listing"]
     planned = open_source(f"{bucket}/in/")
     assert {u.kind for u in planned.units} == {"records"}
-    keys = [r["key"] for r in streamed.iter_records()]
-    assert keys == [r["key"] for r in planned.iter_records()]
+    keys = [r["key"] for r in iter_records(streamed)]
+    assert keys == [r["key"] for r in iter_records(planned)]
     assert keys == list_files(f"{bucket}/in/", IMAGE_EXTENSIONS) and keys[0] == f"{bucket}/in/a-b.jpg"
     glob = f"{bucket}/in/*/*.jpg"
-    assert [r["key"] for r in open_source(glob, stream_listing=True).iter_records()] == list_files(glob)
+    assert [r["key"] for r in iter_records(open_source(glob, stream_listing=True))] == list_files(glob)
     assert open_source(f"{bucket}/tars", stream_listing=False).kind == "archive"
     with pytest.raises(FolderOfArchives):  # its kind was guessed without listing it
-        list(open_source(f"{bucket}/tars", stream_listing=True).iter_records())
-    assert list(open_source(f"{bucket}/tars", "folder", stream_listing=True).iter_records()) == []
+        list(iter_records(open_source(f"{bucket}/tars", stream_listing=True)))
+    assert list(iter_records(open_source(f"{bucket}/tars", "folder", stream_listing=True))) == []
     with pytest.raises(FileNotFoundError):
         open_source(f"{bucket}/missing/", stream_listing=True)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main as detr
-from pipelines.synthetic import SHAPES, SyntheticConfig, render_image, write_dataset
+from jobs.synthetic_data import SHAPES, SyntheticConfig, render_image, write_dataset
 
 
 def digest(folder):

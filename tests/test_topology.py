@@ -58,10 +58,10 @@ def test_local_inputs_are_read_on_the_drivers_node_and_labelled_on_every_node(to
     """A local folder and a local model, on a cluster where one node cannot see them: the folder is read by
     tasks on the driver's node and the bytes travel on through Ray, so no image becomes a read error."""
     import detr
-    from pipelines.inference import transforms_to_metadata
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
+    from pipelines.inference.detector import transforms_to_metadata
     from pipelines.labelling.output import LabelOutput
-    from pipelines.synthetic import SyntheticConfig, write_dataset
-    from pipelines.transforms import TransformsConfig
+    from pipelines.training.transforms import TransformsConfig
 
     write_dataset(str(tmp_path / "data"), SyntheticConfig(images=12, classes=2, min_image_size=64, max_image_size=64,
                                                           val_fraction=0.0, seed=4))
@@ -78,7 +78,7 @@ def test_local_inputs_are_read_on_the_drivers_node_and_labelled_on_every_node(to
 
 
 def test_a_local_storage_path_that_a_node_cannot_see_is_refused_before_training(topology, tmp_path):
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     data = write_dataset(str(tmp_path / "data"), SyntheticConfig(images=4, classes=2, val_fraction=0.0, seed=4))
     config = tmp_path / "train.yaml"

@@ -16,9 +16,9 @@ pytestmark = [pytest.mark.topology, pytest.mark.ray, pytest.mark.mlflow]
 def photos(topology, tmp_path_factory):
     """40 images on S3 and a tiny random model on the driver's disk."""
     import detr
-    from pipelines.inference import transforms_to_metadata
-    from pipelines.synthetic import SyntheticConfig, write_dataset
-    from pipelines.transforms import TransformsConfig
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
+    from pipelines.inference.detector import transforms_to_metadata
+    from pipelines.training.transforms import TransformsConfig
 
     local = tmp_path_factory.mktemp("fault-photos")
     write_dataset(str(local), SyntheticConfig(images=40, classes=2, min_image_size=64, max_image_size=64,

@@ -28,7 +28,7 @@ MODEL = "topology-detector"
 @pytest.fixture(scope="module")
 def shapes(topology, tmp_path_factory):
     """A synthetic dataset written on the driver's disk, then copied to S3 (the only copy the nodes see)."""
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     local = tmp_path_factory.mktemp("topology-shapes")
     write_dataset(str(local), SyntheticConfig(images=24, classes=2, min_image_size=64, max_image_size=80,
@@ -209,7 +209,7 @@ def test_label_an_s3_tar_with_a_killed_driver_then_resume(topology, shapes, trai
 
 def test_panoptic_labelling_of_s3_images_with_a_checkpoint_on_the_drivers_disk(topology, tmp_path):
     from panoptic_model import panoptic_images, save_tiny_panoptic
-    from pipelines.transforms import TransformsConfig
+    from pipelines.training.transforms import TransformsConfig
 
     model = save_tiny_panoptic(tmp_path / "panoptic.pt", TransformsConfig.small())  # hidden from the isolated node
     images = panoptic_images(tmp_path / "pan")

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from pipelines.synthetic import SyntheticConfig, write_dataset
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     out = tmp_path_factory.mktemp("shapes")
     config = SyntheticConfig(images=32, classes=3, min_image_size=64, max_image_size=96, max_object_size=40,
@@ -49,11 +49,9 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
         ray_cluster, mlflow_server, shapes, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from detr import load_checkpoint
-    from jobs.train import train
-
     # Fine-tune from a COCO-sized checkpoint in the official release layout: the class head is replaced.
-    from detr import build_model, official_state_dict
+    from detr import build_model, load_checkpoint, official_state_dict
+    from jobs.train import train
 
     torch.manual_seed(1)
     official = build_model("tiny", num_classes=91, num_queries=8)

@@ -7,10 +7,9 @@ import torch
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
-from pipelines.collate import collate_samples
-from pipelines.transforms import (
-    RandomSizeCrop, TransformsConfig, apply_transform, build_eval_transform, build_train_transform, image_seed,
-)
+from pipelines.training.collate import collate_samples
+from pipelines.training.transforms import (RandomSizeCrop, TransformsConfig, apply_transform, build_eval_transform,
+                                           build_train_transform, image_seed)
 
 
 def drawn(h=90, w=120, rects=((10, 20, 30, 16), (70, 50, 40, 30))):

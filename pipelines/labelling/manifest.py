@@ -15,7 +15,6 @@ from typing import Any, Mapping
 from detr.errors import RaydetrError
 from pipelines.labelling.output import FORMAT, Committed, LabelOutput
 
-
 # What a setting was before the manifest recorded it: outputs made before tasks existed hold detections,
 # and before precisions existed, float32 ones.
 SETTING_DEFAULTS = {"task": "detection", "precision": "float32"}

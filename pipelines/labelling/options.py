@@ -12,7 +12,7 @@ from typing import Sequence
 
 from detr.config import PANOPTIC_THRESHOLD
 from detr.errors import RaydetrError
-from pipelines.decode import DEFAULT_MAX_PIXELS
+from pipelines.validation.decode import DEFAULT_MAX_PIXELS
 
 TASKS = ("detection", "panoptic")
 PRECISIONS = ("float32", "bfloat16")  # detr.PRECISIONS, named here so the CLI does not import torch

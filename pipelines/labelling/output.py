@@ -30,9 +30,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.errors import errors_schema
 from pipelines.labelling.key_digests import KeyDigestSet, key_digests
 from pipelines.labelling.schema import LABEL_SCHEMA
+from pipelines.validation.errors import errors_schema
 
 LABELS = "labels"
 ERRORS = "errors"

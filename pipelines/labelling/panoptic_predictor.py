@@ -14,11 +14,11 @@ import pyarrow as pa
 import torch
 
 from detr.errors import RaydetrError
+from pipelines.inference.panoptic import segment_preprocessed
 from pipelines.labelling.predictor import LabelPredictor, select_detections
 from pipelines.labelling.schema import PANOPTIC_RESULT_SCHEMA
 from pipelines.labelling.segments import segments_array
-from pipelines.panoptic import encode_panoptic_png
-from pipelines.panoptic_inference import segment_preprocessed
+from pipelines.validation.panoptic import encode_panoptic_png
 
 
 class PanopticLabelPredictor(LabelPredictor):

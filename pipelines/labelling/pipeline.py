@@ -18,13 +18,14 @@ from __future__ import annotations
 import numpy as np
 
 from detr.errors import RaydetrError
-from pipelines.decode import DecodeLimits
 from pipelines.labelling.options import LabelOptions
 from pipelines.labelling.panoptic_predictor import PanopticLabelPredictor
 from pipelines.labelling.predictor import LabelPredictor
 from pipelines.labelling.prepare import prepare_batch
 from pipelines.sources import Source
-from pipelines.transforms import TransformsConfig
+from pipelines.sources.reader import read_source
+from pipelines.training.transforms import TransformsConfig
+from pipelines.validation.decode import DecodeLimits
 
 TASK_CPUS = 1.0  # what one read or prepare task reserves (Ray Data's default)
 GROUP_WINDOW_BATCHES = 4  # a prepare task orders this many actor batches' worth of images by shape...
@@ -68,10 +69,10 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
                         done: np.ndarray, gpus_per_actor: float = 0.0, listings: dict | None = None):
     """The result rows (schema.RESULT_SCHEMA, or PANOPTIC_RESULT_SCHEMA for the panoptic task) of labelling
     `source`, skipping keys whose digests are in `done` (sorted, see key_digests); a lazy ray.data.Dataset.
-    `listings`: the listings of a streamed folder started early (pipelines.reader.start_listings)."""
+    `listings`: the listings of a streamed folder started early (pipelines.sources.reader.start_listings)."""
     import ray
 
-    prepared = source.read(rows_per_block=read_block_rows(options), listings=listings).map_batches(
+    prepared = read_source(source, rows_per_block=read_block_rows(options), listings=listings).map_batches(
         prepare_batch,
         batch_size=None,  # a read block each: one window of images ordered by shape
         batch_format="pyarrow",

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.drawing import draw_detections
-from pipelines.inference import Detector
+from pipelines.inference.detector import Detector
+from pipelines.inference.drawing import draw_detections
 from pipelines.labelling.prepare import pixels_array
 from pipelines.labelling.schema import RESULT_SCHEMA
 from pipelines.labelling.shapes import DEFAULT_MAX_WASTE, padding_groups

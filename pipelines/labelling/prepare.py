@@ -3,7 +3,7 @@
 Everything here runs in parallel Ray tasks, ahead of the model actors, so that the
 actors only run the model: rows whose key is already committed are dropped
 before any bytes are decoded (resumption), the rest are decoded
-(`pipelines.loading.decode_batch`: EXIF orientation, RGB, bomb limits; bad files
+(`pipelines.validation.loading.decode_batch`: EXIF orientation, RGB, bomb limits; bad files
 keep their row with an error reason), hashed, and resized to the model's input
 size as uint8 (a quarter of float32's bytes through the object store). The window
 of images a task sees leaves it sorted by input shape, so the actors' batches
@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.decode import DecodeLimits
-from pipelines.inference import EvalPreprocessing
+from pipelines.inference.detector import EvalPreprocessing
 from pipelines.labelling.key_digests import contains_sorted, key_digests
 from pipelines.labelling.shapes import shape_order
-from pipelines.loading import decode_batch
-from pipelines.transforms import TransformsConfig
+from pipelines.training.transforms import TransformsConfig
+from pipelines.validation.decode import DecodeLimits
+from pipelines.validation.loading import decode_batch
 
 PREPARED_SCHEMA = pa.schema([
     ("key", pa.string()),

@@ -19,10 +19,10 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.errors import ErrorRecord, errors_to_table
 from pipelines.labelling.key_digests import key_digests
 from pipelines.labelling.output import Committed, LabelOutput, image_file_name
 from pipelines.labelling.schema import model_columns
+from pipelines.validation.errors import ErrorRecord, errors_to_table
 
 PNG_WRITE_THREADS = 8  # panoptic PNGs are written in parallel: an object store takes a request per file
 

@@ -15,16 +15,18 @@ from __future__ import annotations
 from detr.errors import RaydetrError
 from pipelines import storage
 from pipelines.sources.archive import is_archive, open_archives
-from pipelines.sources.base import Source, Unit, iter_unit_records
+from pipelines.sources.base import Source, Unit
 from pipelines.sources.coco import coco_source, open_coco
 from pipelines.sources.folder import FolderOfArchives, open_folder
 from pipelines.sources.parquet import open_parquet
+from pipelines.sources.units import iter_records, iter_unit_records
 from pipelines.sources.voc import voc_to_coco
 from pipelines.sources.yolo import yolo_to_coco
 
 KINDS = ("coco", "yolo", "voc", "folder", "archive", "parquet")
 
-__all__ = ["KINDS", "FolderOfArchives", "Source", "Unit", "detect_kind", "iter_unit_records", "open_source"]
+__all__ = ["KINDS", "FolderOfArchives", "Source", "Unit", "detect_kind", "iter_records", "iter_unit_records",
+           "open_source"]
 
 
 def detect_kind(path: str, *, list_folder: bool = True) -> str:
@@ -71,7 +73,7 @@ def open_source(
     `masks` the PNG folder of a COCO panoptic JSON (default: the JSON's path without `.json`).
 
     `stream_listing=True` (labelling): a folder or glob on an object store is not listed here but by
-    a task that reads it (pipelines.sources.folder, pipelines.reader.start_listings); local folders are
+    a task that reads it (pipelines.sources.folder, pipelines.sources.reader.start_listings); local folders are
     listed here as always. When its kind was guessed and it turns out to hold only archives, reading it
     raises FolderOfArchives (or reads as nothing, and `reader.folder_of_archives` says so, when its
     listing was started early): open it again with kind="archive"."""

@@ -15,9 +15,9 @@ import zipfile
 from typing import Iterator
 
 from pipelines import storage
-from pipelines.errors import UNSAFE_ARCHIVE_MEMBER
-from pipelines.records import make_record
-from pipelines.sources.base import Source, Unit, register_unit_reader
+from pipelines.sources.base import Source, Unit
+from pipelines.sources.records import make_record
+from pipelines.validation.errors import UNSAFE_ARCHIVE_MEMBER
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 ZIP_SUFFIXES = (".zip",)
@@ -89,7 +89,6 @@ def iter_zip(archive: str) -> Iterator[dict]:
             yield make_record(member_key(archive, info.filename), source=archive, data=zf.read(info))
 
 
-@register_unit_reader("archive")
 def iter_archive(unit: Unit) -> Iterator[dict]:
     archive = unit.payload
     if archive.lower().endswith(ZIP_SUFFIXES):

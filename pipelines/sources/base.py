@@ -9,9 +9,9 @@ same order, and each unit always yields the same records in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from pipelines.errors import ErrorRecord
+from pipelines.validation.errors import ErrorRecord
 
 LISTING = "listing"  # the kind of a streamed folder's unit: listed by whoever reads it (pipelines.sources.folder)
 
@@ -49,43 +49,6 @@ class Source:
     @property
     def category_ids(self) -> set[int] | None:
         return None if self.categories is None else {int(c["id"]) for c in self.categories}
-
-    def iter_records(self) -> Iterator[dict]:
-        """All records, in order, without Ray (for tools, tests and single-process baselines)."""
-        for unit in self.units:
-            yield from iter_unit_records(unit)
-
-    def read(self, **kwargs):
-        """The records as a lazy, streaming Ray Dataset (see pipelines.reader)."""
-        from pipelines.reader import read_source
-
-        return read_source(self, **kwargs)
-
-
-_UNIT_READERS: dict[str, Callable[[Unit], Iterator[dict]]] = {}
-
-
-def register_unit_reader(kind: str):
-    def wrap(fn: Callable[[Unit], Iterator[dict]]):
-        _UNIT_READERS[kind] = fn
-        return fn
-
-    return wrap
-
-
-def iter_unit_records(unit: Unit) -> Iterator[dict]:
-    if unit.kind == "records":
-        yield from unit.payload
-        return
-    if unit.kind == LISTING:
-        from pipelines.sources.folder import iter_listing
-
-        yield from iter_listing(unit)
-        return
-    if unit.kind not in _UNIT_READERS:
-        # Importing the source modules registers their readers.
-        import pipelines.sources  # noqa: F401
-    yield from _UNIT_READERS[unit.kind](unit)
 
 
 def record_units(records: list[dict], prefix: str, rows_per_unit: int) -> list[Unit]:

@@ -1,6 +1,6 @@
 """COCO instances JSON with a folder of images: the format DETR was trained on.
 
-A COCO *panoptic* JSON (annotations with `segments_info`, see `pipelines.panoptic`)
+A COCO *panoptic* JSON (annotations with `segments_info`, see `pipelines.validation.panoptic`)
 is recognised by its content and planned by `coco_panoptic_source`: one record per
 image whose annotations are its segments (bbox, category, iscrowd, area, segment id)
 and whose `panoptic_path` is its PNG, in the folder named like the JSON without
@@ -13,9 +13,9 @@ from collections import defaultdict
 
 from detr.errors import RaydetrError
 from pipelines import storage
-from pipelines.errors import ErrorRecord
-from pipelines.records import make_record
 from pipelines.sources.base import Source, record_units
+from pipelines.sources.records import make_record
+from pipelines.validation.errors import ErrorRecord
 
 UNKNOWN_IMAGE = "unknown_image"
 

@@ -2,7 +2,7 @@
 
 `open_folder` lists the folder on the spot and plans one record per image (what
 ingest needs: the same units every run). With `stream=True` it lists nothing: the
-source is one `listing` unit, and whoever reads it (a Ray task, see pipelines.reader)
+source is one `listing` unit, and whoever reads it (a Ray task, see pipelines.sources.reader)
 lists the folder (`storage.FolderListing`: its top level, then each sub-folder when
 its turn comes) and yields the same records in the same order, so the process that
 plans the work never holds the listing or the records of a large object-store prefix.
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pipelines import storage
-from pipelines.records import make_record
 from pipelines.sources.archive import is_archive
 from pipelines.sources.base import LISTING, Source, Unit, record_units
+from pipelines.sources.records import make_record
 
 
 @dataclass(frozen=True)

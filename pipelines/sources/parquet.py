@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.records import RECORD_SCHEMA
-from pipelines.sources.base import Source, Unit, register_unit_reader
+from pipelines.sources.base import Source, Unit
+from pipelines.sources.records import RECORD_SCHEMA
 
 CATEGORIES_METADATA_KEY = b"raydetr.categories"
 SHARD_FORMAT_KEY = b"raydetr.format"
@@ -77,7 +77,6 @@ def shards_to_records(table: pa.Table) -> pa.Table:
     return pa.table([columns[f.name] for f in RECORD_SCHEMA], schema=RECORD_SCHEMA)
 
 
-@register_unit_reader("parquet")
 def iter_parquet(unit: Unit) -> Iterator[dict]:
     fs, path = storage.resolve(unit.payload)
     pf = pq.ParquetFile(path, filesystem=fs)

@@ -13,8 +13,8 @@ import posixpath
 import xml.etree.ElementTree as ET
 
 from pipelines import storage
-from pipelines.decode import probe_image
-from pipelines.errors import BAD_LABEL_FILE, UNKNOWN_CATEGORY, ErrorRecord, PipelineError
+from pipelines.validation.decode import probe_image
+from pipelines.validation.errors import BAD_LABEL_FILE, UNKNOWN_CATEGORY, ErrorRecord, PipelineError
 
 
 def _parse(xml_path: str) -> ET.Element:

@@ -16,8 +16,8 @@ import numpy as np
 
 from detr.errors import RaydetrError
 from pipelines import storage
-from pipelines.decode import display_size, orient_boxes, probe_image
-from pipelines.errors import BAD_LABEL_FILE, UNKNOWN_CATEGORY, ErrorRecord, PipelineError
+from pipelines.validation.decode import display_size, orient_boxes, probe_image
+from pipelines.validation.errors import BAD_LABEL_FILE, UNKNOWN_CATEGORY, ErrorRecord, PipelineError
 
 
 def read_class_names(root: str, classes_file: str | None = None) -> list[str]:

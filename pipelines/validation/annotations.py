@@ -14,7 +14,7 @@ from typing import Collection
 
 import numpy as np
 
-from pipelines import errors as E
+from pipelines.validation import errors as E
 
 # A clip that moves an edge by less than this (pixels) is rounding, not a repair.
 _CLIP_TOLERANCE = 1e-3

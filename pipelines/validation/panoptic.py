@@ -22,10 +22,9 @@ import numpy as np
 from PIL import Image
 
 from detr.errors import RaydetrError
-from pipelines import errors as E
-
-from pipelines.errors import (PANOPTIC_PNG_ERROR, PANOPTIC_SIZE_MISMATCH, SEGMENT_MISSING_FROM_JSON,
-                              SEGMENT_MISSING_FROM_PNG)
+from pipelines.validation import errors as E
+from pipelines.validation.errors import (PANOPTIC_PNG_ERROR, PANOPTIC_SIZE_MISMATCH, SEGMENT_MISSING_FROM_JSON,
+                                         SEGMENT_MISSING_FROM_PNG)
 
 
 def rgb2id(color: np.ndarray) -> np.ndarray:

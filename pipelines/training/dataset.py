@@ -21,14 +21,14 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipelines.decode import DecodeLimits
-from pipelines.error_collector import ErrorCollector
-from pipelines.errors import RunSummary
-from pipelines.loading import tally
-from pipelines.samples import MASK_COLUMN, SAMPLE_COLUMNS, make_sample
 from pipelines.sources import Source, open_source
-from pipelines.transforms import TransformsConfig, build_transform
-
+from pipelines.sources.reader import read_source
+from pipelines.training.samples import MASK_COLUMN, SAMPLE_COLUMNS, make_sample
+from pipelines.training.transforms import TransformsConfig, build_transform
+from pipelines.validation.decode import DecodeLimits
+from pipelines.validation.error_collector import ErrorCollector
+from pipelines.validation.errors import RunSummary
+from pipelines.validation.loading import tally
 
 STREAMED_KINDS = ("archive", "parquet")
 
@@ -115,7 +115,7 @@ class DetectionDataset:
 
     def iter_batches(self, batch_size: int, **kwargs) -> Iterator:
         """(images, mask, targets) batches on this process (evaluation, tests, single-node use)."""
-        from pipelines.collate import DetectionCollate
+        from pipelines.training.collate import DetectionCollate
 
         return self.dataset.iter_torch_batches(batch_size=batch_size, collate_fn=DetectionCollate(), **kwargs)
 
@@ -149,7 +149,7 @@ def build_detection_dataset(
     collector = ErrorCollector.create() if collect_errors else None
     if collector is not None and src.planning_errors:
         collector.report(0, RunSummary(rejected=Counter(e.reason for e in src.planning_errors)), src.planning_errors)
-    ds = src.read(rows_per_block=rows_per_block)
+    ds = read_source(src, rows_per_block=rows_per_block)
     if (shuffle if shuffle is not None else train) and src.kind not in STREAMED_KINDS:
         # Block order is shuffled per epoch for planned sources, whose records carry no bytes.
         # Streamed sources (archives, shards) would be held whole by this all-to-all step:

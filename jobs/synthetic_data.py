@@ -262,7 +262,7 @@ def _render_and_write(args: tuple[SyntheticConfig, str, int]) -> list:
     h, w = rendered.image.shape[:2]
     segments = None
     if config.panoptic:
-        from pipelines.panoptic import encode_panoptic_png
+        from pipelines.validation.panoptic import encode_panoptic_png
 
         ids, segments = panoptic_segments(rendered)
         split = "val" if split_of(config)[index] else "train"

@@ -14,7 +14,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from detr.batching import pad_images
-from pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_image
+from pipelines.training.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_image
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]
 
@@ -32,7 +32,7 @@ def collate_samples(
     std: Sequence[float] = IMAGENET_STD,
     size_divisibility: int = 1,
 ) -> Batch:
-    """Samples (see pipelines.samples) -> images float32 [B,3,H,W] normalised and zero-padded
+    """Samples (see pipelines.training.samples) -> images float32 [B,3,H,W] normalised and zero-padded
     bottom/right, mask bool [B,H,W] True on padding, and one target dict per image."""
     rows = _rows(batch)
     images = [normalize_image(torch.from_numpy(np.require(r["image"], requirements=["C", "W"])), tuple(mean), tuple(std))

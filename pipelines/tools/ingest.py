@@ -27,12 +27,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.decode import DecodeLimits
-from pipelines.errors import ErrorRecord, RunSummary, errors_to_table
-from pipelines.loading import load_record, tally
 from pipelines.placement import driver_node_args
-from pipelines.sources.base import Source, Unit, iter_unit_records
+from pipelines.sources.base import Source, Unit
 from pipelines.sources.parquet import shard_schema
+from pipelines.sources.units import iter_unit_records
+from pipelines.validation.decode import DecodeLimits
+from pipelines.validation.errors import ErrorRecord, RunSummary, errors_to_table
+from pipelines.validation.loading import load_record, tally
 
 MANIFEST = "manifest.json"
 FORMAT = "raydetr-ingest-v1"

@@ -15,7 +15,7 @@ import torch
 from detr import PostProcess, masks_to_rle, pad_images
 from detr.config import PANOPTIC_THRESHOLD
 from detr.errors import RaydetrError
-from pipelines.inference import Detector
+from pipelines.inference.detector import Detector
 
 
 def is_thing_map(detector: Detector) -> dict[int, bool]:

@@ -5,9 +5,9 @@ import json
 
 from detr.errors import RaydetrError
 from pipelines import storage
-from pipelines.errors import ErrorRecord, write_errors_table
 from pipelines.sources.voc import voc_to_coco
 from pipelines.sources.yolo import yolo_to_coco
+from pipelines.validation.errors import ErrorRecord, write_errors_table
 
 FORMATS = ("yolo", "voc")
 

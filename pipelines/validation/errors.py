@@ -26,7 +26,7 @@ BAD_LABEL_FILE = "bad_label_file"
 BOX_OUT_OF_IMAGE = "box_out_of_image"
 DEGENERATE_BOX = "degenerate_box"
 UNKNOWN_CATEGORY = "unknown_category"
-# COCO panoptic (see pipelines.panoptic): a PNG that cannot be read or does not fit its image
+# COCO panoptic (see pipelines.validation.panoptic): a PNG that cannot be read or does not fit its image
 # rejects the image; a segment missing from the PNG or from the JSON is dropped.
 PANOPTIC_PNG_ERROR = "panoptic_png_error"
 PANOPTIC_SIZE_MISMATCH = "panoptic_size_mismatch"

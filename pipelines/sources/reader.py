@@ -15,13 +15,14 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from pipelines import errors as E
 from pipelines import storage
 from pipelines.placement import is_local, local_uri, on_driver_node
-from pipelines.records import records_table
-from pipelines.sources.base import LISTING, Source, Unit, iter_unit_records, record_units
+from pipelines.sources.base import LISTING, Source, Unit, record_units
 from pipelines.sources.folder import FolderOfArchives, FolderToList, image_record, iter_listed_images
 from pipelines.sources.parquet import shard_files, shards_to_records
+from pipelines.sources.records import records_table
+from pipelines.sources.units import iter_unit_records
+from pipelines.validation import errors as E
 
 ROWS_PER_BLOCK = 16
 LISTED_PER_TABLE = 1000  # image paths per table a folder's listing task yields

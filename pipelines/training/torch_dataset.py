@@ -12,11 +12,11 @@ import torch
 import torch.utils.data
 
 from detr.errors import RaydetrError
-from pipelines.collate import collate_samples
-from pipelines.decode import DecodeLimits
-from pipelines.sources import Source
-from pipelines.samples import make_sample
-from pipelines.transforms import TransformsConfig, build_transform
+from pipelines.sources import Source, iter_records
+from pipelines.training.collate import collate_samples
+from pipelines.training.samples import make_sample
+from pipelines.training.transforms import TransformsConfig, build_transform
+from pipelines.validation.decode import DecodeLimits
 
 
 class DetectionTorchDataset(torch.utils.data.Dataset):
@@ -26,7 +26,7 @@ class DetectionTorchDataset(torch.utils.data.Dataset):
                  seed: int | None = 0, epoch: int = 0, limits: DecodeLimits = DecodeLimits()):
         if any(u.kind != "records" for u in source.units):
             raise RaydetrError(f"{source.path}: a {source.kind} source streams; use the Ray pipeline instead")
-        self.records = list(source.iter_records())
+        self.records = list(iter_records(source))
         self.known = source.category_ids
         self.transform = build_transform(transforms, train)
         self.seed, self.epoch, self.limits = seed, epoch, limits

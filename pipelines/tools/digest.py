@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from pipelines.loading import read_record_bytes
-from pipelines.sources import Source, open_source
+from pipelines.sources import Source, iter_records, open_source
+from pipelines.validation.loading import read_record_bytes
 
 DIGEST_VERSION = "raydetr-dataset-digest-v1"
 
@@ -71,6 +71,6 @@ def dataset_digest(source: Source | str, use_ray: bool = True) -> DatasetDigest:
         rows = src.read().map_batches(_fingerprint_batch, batch_format="pyarrow").take_all()
         pairs = [(str(r["key"]), str(r["fingerprint"])) for r in rows]
     else:
-        pairs = [record_fingerprint(r) for r in src.iter_records()]
+        pairs = [record_fingerprint(r) for r in iter_records(src)]
     pairs += [(f"planning:{e.image}", f"error:{e.reason}") for e in src.planning_errors]
     return DatasetDigest(combine_fingerprints(pairs, src.categories), len(pairs))

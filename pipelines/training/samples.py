@@ -11,10 +11,10 @@ from typing import Any, Collection, Mapping
 import numpy as np
 from torchvision.transforms import v2
 
-from pipelines import errors as E
-from pipelines.decode import DecodeLimits
-from pipelines.loading import LoadedImage, load_record
-from pipelines.transforms import apply_transform, image_seed
+from pipelines.training.transforms import apply_transform, image_seed
+from pipelines.validation import errors as E
+from pipelines.validation.decode import DecodeLimits
+from pipelines.validation.loading import LoadedImage, load_record
 
 SAMPLE_COLUMNS = ("image", "boxes", "labels", "image_id", "orig_size", "size", "area", "iscrowd")
 MASK_COLUMN = "masks"

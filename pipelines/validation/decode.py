@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines import errors as E
+from pipelines.validation import errors as E
 
 EXIF_ORIENTATION_TAG = 0x0112
 # PIL's own default bomb limit (about 89 megapixels); configurable per job.

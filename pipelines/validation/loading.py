@@ -13,11 +13,11 @@ from typing import Any, Collection, Mapping
 
 import numpy as np
 
-from pipelines import errors as E
 from pipelines import storage
-from pipelines.decode import DecodedImage, DecodeLimits, decode_image, orient_boxes
-from pipelines.records import box_array, float_array, int_array
-from pipelines.validation import CheckedAnnotations, check_annotations
+from pipelines.sources.records import box_array, float_array, int_array
+from pipelines.validation import errors as E
+from pipelines.validation.annotations import CheckedAnnotations, check_annotations
+from pipelines.validation.decode import DecodedImage, DecodeLimits, decode_image, orient_boxes
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _boxes_in_display_frame(record: Mapping[str, Any], decoded: DecodedImage, bo
 
 def _read_segments(record: Mapping[str, Any], decoded: DecodedImage, segment_ids: np.ndarray):
     """The record's panoptic PNG, checked against the decoded image and its segment list."""
-    from pipelines.panoptic import decode_segments
+    from pipelines.validation.panoptic import decode_segments
 
     path = str(record["panoptic_path"])
     data = record.get("panoptic_png")

@@ -1,6 +1,6 @@
 """A `Detector`: a loaded model with the preprocessing and post-processing it was trained with.
 
-Images go in as decoded RGB arrays (see `pipelines.decode`), detections come out
+Images go in as decoded RGB arrays (see `pipelines.validation.decode`), detections come out
 in each image's own pixels. Every inference path uses this one class: the
 labelling job's Ray Data actors, the MLflow pyfunc model, `detr predict`, and
 the images with drawn detections that training logs. Preprocessing is the
@@ -28,7 +28,7 @@ from detr.coco_categories import coco_category_list
 from detr.errors import RaydetrError
 from detr.official import from_official
 from detr.postprocess import Detections
-from pipelines.transforms import TransformsConfig, apply_transform, build_eval_transform, normalize_image
+from pipelines.training.transforms import TransformsConfig, apply_transform, build_eval_transform, normalize_image
 
 
 def transforms_to_metadata(config: TransformsConfig) -> dict[str, Any]:

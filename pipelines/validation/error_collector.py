@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.errors import ErrorRecord, RunSummary, write_errors_table
+from pipelines.validation.errors import ErrorRecord, RunSummary, write_errors_table
 
 
 class _Collector:

@@ -1,0 +1,1 @@
+"""Inference: a model ready to predict (`Detector`), panoptic segmentation, drawing."""

@@ -1,0 +1,1 @@
+"""Data tools: ingest to Parquet shards, format conversion, dataset digests."""

@@ -1,0 +1,1 @@
+"""Training data: samples with the paper's augmentation, Ray Data datasets, batches."""

@@ -1,0 +1,1 @@
+"""Validation: decoding images safely, checking annotations, and the errors table."""
