@@ -87,20 +87,6 @@ def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | N
                          download_dir=None if cache_dir else str(target))
 
 
-def load_resolved(model: ResolvedModel):
-    """(DETR model in eval mode, metadata) from a resolved model: ours or the official layout."""
-    from detr.checkpoint import is_raydetr_checkpoint, load_checkpoint
-    from detr.coco_categories import coco_category_list
-    from detr.official import from_official, read_official_file
-
-    raw = read_official_file(model.checkpoint)
-    if is_raydetr_checkpoint(raw):
-        return load_checkpoint(raw)
-    detector = from_official(raw)
-    categories = coco_category_list() if detector.config.num_classes == 91 else None
-    return detector, {"categories": categories, "source": "official"}
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     """A model argument resolved to checkpoint bytes, its identity, preprocessing and classes.

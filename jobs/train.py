@@ -74,13 +74,14 @@ def _mlflow_run(config, tracking_uri: str, run_dir: str):
 
 
 def _init_state(spec: str | None, tracking_uri: str) -> dict | None:
-    """The weights to start from, as saved (the workers fit them to their model: `detr.weights`)."""
+    """The weights to start from, as saved (the workers fit them to their model: `detr.weights`), loaded the
+    one way every job loads a model (`Detector.from_checkpoint`)."""
     if not spec:
         return None
-    from jobs.model_sources import load_resolved, resolve_model
+    from jobs.model_sources import load_model
+    from pipelines.inference.detector import Detector
 
-    model, _ = load_resolved(resolve_model(spec, tracking_uri))
-    return model.state_dict()
+    return Detector.from_checkpoint(load_model(spec, tracking_uri).checkpoint, optimize=False).model.state_dict()
 
 
 def _use_gpu(config) -> bool:

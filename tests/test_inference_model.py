@@ -124,3 +124,32 @@ def test_detector_runs_the_inference_copy_with_the_same_detections():
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-3)
     with pytest.raises(ValueError, match="optimize=True"):
         Detector(model, TransformsConfig.small(), optimize=False, precision="bfloat16")
+
+
+def test_every_job_loads_an_official_checkpoint_the_same_way(tmp_path):
+    """Evaluation's actors, the label job's actors, the pyfunc model and training's `init_from` all load
+    through `Detector.from_checkpoint`: an official file runs padding-invariant everywhere (an image in a
+    padded batch gets the detections it gets alone), with the COCO classes when it has 91."""
+    from jobs.evaluate import _load_detector
+    from jobs.model_sources import load_model
+    from jobs.train import _init_state
+    from pipelines.labelling.predictor import LabelPredictor
+
+    torch.manual_seed(0)
+    official = detr.build_model("tiny", num_classes=91, padding_invariant=False).eval()
+    path = tmp_path / "detr-official.pth"
+    torch.save({"model": detr.official_state_dict(official)}, path)
+    data = path.read_bytes()
+    evaluation = _load_detector(data, threads=1)
+    labelling = LabelPredictor(data, score_threshold=None, top_k=None, classes=None).detector
+    loaded = load_model(str(path))
+    for detector in (evaluation, labelling):
+        assert detector.model.config.padding_invariant and detector.model.inference_settings is not None
+        assert detector.label_name(1) == "person" and len(detector.categories) == 80
+    assert loaded.checkpoint == data and loaded.categories == evaluation.categories and not loaded.masks
+    state = _init_state(str(path), tracking_uri="sqlite:///unused.db")
+    torch.testing.assert_close(state["class_embed.weight"], official.class_embed.weight)
+    images, mask = padded_batch()
+    alone = evaluation.forward(images[1:2, :, :72, :64], mask[1:2, :72, :64])  # the second image, unpadded
+    batched = evaluation.forward(images, mask)
+    torch.testing.assert_close(batched["pred_boxes"][1], alone["pred_boxes"][0], atol=1e-4, rtol=0)

@@ -13,6 +13,7 @@ from jobs.cli import main as detr
 from jobs.synthetic_data import SyntheticConfig, write_dataset
 from messy_data import write_messy_coco, write_unsafe_tar
 from pipelines.sources import open_source
+from pipelines.sources.reader import read_source
 from pipelines.training.dataset import build_detection_dataset
 from pipelines.training.transforms import TransformsConfig
 from pipelines.validation.errors import read_errors_table
@@ -100,7 +101,7 @@ def test_training_dataset_contract_errors_and_reproducibility(ray_cluster, tmp_p
 def test_archive_stream_for_labelling_adds_up(ray_cluster, tmp_path):
     tar = str(tmp_path / "batch.tar.gz")
     good = write_unsafe_tar(tar)
-    ds = open_source(tar).read().map_batches(decode_batch, batch_format="numpy")
+    ds = read_source(open_source(tar)).map_batches(decode_batch, batch_format="numpy")
     rows = ds.take_all()
     ok = sorted(r["key"] for r in rows if not r["error_reason"])
     bad = sorted(r["key"] for r in rows if r["error_reason"])

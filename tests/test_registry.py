@@ -62,8 +62,10 @@ def test_train_register_promote_gate_and_rollback(ray_cluster, mlflow_server, ea
 
     weak = _train(easy_shapes, tmp_path, mlflow_server, "weak",
                   ["model.preset=tiny", "schedule.epochs=1", "schedule.max_steps_per_epoch=1"])
+    # One worker: on 2 cores it leaves a core to the data pipeline and takes more steps in the same minutes.
     strong = _train(easy_shapes, tmp_path, mlflow_server, "strong",
-                    ["recipe=fast", "model.preset=tiny", "schedule.epochs=1000", "schedule.time_budget_minutes=1.5"])
+                    ["recipe=fast", "model.preset=tiny", "schedule.epochs=1000", "schedule.time_budget_minutes=1.5",
+                     "scaling.num_workers=1"])
     assert (weak.registered_version, strong.registered_version) == ("1", "2")
     client = MlflowClient(mlflow_server)
     assert client.get_model_version(MODEL, "2").tags["raydetr.train_run_id"] == strong.run_id

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from pipelines.sources import Source, iter_records, open_source
+from pipelines.sources.reader import read_source
 from pipelines.validation.loading import read_record_bytes
 
 DIGEST_VERSION = "raydetr-dataset-digest-v1"
@@ -68,7 +69,7 @@ def dataset_digest(source: Source | str, use_ray: bool = True) -> DatasetDigest:
     """The digest of a source's contents; with `use_ray`, records are hashed in parallel Ray tasks."""
     src = open_source(source) if isinstance(source, str) else source
     if use_ray:
-        rows = src.read().map_batches(_fingerprint_batch, batch_format="pyarrow").take_all()
+        rows = read_source(src).map_batches(_fingerprint_batch, batch_format="pyarrow").take_all()
         pairs = [(str(r["key"]), str(r["fingerprint"])) for r in rows]
     else:
         pairs = [record_fingerprint(r) for r in iter_records(src)]
