@@ -24,17 +24,17 @@ from torch import nn
 from .config import DETRConfig
 from .errors import RaydetrError
 from .model import InferenceGuard, build_model
+from .segmentation import DETECTOR_PREFIX, MASK_HEAD_PREFIXES
 
 LEGACY_KEYS = (("encoder_class_embed.", "dense_head.class_embed."), ("encoder_bbox_embed.", "dense_head.bbox_embed."),
                ("proposal_pos.", "proposals.query_pos."), ("semantic_embed.", "semantic_head.classifier."))
 """Weights of our parts under the names they had before the model was assembled from parts."""
-MASK_HEAD_KEYS = ("bbox_attention.", "mask_head.")
 
 
 def upgrade_state_dict(state: Mapping[str, Any], config: DETRConfig) -> dict[str, Any]:
     """A state dict saved before the parts (our own layout until then) under today's names: the parts' old
     names, and for a model with masks the detector's keys under `detr.` (`DETRsegm`). Today's pass as is."""
-    if config.masks and any(k.startswith("detr.") for k in state):
+    if config.masks and any(k.startswith(DETECTOR_PREFIX) for k in state):
         return dict(state)
     out = {}
     for key, value in state.items():
@@ -42,7 +42,7 @@ def upgrade_state_dict(state: Mapping[str, Any], config: DETRConfig) -> dict[str
             if key.startswith(old):
                 key = new + key[len(old):]
                 break
-        out["detr." + key if config.masks and not key.startswith(MASK_HEAD_KEYS) else key] = value
+        out[DETECTOR_PREFIX + key if config.masks and not key.startswith(MASK_HEAD_PREFIXES) else key] = value
     return out
 
 FORMAT = "raydetr.detr"

@@ -83,6 +83,11 @@ def train_step(
 
 
 @torch.inference_mode()
+def default_postprocess(model: nn.Module) -> PostProcess:
+    """Every detection of `model`'s outputs, scored as the model was trained (sigmoids after the focal loss)."""
+    return PostProcess(sigmoid=scored_by_sigmoid(getattr(unwrap_model(model), "config", None)))
+
+
 def predict(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -94,7 +99,7 @@ def predict(
     Each target must carry "image_id" and "orig_size" (height, width), as the data
     pipeline's evaluation batches do.
     """
-    postprocess = postprocess or PostProcess(sigmoid=scored_by_sigmoid(getattr(unwrap_model(model), "config", None)))
+    postprocess = postprocess or default_postprocess(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -122,7 +127,7 @@ def predict_panoptic(
 ) -> tuple[dict[int, Detections], dict[int, dict]]:
     """Detections (original pixels) and panoptic segmentations (at each image's processed "size") of a
     model with masks, keyed by image id; masks are computed only for the queries the merge can keep."""
-    postprocess = postprocess or PostProcess(sigmoid=scored_by_sigmoid(getattr(unwrap_model(model), "config", None)))
+    postprocess = postprocess or default_postprocess(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

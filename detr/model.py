@@ -145,11 +145,6 @@ class DETR(InferenceGuard):
             out["semantic_outputs"] = self.semantic_head(memory)
         return out
 
-    @property
-    def feature_stride(self) -> int:
-        """Input pixels per transformer cell."""
-        return self.backbone.stride
-
 
 def build_detector(config: DETRConfig) -> DETR:
     """The detector `config` describes, its parts chosen here and nowhere else."""

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .config import DETRConfig, MaskHead
 from .errors import RaydetrError
 from .model import TRAINING_ONLY_PREFIXES, build_model
+from .segmentation import DETECTOR_PREFIX, MASK_HEAD_PREFIXES
 from .weights import load_weights
 
 _RESNET_BY_BLOCKS = {
@@ -44,9 +45,6 @@ _KEY_MAP = (
     ("backbone.0.body.", "backbone.body."),
     ("backbone.1.", "position_encoding."),
 )
-PANOPTIC_PREFIX = "detr."
-"""Prefix of the detector's keys in an official panoptic (DETRsegm) checkpoint."""
-MASK_PREFIXES = ("bbox_attention.", "mask_head.")
 # Fields that official `args` may carry and that shapes cannot reveal.
 _ARGS_FIELDS = ("nheads", "dilation", "dropout", "aux_loss", "set_cost_class", "set_cost_bbox",
                 "set_cost_giou", "bbox_loss_coef", "giou_loss_coef", "eos_coef", "mask_loss_coef", "dice_loss_coef")
@@ -68,19 +66,19 @@ def read_official_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def is_panoptic_state(state: Mapping[str, Any]) -> bool:
     """Whether an official state dict is the panoptic layout (detector under `detr.`, then the mask head)."""
-    return f"{PANOPTIC_PREFIX}query_embed.weight" in state
+    return f"{DETECTOR_PREFIX}query_embed.weight" in state
 
 
 def _state_dict_of(checkpoint: Mapping[str, Any], where: str) -> dict[str, Tensor]:
     state = checkpoint.get("model", checkpoint)
     if isinstance(state, Mapping) and is_panoptic_state(state):
-        missing = [p for p in MASK_PREFIXES if not any(k.startswith(p) for k in state)]
+        missing = [p for p in MASK_HEAD_PREFIXES if not any(k.startswith(p) for k in state)]
         if missing:
             raise RaydetrError(f"{where}: a panoptic DETR checkpoint (keys under 'detr.') without its mask head: "
                              f"no {', '.join(repr(p + '*') for p in missing)} keys")
         return dict(state)
     if not isinstance(state, Mapping) or "query_embed.weight" not in state:
-        if isinstance(state, Mapping) and any(k.startswith(PANOPTIC_PREFIX) for k in state):
+        if isinstance(state, Mapping) and any(k.startswith(DETECTOR_PREFIX) for k in state):
             raise RaydetrError(
                 f"{where}: not a complete panoptic DETR checkpoint: keys start with 'detr.' but there is "
                 "no 'detr.query_embed.weight'"
@@ -110,7 +108,7 @@ def _layer_count(state: Mapping[str, Tensor], prefix: str) -> int:
 def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
     """The `DETRConfig` an official state dict was built with; `fields` fill in or override."""
     if is_panoptic_state(state):
-        detector = {k[len(PANOPTIC_PREFIX):]: v for k, v in state.items() if k.startswith(PANOPTIC_PREFIX)}
+        detector = {k[len(DETECTOR_PREFIX):]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)}
         hidden = int(detector["query_embed.weight"].shape[1])
         # The mask head's first layer reads hidden + nheads channels (features and one map per head).
         nheads = int(state["mask_head.lay1.weight"].shape[1]) - hidden
@@ -147,7 +145,7 @@ def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
 
 def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
     """`key` with the first matching prefix renamed, inside the panoptic `detr.` prefix if it has one."""
-    prefix = PANOPTIC_PREFIX if key.startswith(PANOPTIC_PREFIX) else ""
+    prefix = DETECTOR_PREFIX if key.startswith(DETECTOR_PREFIX) else ""
     inner = key[len(prefix):]
     for old, new in renames:
         if inner.startswith(old):
@@ -157,7 +155,7 @@ def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
 
 def detector_key(key: str) -> str:
     """A state-dict key without the panoptic `detr.` prefix (mask-head keys are returned as they are)."""
-    return key[len(PANOPTIC_PREFIX):] if key.startswith(PANOPTIC_PREFIX) else key
+    return key[len(DETECTOR_PREFIX):] if key.startswith(DETECTOR_PREFIX) else key
 
 
 def to_raydetr_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -42,6 +42,12 @@ from .model import DETR, InferenceGuard, MaskQueries
 MASK_STRIDE = 4
 """`pred_masks` has one cell per 4x4 input pixels."""
 
+DETECTOR_PREFIX = "detr."
+"""Where `DETRsegm` (ours and the official) keeps its detector's state-dict keys."""
+
+MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
+"""State-dict prefixes of the mask head's parameters (the official names)."""
+
 UNCOMPUTED_MASK_LOGIT = -1.0e4
 """The value of `pred_masks` entries of queries whose masks were not computed (see `DETRsegm.forward`)."""
 
@@ -58,7 +64,7 @@ class DETRsegm(InferenceGuard):
     With a padding-invariant detector the head is padding-invariant too (see the module docstring).
     """
 
-    MASK_MODULES = ("bbox_attention.", "mask_head.")
+    MASK_MODULES = MASK_HEAD_PREFIXES
     """Name prefixes of the mask head's parameters."""
 
     def __init__(self, detr: DETR, config: DETRConfig) -> None:

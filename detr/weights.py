@@ -15,10 +15,8 @@ from torch import Tensor, nn
 
 from .errors import RaydetrError
 from .model import NON_OFFICIAL_PREFIXES
+from .segmentation import DETECTOR_PREFIX, MASK_HEAD_PREFIXES
 
-DETECTOR_PREFIX = "detr."
-"""Where `DETRsegm` (ours and the official) keeps its detector's keys."""
-MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
 CLASS_HEAD = "class_embed."
 
 

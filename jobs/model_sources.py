@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pipelines.inference.detector import Detector
     from pipelines.training.transforms import TransformsConfig
 
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
@@ -109,6 +110,11 @@ class LoadedModel:
 def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
     """Resolve any model argument (downloading MLflow models, then removing the download), check that the
     file loads, and read what a job's driver needs from it."""
+    return load_detector(spec, tracking_uri)[0]
+
+
+def load_detector(spec: str, tracking_uri: str | None = None) -> tuple[LoadedModel, "Detector"]:
+    """`load_model`, and the plain (not inference-optimised) `Detector` it checked the file with."""
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from pipelines.inference.detector import Detector
 
@@ -118,9 +124,11 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
     resolved = resolve_model(spec, uri)
     try:
         data = Path(resolved.checkpoint).read_bytes()
-        detector = Detector.from_checkpoint(resolved.checkpoint, optimize=False)  # checks it; actors load their own
+        # Loaded from the path, so that an error names the file; actors load their own copy from `data`.
+        detector = Detector.from_checkpoint(resolved.checkpoint, optimize=False)
     finally:
         if resolved.download_dir:
             shutil.rmtree(resolved.download_dir, ignore_errors=True)
-    return LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories,
-                       bool(detector.model.config.masks))
+    loaded = LoadedModel(resolved, data, hashlib.sha256(data).hexdigest(), detector.transforms, detector.categories,
+                         bool(detector.model.config.masks))
+    return loaded, detector

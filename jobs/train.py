@@ -78,10 +78,9 @@ def _init_state(spec: str | None, tracking_uri: str) -> dict | None:
     one way every job loads a model (`Detector.from_checkpoint`)."""
     if not spec:
         return None
-    from jobs.model_sources import load_model
-    from pipelines.inference.detector import Detector
+    from jobs.model_sources import load_detector
 
-    return Detector.from_checkpoint(load_model(spec, tracking_uri).checkpoint, optimize=False).model.state_dict()
+    return load_detector(spec, tracking_uri)[1].model.state_dict()
 
 
 def _use_gpu(config) -> bool:
