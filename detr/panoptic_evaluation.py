@@ -28,6 +28,8 @@ import torch
 
 IGNORED = -1
 """The category id given to pixels that count for nothing (void, crowd)."""
+PANOPTIC_STAT_NAMES = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+"""The overall numbers `PanopticEvaluator.compute` reports (and the jobs log)."""
 
 
 def _category_pairs(id_map: Any, segments_info: Sequence[Mapping[str, Any]], skip_crowd: bool) -> torch.Tensor:
@@ -81,6 +83,18 @@ class PanopticEvaluator:
         self.metric.update(pred[None], target[None])
         self.images += 1
 
+    def counts(self) -> torch.Tensor:
+        """The accumulated state, [4, classes] float64 (IoU sum, TP, FP, FN): sum it over workers that
+        each saw part of the images, then `set_counts`, and `compute` scores all of them."""
+        m = self.metric
+        return torch.stack([m.iou_sum.double(), m.true_positives.double(), m.false_positives.double(),
+                            m.false_negatives.double()])
+
+    def set_counts(self, counts: torch.Tensor) -> None:
+        m = self.metric
+        for state, values in zip((m.iou_sum, m.true_positives, m.false_positives, m.false_negatives), counts):
+            state.copy_(values.to(state.dtype))
+
     def compute(self) -> dict[str, Any]:
         """PQ, SQ, RQ overall and for things/stuff (means over classes that occur), `per_class`
         {category id: {"PQ", "SQ", "RQ", "TP", "FP", "FN"}}, and `num_images`."""
@@ -108,6 +122,17 @@ class PanopticEvaluator:
         result["per_class"] = per_class
         result["num_images"] = self.images
         return result
+
+
+def panoptic_target(masks: Any, labels: Any) -> tuple[np.ndarray, list[dict[str, int]]]:
+    """A sample's instance masks [N, H, W] and labels [N] as a panoptic ground truth: a segment-id map
+    (segment k + 1 where mask k is set, later masks over earlier ones, 0 elsewhere) and its segments."""
+    masks = np.asarray(masks.cpu() if torch.is_tensor(masks) else masks, dtype=bool)
+    labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+    id_map = np.zeros(masks.shape[1:], dtype=np.int64)
+    for k, mask in enumerate(masks, start=1):
+        id_map[mask] = k
+    return id_map, [{"id": k, "category_id": int(c)} for k, c in enumerate(labels, start=1)]
 
 
 def mask_ap(ground_truth: Mapping[str, Any], results: Sequence[Mapping[str, Any]],
@@ -161,4 +186,5 @@ def instance_ground_truth(image_id: int, id_map: Any, segments_info: Sequence[Ma
     return annotations
 
 
-__all__ = ["IGNORED", "PanopticEvaluator", "instance_ground_truth", "mask_ap"]
+__all__ = ["IGNORED", "PANOPTIC_STAT_NAMES", "PanopticEvaluator", "instance_ground_truth", "mask_ap",
+           "panoptic_target"]

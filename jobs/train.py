@@ -134,15 +134,15 @@ def _log_detection_images(run, detector_checkpoint: str, val_source: str | None,
 
 def train(config, *, address: str | None = None, pid_dir: str | None = None) -> TrainResult:
     """Run a training job end to end; returns where everything went."""
-    import ray
     import yaml
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from detr.training_checkpoint import MODEL_FILE
     from jobs.config_files import flatten, to_plain
     from jobs.mlflow_model import log_detector_model
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
-    from jobs.train_loop import MODEL_FILE, train_loop_per_worker
+    from jobs.train_loop import train_loop_per_worker
     from pipelines import storage
     from pipelines.inference.detector import transforms_to_metadata
     from pipelines.placement import nodes_that_cannot_see
@@ -204,6 +204,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         "run_id": run.run_id,
         "init_state": _init_state(config.init_from, tracking_uri),
         "pid_dir": pid_dir,
+        "epoch_clock": train_data.clock,  # each epoch's augmentation seed, set by the workers
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

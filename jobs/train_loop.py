@@ -29,39 +29,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from detr import SetCriterion, build_model, save_checkpoint
+from detr import SetCriterion, build_model
 from detr.checkpoint import unwrap_model
 from detr.config import PANOPTIC_THRESHOLD, DETRConfig
 from detr.ema import ema_model
 from detr.engine import predict, predict_panoptic, train_step
 from detr.evaluation import coco_ground_truth, evaluate_coco
 from detr.optim import build_lr_scheduler, build_optimizer, build_warmup_scheduler
+from detr.panoptic_evaluation import PANOPTIC_STAT_NAMES
+from detr.training_checkpoint import (Progress, TrainingParts, load_training_checkpoint, rng_state,
+                                      save_training_checkpoint, set_rng_state)
 from detr.weights import load_weights
 from jobs.config_files import build_dataclass
 from jobs.train_config import TrainJobConfig
 
-MODEL_FILE = "model.pt"
-STATE_FILE = "train_state.pt"
 VAL_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100")
-VAL_PANOPTIC_STATS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
-"""With masks, validation also reports PQ on the validation images at their evaluation size."""
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's random states in a form `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+"""Validation's COCO numbers; with masks it also reports PQ (`PANOPTIC_STAT_NAMES`) at evaluation size."""
 
 
 def _distributed() -> bool:
@@ -135,6 +118,7 @@ class Trainer:
         self.tracking_uri: str | None = loop_config.get("tracking_uri")
         self.run_id: str | None = loop_config.get("run_id")
         self.pid_dir: str | None = loop_config.get("pid_dir")
+        self.epoch_clock = loop_config.get("epoch_clock")
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -176,50 +160,28 @@ class Trainer:
     @property
     def eval_model(self) -> torch.nn.Module:
         """What is validated, checkpointed and exported: the weights' average when there is one."""
-        return self.ema.module if self.ema is not None else unwrap_model(self.model)
+        return self._parts().exported
 
     # -- checkpoints ---------------------------------------------------------------
+    def _parts(self) -> TrainingParts:
+        return TrainingParts(unwrap_model(self.model), self.optimizer, self.scheduler, self.warmup, self.ema)
+
     def _restore(self, checkpoint) -> None:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:
-            model_ckpt = torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=True)
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-        if state.get("trained_model") is not None:
-            # With an average, model.pt holds it; the state file holds the weights as trained.
-            unwrap_model(self.model).load_state_dict(state["trained_model"])
-            if self.ema is not None:
-                self.ema.module.load_state_dict(model_ckpt["model"])
-                self.ema.n_averaged.fill_(int(state["ema_updates"]))
-        else:
-            unwrap_model(self.model).load_state_dict(model_ckpt["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.warmup is not None and state.get("warmup") is not None:
-            self.warmup.load_state_dict(state["warmup"])
-        self.start_epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        _set_rng_state(state["rng"][min(self.rank, len(state["rng"]) - 1)])
+            progress = load_training_checkpoint(directory, self._parts())
+        self.start_epoch, self.global_step, self.train_seconds = progress.epoch, progress.global_step, \
+            progress.train_seconds
+        set_rng_state(progress.rng[min(self.rank, len(progress.rng) - 1)])
 
     def _write_checkpoint(self, directory: str, epoch: int, metrics: dict[str, float], rng: list) -> None:
         metadata = {**self.metadata, "epoch": epoch, "global_step": self.global_step,
                     "metrics": {k: float(v) for k, v in metrics.items()}}
         if self.ema is not None:
             metadata["ema_decay"] = self.job.optimizer.ema_decay
-        save_checkpoint(self.eval_model, os.path.join(directory, MODEL_FILE), metadata=metadata)
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "warmup": self.warmup.state_dict() if self.warmup is not None else None,
-            "epoch": epoch + 1,
-            "global_step": self.global_step,
-            "train_seconds": self.train_seconds,
-            "rng": rng,
-            "trained_model": unwrap_model(self.model).state_dict() if self.ema is not None else None,
-            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
-        }
-        torch.save(state, os.path.join(directory, STATE_FILE))
+        save_training_checkpoint(directory, self._parts(),
+                                 Progress(epoch + 1, self.global_step, self.train_seconds, rng), metadata)
 
     # -- the loop ------------------------------------------------------------------
     def _batches(self, shard, batch_size: int) -> Iterator:
@@ -231,6 +193,8 @@ class Trainer:
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
+        if self.epoch_clock is not None:
+            self.epoch_clock.set(epoch)  # before reading: this epoch's augmentation, also after a resume
         batches = self._batches(shard, self.job.data.batch_size)
         accum = self.job.schedule.grad_accum_steps
         cap = self.job.schedule.max_steps_per_epoch
@@ -320,7 +284,7 @@ class Trainer:
     def _panoptic_validation(self, batches) -> tuple[dict, dict[str, float]]:
         """Detections, and PQ over all workers' validation images (torchmetrics' counts summed across workers)."""
         from detr import PanopticPostProcess, mask_postprocess_options
-        from detr.panoptic_evaluation import PanopticEvaluator
+        from detr.panoptic_evaluation import PanopticEvaluator, panoptic_target
 
         categories = self.metadata.get("categories") or []
         is_thing = {int(c["id"]): bool(c.get("isthing", 1)) for c in categories}
@@ -340,20 +304,12 @@ class Trainer:
                                                      for i in range(self.model_config.num_classes)])
         for t in seen:
             seg = segmentations[int(t["image_id"])]
-            masks = t["masks"].numpy()
-            gt_ids = np.zeros(masks.shape[1:], dtype=np.int64)
-            for i, m in enumerate(masks, start=1):
-                gt_ids[m] = i
-            gt_segments = [{"id": i, "category_id": int(c)} for i, c in enumerate(t["labels"].tolist(), start=1)]
-            evaluator.update(seg["id_map"], seg["segments_info"], gt_ids, gt_segments)
-        m = evaluator.metric
-        counts = [m.iou_sum, m.true_positives, m.false_positives, m.false_negatives]
-        summed = _sum_across_workers([float(v) for c in counts for v in c.tolist()], self.device)
-        n = len(counts[0])
-        for k, state in enumerate(counts):
-            state.copy_(torch.tensor(summed[k * n:(k + 1) * n], dtype=state.dtype))
+            evaluator.update(seg["id_map"], seg["segments_info"], *panoptic_target(t["masks"], t["labels"]))
+        counts = evaluator.counts()
+        summed = _sum_across_workers(counts.flatten().tolist(), self.device)
+        evaluator.set_counts(torch.tensor(summed, dtype=counts.dtype).view_as(counts))
         stats = evaluator.compute()
-        return detections, {f"val_{name}": float(stats[name]) for name in VAL_PANOPTIC_STATS}
+        return detections, {f"val_{name}": float(stats[name]) for name in PANOPTIC_STAT_NAMES}
 
     def fit(self) -> None:
         import ray.train
@@ -376,7 +332,7 @@ class Trainer:
                 if self.model_config.masks:
                     metrics["val_PQ"] = float("nan")
             self._log(epoch, metrics)
-            rng = _gather_to_rank0(_rng_state(), self.world_size, self.rank)
+            rng = _gather_to_rank0(rng_state(), self.world_size, self.rank)
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None
                 if self.rank == 0:

@@ -130,9 +130,9 @@ def test_every_job_loads_an_official_checkpoint_the_same_way(tmp_path):
     """Evaluation's actors, the label job's actors, the pyfunc model and training's `init_from` all load
     through `Detector.from_checkpoint`: an official file runs padding-invariant everywhere (an image in a
     padded batch gets the detections it gets alone), with the COCO classes when it has 91."""
-    from jobs.evaluate import _load_detector
     from jobs.model_sources import load_model
     from jobs.train import _init_state
+    from pipelines.evaluation.predictors import EvalPredictor
     from pipelines.labelling.predictor import LabelPredictor
 
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_every_job_loads_an_official_checkpoint_the_same_way(tmp_path):
     path = tmp_path / "detr-official.pth"
     torch.save({"model": detr.official_state_dict(official)}, path)
     data = path.read_bytes()
-    evaluation = _load_detector(data, threads=1)
+    evaluation = EvalPredictor(data).detector
     labelling = LabelPredictor(data, score_threshold=None, top_k=None, classes=None).detector
     loaded = load_model(str(path))
     for detector in (evaluation, labelling):

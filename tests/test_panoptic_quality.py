@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from detr.panoptic_evaluation import PanopticEvaluator, instance_ground_truth, mask_ap
+from detr.panoptic_evaluation import PanopticEvaluator, instance_ground_truth, mask_ap, panoptic_target
 from detr import masks_to_rle
 
 CATEGORIES = [{"id": 1, "name": "circle", "isthing": 1}, {"id": 2, "name": "square", "isthing": 1},
@@ -83,3 +83,24 @@ def test_mask_ap_of_perfect_and_wrong_masks():
     assert mask_ap(ground_truth, perfect)["segm_AP"] == pytest.approx(1.0)
     shifted = [{**perfect[0], "segmentation": masks_to_rle(np.roll(masks[:1], 1, axis=2))[0]}]
     assert mask_ap(ground_truth, shifted)["segm_AP50"] < 0.6  # IoU 1/3 misses, and B is never found
+
+
+def test_counts_summed_over_workers_score_all_their_images():
+    """Training validates on each worker's share of the images and sums the counts: the same PQ as one
+    evaluator that saw every image."""
+    whole, first, second = (PanopticEvaluator(CATEGORIES) for _ in range(3))
+    for evaluator, (pred, segments) in ((first, (PRED, PRED_SEGMENTS)), (second, (np.zeros_like(GT), []))):
+        evaluator.update(pred, segments, GT, GT_SEGMENTS)
+        whole.update(pred, segments, GT, GT_SEGMENTS)
+    first.set_counts(first.counts() + second.counts())
+    assert first.compute()["per_class"] == whole.compute()["per_class"]
+    assert first.compute()["PQ"] == pytest.approx(whole.compute()["PQ"]) and whole.compute()["PQ"] > 0
+
+
+def test_a_samples_masks_become_a_panoptic_ground_truth():
+    masks = np.zeros((2, 4, 6), dtype=bool)
+    masks[0, :, :3] = True
+    masks[1, 2:, 2:] = True  # overlaps the first: the later mask wins, as segments do not overlap
+    id_map, segments = panoptic_target(masks, np.array([3, 1]))
+    assert segments == [{"id": 1, "category_id": 3}, {"id": 2, "category_id": 1}]
+    assert id_map.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 2, 2, 2, 2], [1, 1, 2, 2, 2, 2]]

@@ -70,7 +70,8 @@ def test_training_dataset_contract_errors_and_reproducibility(ray_cluster, tmp_p
     config = TransformsConfig.small()
     data = build_detection_dataset(paths["train"], train=True, transforms=config, seed=11, epoch=0)
     epochs = []
-    for _ in range(2):
+    for epoch in range(2):
+        data.set_epoch(epoch)  # as the training loop does before each epoch
         seen = {}
         for images, mask, targets in data.iter_batches(batch_size=5):
             assert images.dtype == torch.float32 and images.shape[0] == mask.shape[0] == len(targets)
@@ -85,7 +86,7 @@ def test_training_dataset_contract_errors_and_reproducibility(ray_cluster, tmp_p
     assert len(epochs[0]) == 23 and 4 not in epochs[0]  # image id 4 is the broken file
     assert [(e.image, e.reason) for e in data.errors.errors()] == [("images/000003.png", "zero_byte")]
     assert data.errors.summary().format().startswith("read 24 images: kept 23")
-    # Epochs differ; rebuilding at epoch=1 reproduces the second epoch exactly.
+    # Epochs differ; a dataset built anew (a resumed run) reproduces the second epoch exactly.
     assert any(epochs[0][i][0] != epochs[1][i][0] for i in epochs[0])
     again = build_detection_dataset(paths["train"], train=True, transforms=config, seed=11, epoch=1,
                                     collect_errors=False, group_aspect_ratio_window=10)

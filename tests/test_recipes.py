@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from detr import DenseHead, FocalLoss, MaskHead, SemanticHead, TwoStage
-from detr.optim import OptimizerConfig, build_lr_scheduler, build_optimizer, build_warmup_scheduler
+from detr.optim import OptimizerConfig, build_lr_scheduler, build_warmup_scheduler
 from jobs.config_files import ConfigError
 from jobs.recipes import RECIPES, apply_recipe, recipe_path
 from jobs.train_config import load_train_config

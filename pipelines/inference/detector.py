@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from detr.errors import RaydetrError
 from detr.official import from_official
 from detr.postprocess import Detections
 from pipelines.training.transforms import TransformsConfig, apply_transform, build_eval_transform, normalize_image
+
+if TYPE_CHECKING:
+    import ray
 
 
 def transforms_to_metadata(config: TransformsConfig) -> dict[str, Any]:
@@ -109,6 +112,17 @@ class Detector:
         if options.get("optimize", True):  # the loaded model is ours: convert it rather than a copy of it
             model = inference_model(model, options.get("precision", "float32"), inplace=True)
         return cls(model, transforms, categories, **options)
+
+    @classmethod
+    def in_actor(cls, checkpoint: "bytes | ray.ObjectRef", threads: int = 1, **options: Any) -> "Detector":
+        """`from_checkpoint` inside a Ray actor: the checkpoint's bytes, or their object-store reference (so
+        an actor on any node loads a model the driver downloaded), with `threads` torch threads."""
+        torch.set_num_threads(threads)
+        if not isinstance(checkpoint, (bytes, bytearray, memoryview)):
+            import ray
+
+            checkpoint = ray.get(checkpoint)
+        return cls.from_checkpoint(bytes(checkpoint), **options)
 
     def postprocess(self, score_threshold: float | None = None, top_k: int | None = None) -> PostProcess:
         """Detections from this model's outputs, scored as it was trained (sigmoids after the focal loss)."""

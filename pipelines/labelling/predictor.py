@@ -13,7 +13,7 @@ group: `PanopticLabelPredictor` replaces it (and adds its result columns).
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ from pipelines.inference.drawing import draw_detections
 from pipelines.labelling.prepare import pixels_array
 from pipelines.labelling.schema import RESULT_SCHEMA
 from pipelines.labelling.shapes import DEFAULT_MAX_WASTE, padding_groups
+
+if TYPE_CHECKING:
+    import ray
 
 
 def select_detections(detections: dict, classes: Sequence[int] | None, top_k: int | None) -> dict:
@@ -42,13 +45,8 @@ class LabelPredictor:
     def __init__(self, checkpoint: "bytes | ray.ObjectRef", *, score_threshold: float | None, top_k: int | None,
                  classes: Sequence[int] | None, draw: int = 0, threads: int = 1, precision: str = "float32",
                  max_waste: float = DEFAULT_MAX_WASTE) -> None:
-        torch.set_num_threads(threads)
-        if not isinstance(checkpoint, (bytes, bytearray, memoryview)):
-            import ray  # the job ships the checkpoint through the object store
-
-            checkpoint = ray.get(checkpoint)
         # top_k is applied after the class filter (select_detections), so the Detector keeps them all.
-        self.detector = Detector.from_checkpoint(checkpoint, score_threshold=score_threshold, precision=precision)
+        self.detector = Detector.in_actor(checkpoint, threads, score_threshold=score_threshold, precision=precision)
         self.classes, self.top_k, self.max_waste = classes, top_k, max_waste
         self.draw_left = draw  # each actor draws its first N images; the driver keeps the first N overall
 

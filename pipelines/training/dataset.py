@@ -6,10 +6,11 @@ never reach the model; they are reported to an `ErrorCollector`. Feed the result
 to Ray Train as a dataset and, in each worker,
 `ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=B, collate_fn=DetectionCollate())`.
 
-Reproducibility: each image's augmentation is seeded from (seed, epoch, image id),
-where epoch = the `epoch` argument + the dataset's execution index (Ray Data
-counts executions; a training loop iterates once per epoch), so a run restarted
-at epoch k with `epoch=k` sees exactly the augmentations of the original run.
+Reproducibility: each image's augmentation is seeded from (seed, epoch, image id).
+A training dataset reads the epoch from its `EpochClock`, which the training loop
+sets before each epoch (`DetectionDataset.set_epoch`), so a run resumed at epoch k
+sees exactly the augmentations of the original run (block order, which Ray Data
+reshuffles on each reading, may differ).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from pipelines.sources import Source, open_source
 from pipelines.sources.reader import read_source
+from pipelines.training.epoch_clock import EpochClock
 from pipelines.training.samples import MASK_COLUMN, SAMPLE_COLUMNS, make_sample
 from pipelines.training.transforms import TransformsConfig, build_transform
 from pipelines.validation.decode import DecodeLimits
@@ -38,23 +40,13 @@ def _cached_transform(config: TransformsConfig, train: bool):
     return build_transform(config, train)
 
 
-def current_execution_index() -> int:
-    """How many times this dataset has been executed before (0 on the first epoch).
-
-    Ray Data keeps this count in the DataContext it ships to every task
-    (ray.data's own `RandomSeedConfig(reseed_after_execution=True)` uses it).
-    """
-    from ray.data import DataContext
-
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
-
-
 def _prepare_batch(
     batch: pa.Table,
     config: TransformsConfig,
     train: bool,
     seed: int | None,
     epoch: int,
+    clock: EpochClock | None,
     known_categories: frozenset[int] | None,
     limits: DecodeLimits,
     collector: ErrorCollector | None,
@@ -64,10 +56,11 @@ def _prepare_batch(
 
     torch.set_num_threads(1)  # one Ray CPU per task: intra-op threads would only oversubscribe the cores
     transform = _cached_transform(config, train)
-    execution = current_execution_index()
+    if clock is not None:
+        epoch = clock.get()
     samples, errors, summary = [], [], RunSummary()
     for record in batch.to_pylist():
-        sample, loaded, errs = make_sample(record, transform, seed=seed, epoch=epoch + execution,
+        sample, loaded, errs = make_sample(record, transform, seed=seed, epoch=epoch,
                                            known_categories=known_categories, limits=limits,
                                            with_masks=with_masks or None)
         tally(summary, loaded, errs)
@@ -75,7 +68,7 @@ def _prepare_batch(
         if sample is not None:
             samples.append(sample)
     if collector is not None:
-        collector.report(execution, summary, errors)
+        collector.report(epoch, summary, errors)
     return _columns(samples)
 
 
@@ -112,6 +105,14 @@ class DetectionDataset:
     errors: ErrorCollector | None
     categories: list[dict] | None
     source: Source
+    clock: EpochClock | None = None
+    """Training datasets: the epoch their augmentation is seeded with (None: a fixed epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the next reading's augmentation with `epoch` (call it before each epoch)."""
+        if self.clock is None:
+            raise ValueError("set_epoch needs a training dataset (build_detection_dataset(train=True))")
+        self.clock.set(epoch)
 
     def iter_batches(self, batch_size: int, **kwargs) -> Iterator:
         """(images, mask, targets) batches on this process (evaluation, tests, single-node use)."""
@@ -136,6 +137,8 @@ def build_detection_dataset(
 ) -> DetectionDataset:
     """Build the streaming sample dataset for training (`train=True`) or evaluation.
 
+    A training dataset's augmentation is seeded with `epoch` until `set_epoch` changes it.
+
     `shuffle` (default: `train`) randomises block order per epoch, reproducibly
     under `seed` (not for archives and shards, which stream); add `local_shuffle_buffer_size`/`local_shuffle_seed` in
     `iter_torch_batches` to mix rows within a window. `group_aspect_ratio_window`
@@ -147,8 +150,9 @@ def build_detection_dataset(
     src = open_source(source) if isinstance(source, str) else source
     known = src.category_ids
     collector = ErrorCollector.create() if collect_errors else None
+    clock = EpochClock.create(epoch) if train else None
     if collector is not None and src.planning_errors:
-        collector.report(0, RunSummary(rejected=Counter(e.reason for e in src.planning_errors)), src.planning_errors)
+        collector.report(epoch, RunSummary(rejected=Counter(e.reason for e in src.planning_errors)), src.planning_errors)
     ds = read_source(src, rows_per_block=rows_per_block)
     if (shuffle if shuffle is not None else train) and src.kind not in STREAMED_KINDS:
         # Block order is shuffled per epoch for planned sources, whose records carry no bytes.
@@ -166,6 +170,7 @@ def build_detection_dataset(
             "train": train,
             "seed": seed,
             "epoch": epoch,
+            "clock": clock,
             "known_categories": None if known is None else frozenset(known),
             "limits": limits,
             "collector": collector,
@@ -174,4 +179,4 @@ def build_detection_dataset(
     )
     if group_aspect_ratio_window > 0:
         ds = ds.map_batches(_group_by_aspect_ratio, batch_size=group_aspect_ratio_window, batch_format="numpy")
-    return DetectionDataset(ds, collector, src.categories, src)
+    return DetectionDataset(ds, collector, src.categories, src, clock)

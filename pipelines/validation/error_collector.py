@@ -3,7 +3,7 @@
 Ray Data tasks report each batch's rejected records and counts to one small
 actor; the driver reads them back (`errors()`, `summary()`) or writes the
 errors table (`write(path)`). Errors are de-duplicated across epochs; counts are
-kept per execution (epoch) of the dataset.
+kept per epoch of the dataset.
 """
 from __future__ import annotations
 
@@ -17,18 +17,18 @@ class _Collector:
         self._errors: dict[tuple[str, str, str, str], None] = {}
         self._summaries: dict[int, RunSummary] = {}
 
-    def add(self, execution: int, summary: dict, errors: list[dict]) -> None:
-        self._summaries.setdefault(execution, RunSummary()).add(RunSummary.from_json(summary))
+    def add(self, epoch: int, summary: dict, errors: list[dict]) -> None:
+        self._summaries.setdefault(epoch, RunSummary()).add(RunSummary.from_json(summary))
         for e in errors:
             self._errors[(e["source"], e["image"], e["reason"], e["detail"])] = None
 
     def errors(self) -> list[dict]:
         return [dict(zip(("source", "image", "reason", "detail"), k)) for k in self._errors]
 
-    def summary(self, execution: int | None) -> dict:
+    def summary(self, epoch: int | None) -> dict:
         if not self._summaries:
             return RunSummary().to_json()
-        key = min(self._summaries) if execution is None else execution
+        key = min(self._summaries) if epoch is None else epoch
         return self._summaries.get(key, RunSummary()).to_json()
 
 
@@ -44,22 +44,22 @@ class ErrorCollector:
 
         return cls(ray.remote(num_cpus=0)(_Collector).remote())
 
-    def report(self, execution: int, summary: RunSummary, errors: list[ErrorRecord]) -> None:
+    def report(self, epoch: int, summary: RunSummary, errors: list[ErrorRecord]) -> None:
         """Blocking, so that once a dataset has been consumed every report has arrived."""
         import ray
 
-        ray.get(self.actor.add.remote(execution, summary.to_json(), [e.as_dict() for e in errors]))
+        ray.get(self.actor.add.remote(epoch, summary.to_json(), [e.as_dict() for e in errors]))
 
     def errors(self) -> list[ErrorRecord]:
         import ray
 
         return [ErrorRecord(**e) for e in ray.get(self.actor.errors.remote())]
 
-    def summary(self, execution: int | None = None) -> RunSummary:
-        """Counts of one execution (epoch) of the dataset; the first one by default."""
+    def summary(self, epoch: int | None = None) -> RunSummary:
+        """Counts of one epoch of the dataset; the first one by default."""
         import ray
 
-        return RunSummary.from_json(ray.get(self.actor.summary.remote(execution)))
+        return RunSummary.from_json(ray.get(self.actor.summary.remote(epoch)))
 
     def write(self, path: str) -> str:
         return write_errors_table(self.errors(), path)

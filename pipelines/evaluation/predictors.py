@@ -1,0 +1,79 @@
+"""Ray Data actors that evaluation runs: each loads the model once (`Detector.in_actor`, the loader every
+job uses) and turns batches of evaluation samples (images at the model's evaluation size, with their
+targets) into predictions, carried with the ground truth the driver scores them against."""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+
+from detr import boxes_only, masks_to_rle
+from pipelines.inference.detector import Detector
+from pipelines.training.collate import collate_samples
+from pipelines.validation.panoptic import encode_panoptic_png
+
+if TYPE_CHECKING:
+    import ray
+
+
+class EvalPredictor:
+    """Detections and ground-truth boxes per image, boxes in original pixels."""
+
+    def __init__(self, checkpoint: "bytes | ray.ObjectRef", threads: int = 1) -> None:
+        self.detector = Detector.in_actor(checkpoint, threads)
+        self.postprocess = self.detector.postprocess()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        transforms = self.detector.transforms
+        images, mask, targets = collate_samples(batch, transforms.mean, transforms.std)
+        outputs = self.detector.forward(images, mask, mask_queries=boxes_only)
+        detections = self.postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
+        return {
+            "image_id": np.asarray([int(t["image_id"]) for t in targets], dtype=np.int64),
+            "det_boxes": [d["boxes"].numpy() for d in detections],
+            "det_scores": [d["scores"].numpy() for d in detections],
+            "det_labels": [d["labels"].numpy() for d in detections],
+            "gt_boxes": [t["boxes"].numpy() for t in targets],
+            "gt_labels": [t["labels"].numpy() for t in targets],
+            "area": [t["area"].numpy() for t in targets],
+            "iscrowd": [t["iscrowd"].numpy() for t in targets],
+            "orig_size": np.stack([t["orig_size"].numpy() for t in targets]),
+            "size": np.stack([t["size"].numpy() for t in targets]),
+        }
+
+
+class PanopticEvalPredictor:
+    """A model with masks -> per image the panoptic segmentation (PNG and segments) and the thing
+    instances' masks (COCO RLE results), both at the original image size."""
+
+    def __init__(self, checkpoint: "bytes | ray.ObjectRef", is_thing: Mapping[int, bool], threshold: float,
+                 threads: int = 1) -> None:
+        self.detector = Detector.in_actor(checkpoint, threads)
+        self.is_thing = {int(k): bool(v) for k, v in is_thing.items()}
+        self.panoptic = self.detector.panoptic_postprocess(self.is_thing, threshold)
+        self.instances = self.detector.instance_postprocess()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        transforms = self.detector.transforms
+        images, mask, targets = collate_samples(batch, transforms.mean, transforms.std)
+        outputs = self.detector.forward(images, mask)  # every query's mask: mask AP ranks all detections
+        processed = [tuple(int(v) for v in t["size"]) for t in targets]
+        original = [tuple(int(v) for v in t["orig_size"]) for t in targets]
+        pngs, segments, results = [], [], []
+        for seg, inst in zip(self.panoptic(outputs, processed, original),
+                             self.instances(outputs, processed, original)):
+            pngs.append(encode_panoptic_png(seg["id_map"]))
+            segments.append(json.dumps(seg["segments_info"]))
+            things = [i for i, label in enumerate(inst["labels"].tolist()) if self.is_thing.get(label, True)]
+            rles = masks_to_rle(inst["masks"][things]) if things else []
+            results.append(json.dumps([
+                {"category_id": int(inst["labels"][i]), "score": float(inst["scores"][i]), "segmentation": rle}
+                for i, rle in zip(things, rles)]))
+        return {
+            "image_id": np.asarray([int(t["image_id"]) for t in targets], dtype=np.int64),
+            "panoptic_png": pngs,
+            "segments_info": segments,
+            "mask_results": results,
+        }
