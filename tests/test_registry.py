@@ -1,8 +1,8 @@
 """Evaluation, the model registry and promotion against a real MLflow server and a real Ray cluster.
 
-Two models are trained with the training job: one for a single step and one
-with the fast recipe, so one is clearly better. Both are registered by training;
-promotion puts the first in place (no holder), moves the alias to the better
+Two models: an untrained one, registered as version 1, and one the training job
+trains with the fast recipe and registers as version 2, so one is clearly better.
+Promotion puts the first in place (no holder), moves the alias to the better
 one, refuses a candidate that fails the gate, records every decision on the
 version, and rollback restores the previous holder. The pyfunc model predicts
 on image files and bytes.
@@ -52,6 +52,24 @@ def _train(easy_shapes, tmp_path, uri, name, overrides):
     return train(config)
 
 
+def _register_untrained(easy_shapes, tmp_path, uri) -> str:
+    """Version 1: a model that has never trained, with the categories and transforms training would record."""
+    import json
+
+    from detr import build_model, save_checkpoint
+    from jobs.mlflow_model import log_detector_model
+    from jobs.tracking import TrackedRun
+    from pipelines.inference.detector import transforms_to_metadata
+    from pipelines.training.transforms import TransformsConfig
+
+    with open(easy_shapes["train"]) as f:
+        categories = json.load(f)["categories"]
+    checkpoint = save_checkpoint(build_model("tiny", num_classes=3), tmp_path / "untrained.pt", metadata={
+        "categories": categories, "transforms": transforms_to_metadata(TransformsConfig.small())})
+    run = TrackedRun.start(uri, "test-registry", "untrained")
+    return log_detector_model(uri, run.run_id, checkpoint, registered_model_name=MODEL).registered_model_version
+
+
 def test_train_register_promote_gate_and_rollback(ray_cluster, mlflow_server, easy_shapes, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -60,14 +78,13 @@ def test_train_register_promote_gate_and_rollback(ray_cluster, mlflow_server, ea
     from jobs.registry import alias_history
     from jobs.rollback import rollback
 
-    weak = _train(easy_shapes, tmp_path, mlflow_server, "weak",
-                  ["model.preset=tiny", "schedule.epochs=1", "schedule.max_steps_per_epoch=1"])
+    weak = _register_untrained(easy_shapes, tmp_path, mlflow_server)
     # A fixed number of steps, not minutes, so a slower machine gets the same model (AP about 0.03 against
-    # the weak model's 0.001). One worker leaves a core to the data pipeline; validation only at the end.
+    # the untrained model's 0). One worker leaves a core to the data pipeline; validation only at the end.
     strong = _train(easy_shapes, tmp_path, mlflow_server, "strong",
                     ["recipe=fast", "model.preset=tiny", "schedule.epochs=6", "schedule.eval_every=1000",
                      "data.batch_size=4", "optimizer.warmup_steps=10", "scaling.num_workers=1"])
-    assert (weak.registered_version, strong.registered_version) == ("1", "2")
+    assert (weak, strong.registered_version) == ("1", "2")
     client = MlflowClient(mlflow_server)
     assert client.get_model_version(MODEL, "2").tags["raydetr.train_run_id"] == strong.run_id
 

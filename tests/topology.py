@@ -48,19 +48,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM the leader of a process group started with start_new_session=True (it stops its children),
-    then SIGKILL what is left of the group."""
-    if process.poll() is None:
+def _stop_groups(processes: list[subprocess.Popen], timeout: float = 10) -> None:
+    """SIGTERM the leaders of process groups started with start_new_session=True (each stops its children), all
+    at once, give them `timeout` seconds together, then SIGKILL what is left of every group."""
+    for process in processes:
+        if process.poll() is None:
+            try:
+                process.terminate()
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for process in processes:
         try:
-            process.terminate()
-            process.wait(timeout=timeout)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _stop_group(process: subprocess.Popen, timeout: float = 10) -> None:
+    _stop_groups([process], timeout)
 
 
 def _wait_for(check, what: str, log: Path | None = None, timeout: float = 120) -> None:
@@ -326,8 +337,7 @@ class SharedNothingCluster:
         return f"1.0 {ISOLATED_RESOURCE}" in done.stdout and f"1.0 {HEAD_RESOURCE}" in done.stdout
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            _stop_group(process)
+        _stop_groups(list(reversed(self.processes)))
 
 
 @dataclass
