@@ -236,8 +236,9 @@ def run_label(checkpoint: str, folder: str, args, sample_memory: bool = False) -
         sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"detr label failed ({proc.returncode}):\n{stdout[-3000:]}")
-    with open(os.path.join(out, "manifest.json")) as f:
-        manifest = json.load(f)
+    from pipelines.labelling.output import LabelOutput
+
+    manifest = LabelOutput(out).read_manifest()
     job = manifest["runs"][-1]
     shutil.rmtree(out, ignore_errors=True)
     return {"images": job["labelled"] + job["errors"], "images_per_s": job["images_per_s"],

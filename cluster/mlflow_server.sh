@@ -3,7 +3,17 @@
 #
 #   cluster/mlflow_server.sh start [--backend-store-uri URI | --postgres] [--artifacts DIR_OR_URI]
 #                                  [--host 127.0.0.1] [--port 5000] [--pg-port 5432] [--workers N]
+#                                  [--auth] [--allowed-hosts HOST[,HOST...]]
 #   cluster/mlflow_server.sh stop
+#
+# A team server should run with --auth: MLflow's basic-auth app, so that only users with a password
+# can log runs, register versions or move an alias such as `champion` (which the label job runs).
+# Its admin user is `admin`, with a password generated at the first start into
+# $STATE_DIR/auth/admin_password (readable by this user only); create more users with MLflow's
+# auth API. Jobs authenticate with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in their
+# environment (a cluster gets them from a Secret, as it gets object-store credentials): never in a
+# config file or on a command line, which MLflow and Ray record. --allowed-hosts: the host names
+# clients use to reach the server (MLflow refuses others: DNS-rebinding protection).
 #
 # Backend: SQLite by default (sqlite:///$STATE_DIR/mlflow.db). A team server uses PostgreSQL:
 #   --backend-store-uri postgresql://USER:PASSWORD@DB_HOST:5432/mlflow   an existing database, or
@@ -28,6 +38,8 @@ BACKEND=""
 POSTGRES=0
 ARTIFACTS=""
 WORKERS=()
+AUTH=0
+ALLOWED=()
 MLFLOW="${MLFLOW:-mlflow}"
 PG_USER="${RAYDETR_PG_USER:-postgres}"
 
@@ -40,6 +52,8 @@ while [ $# -gt 0 ]; do
     --host) HOST="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
     --workers) WORKERS=(--workers "$2"); shift 2 ;;
+    --auth) AUTH=1; shift ;;
+    --allowed-hosts) ALLOWED=(--allowed-hosts "$2"); shift 2 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -97,14 +111,42 @@ case "$ACTION" in
     fi
     BACKEND="${BACKEND:-sqlite:///$STATE_ABS/mlflow.db}"
     ARTIFACTS="${ARTIFACTS:-$STATE_ABS/artifacts}"
+    APP=()
+    if [ "$AUTH" = 1 ]; then
+      mkdir -p "$STATE_ABS/auth"
+      chmod 700 "$STATE_ABS/auth"
+      for secret in admin_password flask_secret_key; do  # the key signs the web UI's CSRF tokens
+        if [ ! -f "$STATE_ABS/auth/$secret" ]; then
+          (umask 077; python3 -c "import secrets; print(secrets.token_urlsafe(24))" > "$STATE_ABS/auth/$secret")
+        fi
+      done
+      (umask 077; cat > "$STATE_ABS/auth/basic_auth.ini" <<INI
+[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///$STATE_ABS/auth/users.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+)
+      export MLFLOW_AUTH_CONFIG_PATH="$STATE_ABS/auth/basic_auth.ini"
+      MLFLOW_AUTH_ADMIN_PASSWORD="$(cat "$STATE_ABS/auth/admin_password")"
+      MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$STATE_ABS/auth/flask_secret_key")"
+      export MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
+      APP=(--app-name basic-auth)
+    fi
     nohup "$MLFLOW" server --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" \
-      --host "$HOST" --port "$PORT" "${WORKERS[@]}" > "$STATE_DIR/server.log" 2>&1 &
+      --host "$HOST" --port "$PORT" "${WORKERS[@]}" "${APP[@]}" "${ALLOWED[@]}" > "$STATE_DIR/server.log" 2>&1 &
+    unset MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
     echo $! > "$STATE_DIR/server.pid"
     SHOWN_BACKEND="$(echo "$BACKEND" | sed -E 's#://([^:/@]+):[^@]*@#://\1:***@#')"
     for _ in $(seq 1 120); do
       if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://$HOST:$PORT/health', timeout=2)" 2>/dev/null; then
         echo "MLflow tracking server at http://$HOST:$PORT (backend $SHOWN_BACKEND, artifacts $ARTIFACTS)"
         echo "export MLFLOW_TRACKING_URI=http://$HOST:$PORT"
+        if [ "$AUTH" = 1 ]; then
+          echo "basic auth: user admin, password in $STATE_ABS/auth/admin_password; jobs need"
+          echo "export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=\$(cat $STATE_ABS/auth/admin_password)"
+        fi
         exit 0
       fi
       if ! kill -0 "$(cat "$STATE_DIR/server.pid")" 2>/dev/null; then
@@ -130,5 +172,5 @@ case "$ACTION" in
     fi
     ;;
   *)
-    sed -n '2,20p' "$0"; exit 2 ;;
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac

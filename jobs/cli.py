@@ -48,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that mean "the input or the environment is wrong": shown as one line, not a traceback. Anything
-# else (a KeyError, an IndexError, a ValueError the project did not raise on purpose) is a bug: traceback.
+# Errors that mean "the input or the environment is wrong": shown as one line, not a traceback, as is any
+# OSError that names its file (a folder given for a file, a full disk). Anything else (a KeyError, an
+# IndexError, a ValueError the project did not raise on purpose) is a bug: traceback.
 USER_ERRORS = (RaydetrError, FileNotFoundError, PermissionError)
+
+
+def _names_a_file(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.filename is not None
 
 
 def split_passthrough(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -82,8 +87,8 @@ def _run(module: ModuleType, args: argparse.Namespace, prog: str) -> int:
     stated = (TrackingUnavailableError, StoreAccessError, StoreUnavailableError)  # raised with a message for users
     try:
         return int(module.run(args) or 0)
-    except (*USER_ERRORS, *stated) as exc:
-        if os.environ.get("RAYDETR_DEBUG"):
+    except (*USER_ERRORS, *stated, OSError) as exc:
+        if os.environ.get("RAYDETR_DEBUG") or not (isinstance(exc, (*USER_ERRORS, *stated)) or _names_a_file(exc)):
             raise
         cause = getattr(exc, "cause", None)  # raised in a Ray task: Ray's error wraps it, with the task's traceback
         message = str(cause if isinstance(cause, BaseException) else exc)

@@ -55,6 +55,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default=EVAL_EXPERIMENT)
     parser.add_argument("--no-mlflow", action="store_true", help="print the metrics without logging them")
     parser.add_argument("--force", action="store_true", help="recompute even if a matching evaluation exists")
+    parser.add_argument("--allow-outside-paths", action="store_true",
+                        help="read images named outside their folder (absolute or '..' paths in an annotation file, links out "
+                             "of a local folder); refused as unsafe_path by default")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     parser.add_argument("--task", choices=TASKS, default="detection",
                         help="detection: box AP; panoptic: PQ/SQ/RQ and mask AP (a model with masks, COCO panoptic data)")
@@ -145,10 +148,17 @@ def evaluate(
     address: str | None = None,
     task: str = "detection",
     panoptic_threshold: float = PANOPTIC_THRESHOLD,
+    allow_outside_paths: bool = False,
 ) -> EvalResult:
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
     if task not in TASKS:
         raise RaydetrError(f"unknown task {task!r}; choose from {TASKS}")
+    from jobs.model_sources import check_model_spec
+    from pipelines.sources import open_source
+
+    check_model_spec(model_spec)  # inputs first: a missing file is one line, before tracking or Ray start
+    source = open_source(data, images=images, allow_outside_paths=allow_outside_paths)
+
     import ray
 
     from detr.evaluation import STAT_NAMES
@@ -157,7 +167,6 @@ def evaluate(
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from pipelines.evaluation.detection import score_detection
     from pipelines.evaluation.panoptic import score_panoptic
-    from pipelines.sources import open_source
     from pipelines.tools.digest import dataset_digest
     from pipelines.training.dataset import build_detection_dataset
 
@@ -168,7 +177,6 @@ def evaluate(
     if task == "panoptic" and not loaded.masks:
         raise RaydetrError(f"--task panoptic needs a model with masks; {model_spec} has none (DETRConfig.masks)")
     model = loaded.resolved
-    source = open_source(data, images=images)
     connect(address)
     digest = dataset_digest(source)
     if task == "panoptic" and not source.is_panoptic:
@@ -220,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.data, images=args.images, batch_size=args.batch_size,
                       concurrency=args.concurrency, tracking_uri=args.tracking_uri, experiment=args.experiment,
                       log_to_mlflow=not args.no_mlflow, reuse=not args.force, address=args.address,
-                      task=args.task, panoptic_threshold=args.panoptic_threshold)
+                      task=args.task, panoptic_threshold=args.panoptic_threshold,
+                      allow_outside_paths=args.allow_outside_paths)
     print(format_result(result))
     return 0
 

@@ -21,6 +21,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-shard", type=int, default=IngestOptions.rows_per_shard)
     parser.add_argument("--max-pixels", type=int, default=DecodeLimits.max_pixels,
                         help="reject images with more pixels (decompression bombs)")
+    parser.add_argument("--allow-outside-paths", action="store_true",
+                        help="read images named outside their folder (absolute or '..' paths in an annotation file, links out "
+                             "of a local folder); refused as unsafe_path by default")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.tools.ingest import IngestOptions, ingest
     from pipelines.validation.decode import DecodeLimits
 
-    source = open_source(args.source, args.kind, images=args.images, classes=args.classes)
+    source = open_source(args.source, args.kind, images=args.images, classes=args.classes,
+                         allow_outside_paths=args.allow_outside_paths)
     check_reachable(args.out)
     connect(args.address)
     options = IngestOptions(rows_per_shard=args.rows_per_shard, limits=DecodeLimits(max_pixels=args.max_pixels))

@@ -84,6 +84,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="...or when this many seconds passed since the last commit (default: %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULTS.max_pixels,
                         help="reject larger images (decompression bombs)")
+    parser.add_argument("--allow-outside-paths", action="store_true",
+                        help="read images named outside their folder (absolute or '..' paths in an annotation file, links out "
+                             "of a local folder); refused as unsafe_path by default")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
 
@@ -144,6 +147,7 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     """Label `input_path` with `model` into `output` (resuming what is there); see the module docstring."""
     import ray
 
+    from jobs.model_sources import check_model_spec
     from jobs.ray_session import connect
     from pipelines.sources import open_source
     from pipelines.sources.reader import folder_of_archives, start_listings
@@ -152,7 +156,9 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     # An object store's folder is listed by a task of its own, started first: its listing overlaps importing
     # torch, loading the model, scanning the output and starting the actors, and this driver never holds it
     # or its records.
-    source = open_source(input_path, kind, images=images, stream_listing=True)
+    check_model_spec(model)
+    source = open_source(input_path, kind, images=images, stream_listing=True,
+                         allow_outside_paths=options.allow_outside_paths)
     check_reachable(output)
     connect(address)
     listings = start_listings(source)
@@ -174,7 +180,7 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
 
     out = LabelOutput(output)
     label_run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    manifest = ManifestRun.start(out, loaded.identity(), options.row_settings(), label_run=label_run,
+    manifest = ManifestRun.start(out, loaded.identity(), options.row_settings(), source.kind, label_run=label_run,
                                  input=input_path, model_uri=loaded.resolved.uri)
     removed = out.remove_temporaries()
     committed = out.scan()
@@ -212,7 +218,7 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
         result.coco_panoptic_json = coco_panoptic_json
         result.coco_panoptic_images = write_coco_panoptic(out, coco_panoptic_json, loaded.categories)
     result.totals = manifest.finish(
-        committed, writer.next_part, labelled=c.labelled, errors=c.errors, detections=c.detections,
+        labelled=c.labelled, errors=c.errors, detections=c.detections,
         **({"segments": c.segments} if options.task == "panoptic" else {}), parts=c.parts,
         rejected=dict(c.rejected), duplicates_dropped=c.duplicates_dropped, removed_temporaries=removed,
         already_done=committed.labelled + committed.errors, seconds=round(seconds, 3),
@@ -254,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k, precision=args.precision, batch_size=args.batch_size,
         concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
         rows_per_file=args.rows_per_file, commit_seconds=args.commit_seconds, draw=args.draw,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, allow_outside_paths=args.allow_outside_paths,
     )
     result = label(args.model, args.input, args.output, options, classes=args.classes, kind=args.kind,
                    images=args.images, coco_json=args.coco_json, coco_panoptic_json=args.coco_panoptic_json,

@@ -55,12 +55,18 @@ def _find_checkpoint(directory: Path) -> Path:
     return candidates[0]
 
 
+def check_model_spec(spec: str) -> None:
+    """Fail at once, in one line, for a model argument that is neither an MLflow URI nor a file (before a job
+    starts Ray or a tracking database for nothing)."""
+    if not is_mlflow_uri(spec) and not Path(spec).expanduser().is_file():
+        raise FileNotFoundError(f"model {spec!r}: no such file, and not an MLflow URI (models:/..., runs:/...)")
+
+
 def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | None = None) -> ResolvedModel:
     """Turn a model argument into a local checkpoint path (downloading MLflow models)."""
     if not is_mlflow_uri(spec):
+        check_model_spec(spec)
         path = Path(spec).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model {spec!r}: no such file, and not an MLflow URI (models:/..., runs:/...)")
         return ResolvedModel(checkpoint=str(path.resolve()), name=path.stem, uri=str(path.resolve()))
 
     import mlflow

@@ -37,19 +37,34 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 
 
 def ensure_tracking_available(uri: str, timeout_s: float = 10.0) -> None:
-    """Raise TrackingUnavailableError with a clear message unless the store answers within `timeout_s`."""
+    """Raise TrackingUnavailableError with a clear message unless the store answers within `timeout_s` and
+    accepts this job's credentials (a server with MLflow's basic-auth app)."""
     if uri.startswith(("http://", "https://")):
         import requests
 
+        base = uri.rstrip("/")
         try:
-            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+            response = requests.get(base + "/health", timeout=timeout_s)
+            if response.status_code == 200:
+                user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+                response = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                                        auth=(user, password) if user else None, timeout=timeout_s)
         except requests.RequestException as exc:
             raise TrackingUnavailableError(
                 f"MLflow tracking server {uri} is not reachable ({type(exc).__name__}). Start it "
                 "(e.g. `cluster/mlflow_server.sh`) or point tracking.uri / MLFLOW_TRACKING_URI elsewhere."
             ) from exc
+        if response.status_code == 401:
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} refused the password of user {user!r} (MLFLOW_TRACKING_PASSWORD)" if user
+                else f"MLflow tracking server {uri} needs credentials: set MLFLOW_TRACKING_USERNAME and "
+                     "MLFLOW_TRACKING_PASSWORD in the job's environment (never in a config or on the command line)")
+        if response.status_code == 403:
+            raise TrackingUnavailableError(f"MLflow tracking server {uri}: user "
+                                           f"{os.environ.get('MLFLOW_TRACKING_USERNAME')!r} may not read experiments")
         if response.status_code != 200:
-            raise TrackingUnavailableError(f"MLflow tracking server {uri} answered /health with {response.status_code}")
+            raise TrackingUnavailableError(f"MLflow tracking server {uri} answered with {response.status_code}")
         return
     from mlflow.tracking import MlflowClient
 

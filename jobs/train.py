@@ -134,6 +134,25 @@ def _log_detection_images(run, detector_checkpoint: str, val_source: str | None,
 
 def train(config, *, address: str | None = None, pid_dir: str | None = None) -> TrainResult:
     """Run a training job end to end; returns where everything went."""
+    from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
+    from pipelines.sources import open_source
+    from pipelines.storage import check_reachable
+
+    config = config.resolved()
+    # Inputs first: a missing file is one line at once, before Ray Train is imported or Ray, a tracking
+    # database or a model are started.
+    outside = config.data.allow_outside_paths
+    train_source = open_source(config.data.train, images=config.data.train_images, allow_outside_paths=outside)
+    val_source = open_source(config.data.val, images=config.data.val_images,
+                             allow_outside_paths=outside) if config.data.val else None
+    if config.init_from:
+        from jobs.model_sources import check_model_spec
+
+        check_model_spec(config.init_from)
+    check_reachable(config.storage.path)
+    tracking_uri = resolve_tracking_uri(config.tracking.uri)
+    ensure_tracking_available(tracking_uri)
+
     import yaml
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -141,22 +160,13 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     from detr.training_checkpoint import MODEL_FILE
     from jobs.config_files import flatten, to_plain
     from jobs.mlflow_model import log_detector_model
-    from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from jobs.train_loop import train_loop_per_worker
     from pipelines import storage
     from pipelines.inference.detector import transforms_to_metadata
     from pipelines.placement import nodes_that_cannot_see
-    from pipelines.sources import open_source
-    from pipelines.storage import check_reachable
     from pipelines.training.dataset import build_detection_dataset
     from pipelines.training.transforms import TransformsConfig
 
-    config = config.resolved()
-    tracking_uri = resolve_tracking_uri(config.tracking.uri)
-    ensure_tracking_available(tracking_uri)
-    train_source = open_source(config.data.train, images=config.data.train_images)
-    val_source = open_source(config.data.val, images=config.data.val_images) if config.data.val else None
-    check_reachable(config.storage.path)
     connect(address)
     blind = nodes_that_cannot_see(config.storage.path)
     if blind:

@@ -48,6 +48,9 @@ class DataSection:
     eval_batch_size: int = 4
     aspect_ratio_grouping: bool = True
     """Sort windows of samples by aspect ratio so batches carry less padding."""
+    allow_outside_paths: bool = False
+    """Read images an annotation file names outside its folder (absolute or '..' paths), or links out of a
+    local folder; refused as `unsafe_path` by default."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import re
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -23,6 +24,40 @@ TEMPORARY_MARK = ".tmp-"  # in the hidden names of files being written (open_out
 
 def has_scheme(path: str) -> bool:
     return "://" in path
+
+
+def canonical(path: str) -> str:
+    """One spelling per location, so that keys identify files rather than how their paths were typed: a local
+    path made absolute with its links resolved, a URI with its scheme in lower case and its path normalised
+    (no '.', '..' or doubled '/')."""
+    if has_scheme(path):
+        scheme, rest = path.split("://", 1)
+        bucket, _, inner = rest.partition("/")
+        inner = posixpath.normpath("/" + inner).lstrip("/") if inner else ""
+        return f"{scheme.lower()}://{bucket}" + (f"/{inner}" if inner else "")
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def escape_reason(name: str) -> str | None:
+    """Why a relative name would leave the folder it is joined to (an absolute path, a drive letter, a '..'
+    step), or None. Annotation files and archives name their images this way."""
+    normalised = name.replace("\\", "/")
+    if normalised.startswith("/") or re.match(r"^[a-zA-Z]:", normalised):
+        return f"absolute path {name!r}"
+    if ".." in normalised.split("/"):
+        return f"path {name!r} leaves its folder through '..'"
+    return None
+
+
+def link_escape_reason(root: str, path: str) -> str | None:
+    """Why a local `path` under the folder `root` really lies outside it (a symbolic link out of it), or None.
+    Object stores have no links."""
+    if has_scheme(root) or has_scheme(path):
+        return None
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
+        return None
+    return f"{path} is a link to {real}, outside {root}"
 
 
 class StoreUnavailableError(OSError):
@@ -176,6 +211,31 @@ def open_output_atomic(path: str) -> Iterator[Any]:
         raise store_error(path, exc) from None
 
 
+def create_new(path: str, data: bytes) -> bool:
+    """Write `path` only if it does not exist; True when this call created it. On a local disk the file
+    appears whole and at most one of several concurrent callers creates it (a hard link, which fails when the
+    name exists). Object stores have no such primitive here: a caller writes when it sees no file, then
+    reads back, so of several callers within one request's time each may return True, and the file holds
+    the last one's bytes; callers that must agree compare what they read back."""
+    if not has_scheme(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if exists(path):
+        return False
+    write_bytes_atomic(path, data)
+    return read_bytes(path) == data
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write to a temporary name, then rename: readers never see half a file."""
     with open_output_atomic(path) as stream:
@@ -202,6 +262,14 @@ def _listing_plan(path: str, extensions: Iterable[str] | None) -> tuple[str, str
         pattern = path if has_scheme(path) else os.path.abspath(path)
         path = base
     return path, pattern, exts
+
+
+def listing_root(path: str) -> str:
+    """The folder a listing of `path` covers: the folder itself, a file's folder, or a glob's fixed part."""
+    folder = _listing_plan(path, None)[0]
+    if not has_scheme(folder) and os.path.isfile(folder):
+        return os.path.dirname(folder) or "."
+    return folder
 
 
 def _keeps(name: str, pattern: str | None, exts: tuple[str, ...] | None) -> bool:

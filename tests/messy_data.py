@@ -105,3 +105,30 @@ def write_unsafe_tar(path: str) -> list[str]:
         link.linkname = "/etc/passwd"
         tar.addfile(link)
     return sorted(good)
+
+
+def add_hostile_entries(coco_json: str, outside_image: str) -> dict[str, str]:
+    """Append what a careless or hostile annotation file holds to a COCO JSON: entries that escape the image
+    folder, ids that are no integers or repeat, an entry without a file name, and malformed annotations on
+    its first image. Returns {image (as the errors table names it): expected reason}."""
+    with open(coco_json) as f:
+        coco = json.load(f)
+    first = coco["images"][0]
+    n = len(coco["images"])
+    coco["images"] += [
+        {"id": 1000, "file_name": "../outside/secret.jpg"},
+        {"id": 1001, "file_name": outside_image},  # absolute
+        {"id": "abc", "file_name": "badid.jpg"},
+        {"id": 1002},
+        {"id": first["id"], "file_name": "dup.jpg"},
+    ]
+    coco["annotations"] += [
+        {"id": 900, "image_id": first["id"], "category_id": 1, "bbox": [1, 2, 3]},
+        {"id": 901, "image_id": first["id"], "category_id": 1, "bbox": [1, "2", 3, 4]},
+        {"id": 902, "image_id": first["id"], "category_id": "red", "bbox": [1, 2, 3, 4]},
+    ]
+    with open(coco_json, "w") as f:
+        json.dump(coco, f)
+    return {"../outside/secret.jpg": "unsafe_path", outside_image: "unsafe_path", "badid.jpg": "malformed_image_entry",
+            f"images[{n + 3}]": "malformed_image_entry", "dup.jpg": "duplicate_image_id",
+            first["file_name"]: "malformed_annotation"}

@@ -25,6 +25,33 @@ def test_cluster_launcher_config_passes_rays_own_schema():
     assert gpu_types and all(t["max_workers"] <= config["max_workers"] for t in gpu_types)
     assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}")
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+    assert_launcher_closed(config)
+
+
+def assert_launcher_closed(config: dict) -> None:
+    """Every node starts Ray with token authentication, with the token shipped over SSH, never inline."""
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
+              if "ray start" in c]
+    assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), starts
+    assert "~/.ray/auth_token" in (config.get("file_mounts") or {}), "no token shipped to the nodes"
+    assert not any("RAY_AUTH_TOKEN=" in c for key in config if key.endswith("_commands") for c in config[key])
+
+
+def assert_kuberay_closed(spec: dict) -> None:
+    assert (spec.get("authOptions") or {}).get("mode") == "token", "Ray token authentication is off"
+
+
+def test_a_config_without_token_authentication_is_caught():
+    config = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    open_launcher = dict(config, head_start_ray_commands=[c.replace("export RAY_AUTH_MODE=token; ", "")
+                                                          for c in config["head_start_ray_commands"]])
+    with pytest.raises(AssertionError):
+        assert_launcher_closed(open_launcher)
+    with pytest.raises(AssertionError):
+        assert_launcher_closed(dict(config, file_mounts={}))
+    spec = _cluster_spec(next(d for _, d in kuberay_documents() if d["kind"] == "RayCluster"))
+    with pytest.raises(AssertionError, match="token authentication is off"):
+        assert_kuberay_closed({k: v for k, v in spec.items() if k != "authOptions"})
 
 
 def kuberay_documents():
@@ -44,6 +71,7 @@ def test_kuberay_manifests_name_the_projects_ray_version_and_gpus(name, doc):
     assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
     spec = _cluster_spec(doc)
     assert spec["rayVersion"] == ray.__version__
+    assert_kuberay_closed(spec)
     head = spec["headGroupSpec"]
     containers = head["template"]["spec"]["containers"] + [
         c for group in spec["workerGroupSpecs"] for c in group["template"]["spec"]["containers"]]

@@ -1,5 +1,6 @@
 """The cluster scripts as users run them: `cluster/local_cluster.sh` (ray start: a head and a worker node)
-and `cluster/mlflow_server.sh` (MLflow with SQLite), started, checked and stopped."""
+and `cluster/mlflow_server.sh --auth` (MLflow with SQLite and its basic-auth app), started, checked and
+stopped."""
 from __future__ import annotations
 
 import os
@@ -47,7 +48,7 @@ def cluster_and_server(tmp_path):
     gcs_port, dashboard_port, mlflow_port = _free_port(), _free_port(), _free_port()
     started = []
     try:
-        _run(["bash", "cluster/mlflow_server.sh", "start", "--port", str(mlflow_port)], env)
+        _run(["bash", "cluster/mlflow_server.sh", "start", "--port", str(mlflow_port), "--auth"], env)
         started.append("mlflow")
         _run(["bash", "cluster/local_cluster.sh", "start", "--workers", "1", "--cpus-per-node", "2",
               "--port", str(gcs_port), "--dashboard-port", str(dashboard_port)], env)
@@ -61,7 +62,7 @@ def cluster_and_server(tmp_path):
         shutil.rmtree(cluster_dir, ignore_errors=True)
 
 
-def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluster_and_server, ray_cluster):
+def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluster_and_server, ray_cluster, monkeypatch):
     """`detr submit` of training and labelling runs on the production topology (tests/test_topology_jobs.py);
     here the scripts themselves: nodes with folders of their own, and a stop that leaves other clusters alone."""
     import ray
@@ -74,6 +75,29 @@ def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluste
     root = Path(env["RAYDETR_CLUSTER_DIR"]) / "ray"
     assert (root.parent / "ray-worker-1").is_dir()  # the worker node's own sessions and runtime environments
     assert requests.get(f"{tracking}/health", timeout=10).status_code == 200
+    # A team server is closed: a job without credentials stops at once with one line that says what to set.
+    anonymous = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_")}
+    refused = subprocess.run([sys.executable, "-m", "jobs.cli", "rollback", "--name", "m", "--tracking-uri", tracking],
+                             env=anonymous, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"detr rollback: error: MLflow tracking server {tracking} needs credentials: set MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD in the job's environment (never in a config or on the command line)")
+    password_file = Path(env["RAYDETR_MLFLOW_DIR"]) / "auth" / "admin_password"
+    assert oct(password_file.stat().st_mode & 0o777) == "0o600"
+    admin = {**anonymous, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password_file.read_text().strip()}
+    wrong = subprocess.run([sys.executable, "-m", "jobs.cli", "rollback", "--name", "m", "--tracking-uri", tracking],
+                           env={**admin, "MLFLOW_TRACKING_PASSWORD": "guess"}, cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert "refused the password of user 'admin'" in wrong.stderr
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import ensure_tracking_available
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, admin[name])
+    ensure_tracking_available(tracking)
+    experiment = MlflowClient(tracking).create_experiment("with-credentials")
+    assert MlflowClient(tracking).get_experiment(experiment).name == "with-credentials"
     assert requests.get(f"{address}/api/version", timeout=10).status_code in (200, 401)
 
     _run(["bash", "cluster/local_cluster.sh", "stop"], env)

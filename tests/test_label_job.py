@@ -128,7 +128,7 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     compared = assert_rows_match_direct_calls(rows, lambda k: Path(k).read_bytes(), checkpoint, 0.2, 5)
     assert compared > 16 and all(len(r["labels"]) <= 5 for r in rows)
 
-    manifest = json.loads(Path(out, "manifest.json").read_text())
+    manifest = LabelOutput(out).read_manifest()
     assert manifest["status"] == "complete" and manifest["settings"] == {"task": "detection", "score_threshold": 0.2,
                                                                          "top_k": 5, "classes": None,
                                                                          "precision": "float32"}
@@ -149,7 +149,7 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     assert detr_cli(argv) == 0
     assert "labelled 0 images (0 detections), 0 errors" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.parquet")} == before
-    assert len(json.loads(Path(out, "manifest.json").read_text())["runs"]) == 2
+    assert len(LabelOutput(out).read_manifest()["runs"]) == 2
 
     # Another threshold into the same output is refused, with the reason.
     assert detr_cli([*argv[:7], "--score-threshold", "0.5"]) == 1
@@ -247,9 +247,12 @@ def test_a_killed_driver_is_resumed_and_every_image_lands_exactly_once(ray_clust
     driver.stderr.close()
     first_labels, first_errors = committed_keys(str(out))
     assert 0 < len(first_labels) < len(images), "killed after the first commit, before the last"
-    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
-    # Killed at the worst moment, a run leaves half a part under its hidden temporary name.
-    (out / LABELS / ".part-000999.parquet.tmp-0badf00d").write_bytes(b"PAR1 half written")
+    assert LabelOutput(str(out)).read_manifest()["status"] == "running"
+    # Killed at the worst moment, a run leaves half a part under its hidden temporary name (written long ago:
+    # a recent one could be a concurrent run's write in progress, which is left alone).
+    half = out / LABELS / ".part-000999.parquet.tmp-0badf00d"
+    half.write_bytes(b"PAR1 half written")
+    os.utime(half, (time.time() - 3600,) * 2)
 
     from jobs.label import label
     from pipelines.labelling.options import LabelOptions
@@ -261,7 +264,7 @@ def test_a_killed_driver_is_resumed_and_every_image_lands_exactly_once(ray_clust
     assert Counter(labels + errors) == Counter(inputs)  # every image exactly once, none lost
     assert errors == [str(tmp_path / "in" / "images" / "broken.jpg")]
     assert result.counts.labelled == len(images) - len(first_labels)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = LabelOutput(str(out)).read_manifest()
     assert [r["status"] for r in manifest["runs"]] == ["running", "complete"]
     assert manifest["totals"]["images_labelled"] == len(images) and manifest["totals"]["errors"] == 1
 
@@ -278,3 +281,23 @@ def test_the_steady_rate_leaves_the_start_up_out():
     assert result(10.0, 20, 30.0).images_per_s == pytest.approx(100 / 30.0)
     assert result(10.0, 100, 30.0).steady_images_per_s is None  # everything came with the first rows
     assert result(None, 0, 30.0, 0, 0).steady_images_per_s is None  # nothing labelled
+
+
+def test_two_jobs_labelling_into_one_folder_at_once_keep_every_row(ray_cluster, checkpoint, tmp_path):
+    """The issue's case: `--input halfA` and `--input halfB` at once into the same `--output`."""
+    halves = [synthetic_images(tmp_path / half, 12, seed=i) for i, half in enumerate(("halfA", "halfB"))]
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    jobs = [subprocess.Popen([sys.executable, "-m", "jobs.label", "--model", checkpoint, "--input",
+                              str(tmp_path / half / "images"), "--output", str(out), "--address", ray_cluster.address,
+                              "--score-threshold", "0", "--concurrency", "1", "--batch-size", "2",
+                              "--rows-per-file", "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for half in ("halfA", "halfB")]
+    printed = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], [p[-3000:] for p in printed]
+    assert all("labelled 12 images" in p for p in printed)
+    labels, errors = committed_keys(str(out))
+    assert sorted(labels) == sorted(str(p) for half in halves for p in half) and errors == []
+    manifest = LabelOutput(str(out)).read_manifest()
+    assert [r["status"] for r in manifest["runs"]] == ["complete", "complete"]
+    assert manifest["totals"]["images_labelled"] == 24

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ from pipelines.labelling.coco_export import write_coco_results
 from pipelines.labelling.key_digests import KeyDigestSet, key_digests
 from pipelines.labelling.manifest import check_compatible, new_manifest
 from pipelines.labelling.options import LabelOptions, parse_classes
-from pipelines.labelling.output import ERRORS, LABELS, LabelOutput, part_name
+from pipelines.labelling.output import ERRORS, LABELS, STALE_TEMPORARY_SECONDS, LabelOutput, part_name
 from pipelines.labelling.predictor import select_detections
 from pipelines.labelling.prepare import pixels_array, prepare_batch
 from pipelines.labelling.schema import LABEL_SCHEMA, RESULT_SCHEMA
@@ -76,10 +77,13 @@ def test_writer_commits_each_key_once_in_atomic_parts_and_resumes(tmp_path):
     assert out.read(ERRORS).to_pylist() == [{"source": "src", "image": "x", "reason": "decode_error",
                                              "detail": "x: broken"}]
 
-    # A run killed while writing leaves a hidden temporary part: readers skip it, the next run removes it.
+    # A run killed while writing leaves a hidden temporary part: readers skip it, a later run removes it once it
+    # is older than any write in progress (a younger one may be a concurrent run's).
     stale = tmp_path / "out" / LABELS / f".{part_name(2)}.tmp-deadbeef"
     stale.write_bytes(b"PAR1 half a file")
     assert sorted(pads.dataset(str(tmp_path / "out" / LABELS)).to_table()["key"].to_pylist()) == ["a", "b", "c"]
+    assert out.remove_temporaries() == 0 and stale.exists()
+    os.utime(stale, (time.time() - STALE_TEMPORARY_SECONDS - 1,) * 2)
     assert out.remove_temporaries() == 1 and not stale.exists()
 
     # Resuming: everything committed (labels and errors) is known, and never written again.

@@ -131,7 +131,7 @@ def test_writer_writes_each_png_before_its_row_is_committed_and_resumes(tmp_path
     # A killed run left a PNG whose row it never committed, and half of another PNG under a hidden name.
     (pngs / "c-1.png").write_bytes(b"half a PNG")
     (pngs / ".c-1.png.tmp-0badf00d").write_bytes(b"half")
-    assert out.remove_temporaries() == 1
+    assert out.remove_temporaries(older_than=0) == 1
     stamp = (pngs / "a-0.png").stat().st_mtime_ns
     again = ChunkWriter(out, out.scan(), ModelIdentity("pan"), "run-2", rows_per_file=100, commit_seconds=3600,
                         draw=0)
@@ -140,7 +140,7 @@ def test_writer_writes_each_png_before_its_row_is_committed_and_resumes(tmp_path
     assert again.counts.labelled == 1 and again.counts.duplicates_dropped == 1
     assert (pngs / "a-0.png").stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(decode_panoptic_png((pngs / "c-1.png").read_bytes()), ID_MAP)
-    assert [n for n, _ in out.parts(LABELS)] == [0, 1] and part_name(1) in os.listdir(tmp_path / "out" / LABELS)
+    assert [n for n, _ in out.parts(LABELS)] == [0, 1] and part_name(1, "run2") in os.listdir(tmp_path / "out" / LABELS)
 
     path = tmp_path / "panoptic.json"
     assert write_coco_panoptic(out, str(path), CATEGORIES) == 3

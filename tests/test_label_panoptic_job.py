@@ -87,7 +87,7 @@ def test_label_panoptic_rows_and_pngs_equal_direct_calls_and_rerun_adds_nothing(
     assert segments >= 2 * len(rows)
     assert sorted(p.name for p in (out / "panoptic").iterdir()) == sorted(Path(r["panoptic_file"]).name for r in rows)
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = LabelOutput(str(out)).read_manifest()
     assert manifest["settings"]["task"] == "panoptic" and manifest["settings"]["panoptic_threshold"] == 0.85
     assert manifest["runs"][0]["segments"] == segments
     exported = json.loads(coco.read_text())

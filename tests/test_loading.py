@@ -95,3 +95,26 @@ def test_decompression_bomb_and_palette_images():
     assert out.array.shape == (*SIZE, 3) and E.REPAIR_CONVERTED_TO_RGB in out.repairs
     rgba = decode_image(encode(rgb_image(9).convert("RGBA"), "PNG"), "a.png")
     np.testing.assert_array_equal(rgba.array, np.asarray(rgb_image(9)))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares a size and holds no pixels: opening it costs nothing, decoding it fails."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_the_pixel_limit_is_the_jobs_not_pillows():
+    bomb = png_header_only(20_000, 20_000)  # 400 megapixels: over twice Pillow's own default limit
+    with pytest.raises(E.PipelineError) as info:
+        decode_image(bomb, "bomb.png", DecodeLimits(max_pixels=100_000_000))
+    assert info.value.reason == E.TOO_LARGE
+    assert info.value.detail == "bomb.png: 400000000 pixels exceeds the limit of 100000000 (--max-pixels)"
+    with pytest.raises(E.PipelineError) as info:  # a job that allows it: Pillow's default does not refuse it
+        decode_image(bomb, "bomb.png", DecodeLimits(max_pixels=500_000_000))
+    assert info.value.reason != E.TOO_LARGE

@@ -11,7 +11,7 @@ import torch
 
 from jobs.cli import main as detr
 from jobs.synthetic_data import SyntheticConfig, write_dataset
-from messy_data import write_messy_coco, write_unsafe_tar
+from messy_data import add_hostile_entries, write_messy_coco, write_unsafe_tar
 from pipelines.sources import open_source
 from pipelines.sources.reader import read_source
 from pipelines.training.dataset import build_detection_dataset
@@ -29,21 +29,25 @@ def files_digest(folder):
 
 def test_ingest_messy_coco_then_train_from_the_shards(ray_cluster, tmp_path, capsys):
     path, expected = write_messy_coco(str(tmp_path / "src"))
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"private")
+    planning = add_hostile_entries(path, str(secret))  # five unusable image entries, three bad annotations
     out = str(tmp_path / "ingested")
     argv = ["ingest", path, out, "--images", str(tmp_path / "src" / "img"), "--rows-per-shard", "4"]
     assert detr(argv) == 0
     printed = capsys.readouterr().out
-    assert "read 11 images: kept 6 (5 repaired), rejected 5" in printed
+    assert "read 16 images: kept 6 (5 repaired), rejected 10" in printed
     shards = pq.read_table(os.path.join(out, "data")).to_pylist()
     assert sorted(r["key"] for r in shards) == sorted(k for k, v in expected.items() if v == "kept")
     errors = read_errors_table(os.path.join(out, "errors"))
     by_image = {}
     for e in errors:
         by_image.setdefault(e["image"], []).append(e["reason"])
-    for name, want in expected.items():
-        if want != "kept":
+    for name, want in {**expected, **planning}.items():
+        if want not in ("kept", "malformed_annotation"):
             assert by_image[name] == [want]
-    assert sorted(by_image["good.jpg"]) == ["box_out_of_image", "degenerate_box", "unknown_category"]
+    assert sorted(by_image["good.jpg"]) == ["box_out_of_image", "degenerate_box", *["malformed_annotation"] * 3,
+                                            "unknown_category"]
     rotated = next(r for r in shards if r["key"] == "rotated.jpg")
     assert (rotated["width"], rotated["height"]) == (48, 64)
     np.testing.assert_allclose(rotated["boxes"], [[28, 8, 10, 16]], atol=1e-3)

@@ -2,6 +2,7 @@
 S3-compatible store), tar/zip archives (unsafe members rejected)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -212,3 +213,94 @@ def test_open_source_streams_the_listing_of_object_store_folders_only(tmp_path, 
     assert list(iter_records(open_source(f"{bucket}/tars", "folder", stream_listing=True))) == []
     with pytest.raises(FileNotFoundError):
         open_source(f"{bucket}/missing/", stream_listing=True)
+
+
+def test_zip_links_and_repeated_names_are_error_rows(tmp_path):
+    import stat
+    import warnings
+
+    path = str(tmp_path / "tricky.zip")
+    png = encode(rgb_image(1), "PNG")
+    with zipfile.ZipFile(path, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns about the duplicate name
+        zf.writestr("one.png", png)
+        link = zipfile.ZipInfo("link.png")
+        link.create_system, link.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr("one.png", encode(rgb_image(2), "PNG"))
+    records = list(iter_records(open_source(path)))
+    assert [(r["key"], r["error_reason"]) for r in records] == [
+        (f"{path}!one.png", ""), (f"{path}!link.png", "unsafe_archive_member"),
+        (f"{path}!one.png#2", "duplicate_archive_member")]
+    assert records[0]["bytes"] == png and "appears 2 times" in records[2]["error_detail"]
+
+
+def test_tar_members_over_the_limit_are_rejected_unread(tmp_path):
+    import io
+    import tarfile
+
+    from pipelines.sources.archive import iter_tar
+
+    path = str(tmp_path / "mixed.tar")
+    png = encode(rgb_image(3), "PNG")
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("small.png", png), ("huge.png", b"\0" * (len(png) + 1)), ("small.png", png)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    records = list(iter_tar(path, max_member_bytes=len(png)))
+    assert [(r["key"].split("!")[1], r["error_reason"]) for r in records] == [
+        ("small.png", ""), ("huge.png", "too_large"), ("small.png#2", "duplicate_archive_member")]
+    assert records[1]["error_detail"] == (f"{path}: member 'huge.png' is {len(png) + 1} bytes, over the limit of "
+                                          f"{len(png)} bytes")
+
+
+BOMB_READER = """
+import re, sys
+from pipelines.sources import iter_records, open_source
+rows = [(r["key"], r["error_reason"]) for r in iter_records(open_source(sys.argv[1]))]
+with open("/proc/self/status") as f:  # this process's peak (ru_maxrss would include the parent's, before exec)
+    peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1))
+print(rows, peak_kb // 1024)
+"""
+
+
+@pytest.mark.parametrize("suffix", ["tar.gz", "zip"])
+def test_a_small_archive_of_a_huge_member_is_rejected_in_bounded_memory(tmp_path, suffix):
+    """600 MB of zeros compress to under a megabyte: reading the archive must not hold the member."""
+    import subprocess
+    import sys
+    import tarfile
+
+    path, size = str(tmp_path / f"bomb.{suffix}"), 600 * 1024 * 1024
+
+    class Zeros(io.RawIOBase):
+        def __init__(self) -> None:
+            self.left = size
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            n = min(len(buffer), self.left)
+            buffer[:n] = bytes(n)
+            self.left -= n
+            return n
+
+    if suffix == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf, zf.open("bomb.png", "w") as f:
+            stream = Zeros()
+            while chunk := stream.read(1 << 20):
+                f.write(chunk)
+    else:
+        with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+            info = tarfile.TarInfo("bomb.png")
+            info.size = size
+            tar.addfile(info, io.BufferedReader(Zeros()))
+    assert os.path.getsize(path) < 5 * 1024 * 1024
+    done = subprocess.run([sys.executable, "-c", BOMB_READER, path], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, peak_mb = done.stdout.rsplit(" ", 1)
+    assert rows == repr([(f"{path}!bomb.png", "too_large")])
+    assert int(peak_mb) < 400, f"peak memory {peak_mb} MB while rejecting a {size >> 20} MB member"

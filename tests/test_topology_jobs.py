@@ -156,9 +156,10 @@ def _label_rows(topology, output: str, kind: str = "labels") -> list[dict]:
         return LabelOutput(output).read(kind).to_pylist()
 
 
-def test_label_an_s3_prefix_then_more_images_exactly_once(topology, shapes, trained):
+def test_label_an_s3_prefix_with_two_jobs_at_once_then_more_images_exactly_once(topology, shapes, trained):
     # The prefix is listed by a task of the job (never by the driver): nested folders are followed, a broken
-    # image becomes an error row, a text file is skipped; images that arrive later are the only ones a re-run
+    # image becomes an error row, a text file is skipped. Two jobs write the output at once (one labels a
+    # sub-folder that the other's prefix holds too); images that arrive later are the only ones a re-run
     # labels, and every image lands in exactly one row or one error.
     from messy_data import corrupt_jpeg
 
@@ -169,17 +170,32 @@ def test_label_an_s3_prefix_then_more_images_exactly_once(topology, shapes, trai
         topology.s3.put(f"{photos}{'day1/' if i % 3 == 0 else ''}{name}", (local / name).read_bytes())
     topology.s3.put(f"{photos}broken.jpg", corrupt_jpeg())
     topology.s3.put(f"{photos}notes.txt", b"not an image")
-    args = ("label", "--model", f"models:/{MODEL}@champion", "--input", photos, "--output", output,
-            "--concurrency", "2", "--cpus-per-actor", "1", "--score-threshold", "0.0", "--top-k", "3")
-    done = topology.detr(*args)
-    assert f"labelled {len(first)} images" in done.stdout and "1 errors" in done.stdout
+    common = ("--model", f"models:/{MODEL}@champion", "--output", output, "--cpus-per-actor", "1",
+              "--score-threshold", "0.0", "--top-k", "3", "--rows-per-file", "2")
+    jobs = [subprocess.Popen([str(BIN / "detr"), "label", "--input", prefix, *common], env=topology.env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=topology.driver_tmp)
+            for prefix in (photos, f"{photos}day1/")]
+    outputs = [job.communicate(timeout=600)[0] for job in jobs]
+    topology.logs += outputs
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    rows = _label_rows(topology, output)
+    assert sorted(r["key"].rsplit("/", 1)[1] for r in rows) == sorted(first)  # both jobs' rows, each image once
+    runs = _manifest(topology, output)["runs"]
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"complete"}
     for name in later:
         topology.s3.put(f"{photos}day2/{name}", (local / name).read_bytes())
-    again = topology.detr(*args)
+    again = topology.detr("label", "--input", photos, *common, "--concurrency", "2")
     assert f"labelled {len(later)} images" in again.stdout
     rows = _label_rows(topology, output)
     assert sorted(r["key"].rsplit("/", 1)[1] for r in rows) == shapes["images"]  # each exactly once
     assert [r["image"] for r in _label_rows(topology, output, "errors")] == [f"{photos}broken.jpg"]
+
+
+def _manifest(topology, output: str) -> dict:
+    from pipelines.labelling.output import LabelOutput
+
+    with topology.s3.environment():
+        return LabelOutput(output).read_manifest()
 
 
 def test_label_an_s3_tar_with_a_killed_driver_then_resume(topology, shapes, trained):

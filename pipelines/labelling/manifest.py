@@ -1,11 +1,15 @@
-"""The output's manifest: which model and settings made the rows, the totals, and every run.
+"""The output's manifest: which model and settings made the rows, and every run.
 
 A re-run into an existing output must use the same model (name, version, run id
 and the checkpoint's sha256) and the same row settings (task, threshold, top-k,
 classes, precision, panoptic threshold); otherwise the dataset would mix rows that mean
-different things, so the job refuses with a message that says what differs. Each run is recorded
-when it starts (status "running": a run that was killed stays so) and completed
-when it ends.
+different things, so the job refuses with a message that says what differs.
+
+`manifest.json` is created once, by the first run, and never rewritten, so that
+runs writing one output at once cannot undo each other: each run records itself
+in `runs/<run>.json` when it starts (status "running": a run that was killed
+stays so) and completes that file when it ends, with the output's totals then.
+`LabelOutput.read_manifest` shows them together.
 """
 from __future__ import annotations
 
@@ -13,7 +17,12 @@ import time
 from typing import Any, Mapping
 
 from detr.errors import RaydetrError
-from pipelines.labelling.output import FORMAT, Committed, LabelOutput
+from pipelines.labelling.output import FORMAT, LabelOutput
+
+KEY_FORMAT = "canonical"
+"""Image keys of folders and archives are canonical paths (`pipelines.storage.canonical`). Outputs made
+before lack this field: their keys are paths as they were typed."""
+PATH_KEYED_KINDS = ("folder", "archive")
 
 # What a setting was before the manifest recorded it: outputs made before tasks existed hold detections,
 # and before precisions existed, float32 ones.
@@ -46,35 +55,46 @@ def check_compatible(existing: Mapping[str, Any] | None, model: Mapping[str, str
                          + "; use the same model and settings to resume, or a new --output")
 
 
+def check_keys(existing: Mapping[str, Any] | None, source_kind: str, where: str) -> None:
+    """Refuse to add path-keyed images (folders, archives) to an output whose keys are paths as typed: the
+    same images would get second keys and be labelled again."""
+    if existing is None or existing.get("key_format") == KEY_FORMAT or source_kind not in PATH_KEYED_KINDS:
+        return
+    raise RaydetrError(f"{where} was labelled by an earlier version, which keyed {source_kind} images by their path "
+                       "as typed; images are now keyed by their absolute path, so this run would label them all "
+                       "again. Label into a new --output (the rows already in this one stay readable)")
+
+
 def new_manifest(model: Mapping[str, str], settings: Mapping[str, Any]) -> dict:
-    return {"format": FORMAT, "model": dict(model), "settings": dict(settings), "status": "running",
-            "totals": {}, "runs": []}
+    return {"format": FORMAT, "model": dict(model), "settings": dict(settings), "key_format": KEY_FORMAT}
 
 
 class ManifestRun:
-    """One run's entry in OUT/manifest.json: `start` checks and records it, `finish` completes it."""
+    """One run's record in OUT/runs/: `start` checks the output and records the run, `finish` completes it."""
 
     def __init__(self, output: LabelOutput, manifest: dict, entry: dict) -> None:
         self.output, self.manifest, self.entry = output, manifest, entry
 
     @classmethod
-    def start(cls, output: LabelOutput, model: Mapping[str, str], settings: Mapping[str, Any],
+    def start(cls, output: LabelOutput, model: Mapping[str, str], settings: Mapping[str, Any], source_kind: str,
               **entry: Any) -> "ManifestRun":
-        manifest = output.read_manifest()
-        check_compatible(manifest, model, settings, output.root)
-        manifest = manifest or new_manifest(model, settings)
+        existing = output.read_base_manifest()
+        check_compatible(existing, model, settings, output.root)
+        check_keys(existing, source_kind, output.root)
+        if existing is None:
+            output.create_manifest(new_manifest(model, settings))
+            # Another run may have created it first, with another model: the check decides, on what is there.
+            check_compatible(output.read_base_manifest(), model, settings, output.root)
         record = {**entry, "status": "running", "started": _now()}
-        manifest["runs"].append(record)
-        manifest["status"] = "running"
-        output.write_manifest(manifest)
-        return cls(output, manifest, record)
+        output.write_run(record)
+        return cls(output, output.read_manifest(), record)
 
-    def finish(self, before: Committed, total_parts: int, **entry: Any) -> dict:
-        """Complete the run; returns the output's totals (what was committed before, plus this run)."""
-        totals = {"images_labelled": before.labelled + entry["labelled"], "errors": before.errors + entry["errors"],
-                  "detections": before.detections + entry["detections"], "parts": total_parts,
-                  "duplicates_ignored": before.duplicates_ignored}
-        self.entry.update(entry, status="complete", finished=_now())
-        self.manifest.update(status="complete", totals=totals)
-        self.output.write_manifest(self.manifest)
+    def finish(self, **entry: Any) -> dict:
+        """Complete the run; returns the output's totals now (everything committed, by every run)."""
+        now = self.output.scan()
+        totals = {"images_labelled": now.labelled, "errors": now.errors, "detections": now.detections,
+                  "parts": now.parts, "duplicates_ignored": now.duplicates_ignored}
+        self.entry.update(entry, status="complete", finished=_now(), totals=totals)
+        self.output.write_run(self.entry)
+        self.manifest = self.output.read_manifest()
         return totals

@@ -36,6 +36,7 @@ class LabelOptions:
     commit_seconds: float = 30.0  # ...or fewer, when this long has passed since the last commit
     draw: int = 0  # PNG previews with drawn boxes for the first N images labelled
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
+    allow_outside_paths: bool = False  # read images an annotation file names outside its folder, or links out
 
     def __post_init__(self) -> None:
         problems = []

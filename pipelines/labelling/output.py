@@ -4,23 +4,34 @@
     OUT/errors/part-000000.parquet   images that could not be read (source, image, reason, detail)
     OUT/previews/*.png               drawn detections for the first N images (--draw N)
     OUT/panoptic/*.png               --task panoptic: each labelled image's segment ids (COCO panoptic PNG)
-    OUT/manifest.json                model, settings, totals and the history of runs
+    OUT/manifest.json                model and settings (written once, by the first run)
+    OUT/runs/<run>.json              each run: when, what input, what it added, the output's totals after it
 
 A chunk is committed by writing it under a hidden temporary name and renaming it
 (`storage.write_bytes_atomic`), so a killed job leaves either a whole part or a
-hidden temporary file that readers skip and the next run deletes. A panoptic
+hidden temporary file that readers skip and a later run deletes (once it is older
+than `STALE_TEMPORARY_SECONDS`: a younger one may be a concurrent run's write). A panoptic
 PNG is written (atomically too) before the part holding its row is committed,
 so every committed row's PNG exists; a PNG whose row a killed run never
 committed is written again, whole, when the image is labelled again. Part numbers
 grow by one per commit (labels and errors of one commit share it), so file
-order is commit order. The writer never commits a key twice; readers still
-defend against it (a copied or hand-made file): `iter_rows` keeps the first
-committed row of each key, and `scan` counts what it ignored.
+order is commit order.
+
+Several runs may write one output at once (two `detr label` into the same
+folder, on a local disk or an object store, where renames are not atomic and
+there is no lock): nothing one run writes can replace what another wrote. Part
+names carry the writing run's id (`part-000007-<run>.parquet`), each run records
+itself in a file of its own under `runs/`, and the manifest is only ever
+created, never rewritten. A run never commits a key twice; two runs started
+together may both label an image, and readers keep the first committed row of
+each key (`iter_rows`, with parts in (number, name) order), so every image is
+counted once and `scan` counts what it ignored.
 """
 from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -38,14 +49,18 @@ LABELS = "labels"
 ERRORS = "errors"
 PREVIEWS = "previews"
 PANOPTIC = "panoptic"
+RUNS = "runs"
 MANIFEST = "manifest.json"
 FORMAT = "raydetr-labels-v1"
 KEY_COLUMN = {LABELS: "key", ERRORS: "image"}  # the errors table names the image in `image`
-_PART = re.compile(r"^part-(\d+)\.parquet$")
+_PART = re.compile(r"^part-(\d+)(?:-([0-9A-Za-z]+))?\.parquet$")
+STALE_TEMPORARY_SECONDS = 600.0
+"""A hidden temporary file older than this is a killed run's (a write takes seconds): a later run deletes it."""
 
 
-def part_name(number: int) -> str:
-    return f"part-{number:06d}.parquet"
+def part_name(number: int, writer: str = "") -> str:
+    """A part's file name; `writer` (the committing run's id) keeps concurrent runs' parts apart."""
+    return f"part-{number:06d}{'-' + writer if writer else ''}.parquet"
 
 
 def image_file_name(key: str, image_id: int, suffix: str = ".png") -> str:
@@ -70,6 +85,7 @@ class Committed:
     detections: int = 0
     duplicates_ignored: int = 0
     next_part: int = 0
+    parts: int = 0  # commits (a commit's labels and errors share a part name)
     previews: int = 0
 
 
@@ -88,14 +104,18 @@ class LabelOutput:
         return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
 
     def parts(self, kind: str) -> list[tuple[int, str]]:
-        """Committed parts of `kind` (LABELS or ERRORS) as (number, path inside the file system), in commit order."""
+        """Committed parts of `kind` (LABELS or ERRORS) as (number, path inside the file system), in commit
+        order (parts of concurrent runs with one number: by name)."""
         found = [(int(m.group(1)), info.path) for info in self._list(kind) if (m := _PART.match(info.base_name))]
         return sorted(found)
 
-    def remove_temporaries(self) -> int:
-        """Delete the hidden temporary files a killed run left behind; returns how many."""
-        stale = [info.path for kind in (LABELS, ERRORS, PREVIEWS, PANOPTIC) for info in self._list(kind)
-                 if info.base_name.startswith(".") and storage.TEMPORARY_MARK in info.base_name]
+    def remove_temporaries(self, older_than: float = STALE_TEMPORARY_SECONDS) -> int:
+        """Delete the hidden temporary files killed runs left behind (those older than `older_than` seconds:
+        a younger one may be a concurrent run's write in progress); returns how many."""
+        now = time.time()
+        stale = [info.path for kind in (LABELS, ERRORS, PREVIEWS, PANOPTIC, RUNS) for info in self._list(kind)
+                 if info.base_name.startswith(".") and storage.TEMPORARY_MARK in info.base_name
+                 and info.mtime is not None and now - info.mtime.timestamp() >= older_than]
         for path in stale:
             self.fs.delete_file(path)
         return len(stale)
@@ -129,10 +149,12 @@ class LabelOutput:
     def scan(self) -> Committed:
         """Keys and totals of everything committed (one pass over the key columns)."""
         done = Committed()
+        commits = set()
         for kind in (LABELS, ERRORS):
             key = KEY_COLUMN[kind]
             for number, path in self.parts(kind):
                 done.next_part = max(done.next_part, number + 1)
+                commits.add(path.rsplit("/", 1)[-1])
                 table = pq.read_table(path, columns=[key, "labels"] if kind == LABELS else [key], filesystem=self.fs)
                 new = done.keys.add_new(key_digests(table[key].to_pylist()))
                 done.duplicates_ignored += int((~new).sum())
@@ -142,14 +164,15 @@ class LabelOutput:
                     done.detections += int(lengths[new].sum())
                 else:
                     done.errors += int(new.sum())
+        done.parts = len(commits)
         done.previews = sum(1 for info in self._list(PREVIEWS) if info.base_name.endswith(".png"))
         return done
 
-    def commit(self, number: int, labels: pa.Table | None, errors: pa.Table | None) -> None:
-        """Write one commit's label rows and error rows as part `number` (each file atomically)."""
+    def commit(self, number: int, labels: pa.Table | None, errors: pa.Table | None, writer: str = "") -> None:
+        """Write one commit's label rows and error rows as part `number` of run `writer` (each file atomically)."""
         for kind, table in ((LABELS, labels), (ERRORS, errors)):
             if table is not None and table.num_rows:
-                storage.write_bytes_atomic(f"{self.root}/{kind}/{part_name(number)}", _table_bytes(table))
+                storage.write_bytes_atomic(f"{self.root}/{kind}/{part_name(number, writer)}", _table_bytes(table))
 
     def write_preview(self, name: str, png: bytes) -> None:
         storage.write_bytes_atomic(f"{self.root}/{PREVIEWS}/{name}", png)
@@ -161,8 +184,32 @@ class LabelOutput:
         return relative
 
     def read_manifest(self) -> dict | None:
+        """The manifest with every run: the model and settings, `runs` in the order they started (runs from
+        before run files existed first), `status` and `totals` as the latest run to finish left them."""
+        base = self.read_base_manifest()
+        if base is None:
+            return None
+        runs = list(base.get("runs", []))  # outputs written before runs had files of their own
+        runs += sorted(self._read_runs(), key=lambda r: (r.get("started", ""), r.get("label_run", "")))
+        finished = [r for r in runs if r.get("status") == "complete" and "totals" in r]
+        latest = max(finished, key=lambda r: r.get("finished", "")) if finished else None
+        return {**base, "runs": runs, "status": runs[-1]["status"] if runs else base.get("status", "running"),
+                "totals": latest["totals"] if latest else base.get("totals", {})}
+
+    def read_base_manifest(self) -> dict | None:
         path = f"{self.root}/{MANIFEST}"
         return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
 
-    def write_manifest(self, manifest: dict) -> None:
-        storage.write_bytes_atomic(f"{self.root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    def create_manifest(self, manifest: dict) -> bool:
+        """Write the manifest unless there is one; True when this call wrote it (see `storage.create_new`)."""
+        return storage.create_new(f"{self.root}/{MANIFEST}",
+                                  json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    def write_run(self, run: dict) -> None:
+        """Record one run in a file of its own: runs writing at once never overwrite each other's record."""
+        storage.write_bytes_atomic(f"{self.root}/{RUNS}/{run['label_run']}.json",
+                                   json.dumps(run, indent=2, sort_keys=True).encode())
+
+    def _read_runs(self) -> list[dict]:
+        return [json.loads(storage.read_bytes(storage.join(self.root, RUNS, info.base_name)))
+                for info in self._list(RUNS) if info.base_name.endswith(".json") and not info.base_name.startswith(".")]

@@ -129,7 +129,7 @@ class ChunkWriter:
         if self._buffered:
             labels = pa.concat_tables(self._labels) if self._labels else None
             errors = pa.concat_tables(self._errors) if self._errors else None
-            self.output.commit(self.next_part, labels, errors)
+            self.output.commit(self.next_part, labels, errors, writer=self.label_run.replace("-", ""))
             self.next_part += 1
             self.counts.parts += 1
         self._labels, self._errors, self._buffered = [], [], 0

@@ -67,6 +67,7 @@ def open_source(
     rows_per_unit: int = 1000,
     masks: str | None = None,
     stream_listing: bool = False,
+    allow_outside_paths: bool = False,
 ) -> Source:
     """Open any supported source. `images` is the image folder of a COCO JSON (default: its
     folder); `classes` a class-names file for YOLO (one per line) or VOC (fixes the id order);
@@ -76,25 +77,34 @@ def open_source(
     a task that reads it (pipelines.sources.folder, pipelines.sources.reader.start_listings); local folders are
     listed here as always. When its kind was guessed and it turns out to hold only archives, reading it
     raises FolderOfArchives (or reads as nothing, and `reader.folder_of_archives` says so, when its
-    listing was started early): open it again with kind="archive"."""
+    listing was started early): open it again with kind="archive".
+
+    Folder and archive sources key their images by path: the path given is made canonical first
+    (`storage.canonical`), so the same file has the same key however its path was typed.
+
+    Images named outside their folder (an annotation's absolute or `..` path, a symbolic link out of a
+    local folder) are `unsafe_path` error records unless `allow_outside_paths`."""
     streamed = stream_listing and storage.has_scheme(path)
     guessed = kind is None
     kind = kind or detect_kind(path, list_folder=not streamed)
     if kind in ("coco", "coco_panoptic"):
-        return open_coco(path, images, rows_per_unit, masks_dir=masks)
+        return open_coco(path, images, rows_per_unit, masks_dir=masks, allow_outside_paths=allow_outside_paths)
     if kind == "yolo":
         coco, errors = yolo_to_coco(path, classes)
-        source = coco_source(coco, storage.join(path, "images"), path, rows_per_unit)
+        source = coco_source(coco, storage.join(path, "images"), path, rows_per_unit, allow_outside_paths)
         source.kind, source.planning_errors = "yolo", errors + source.planning_errors
         return source
     if kind == "voc":
         names = None if classes is None else [n.strip() for n in storage.read_text(classes).splitlines() if n.strip()]
         coco, errors = voc_to_coco(path, names)
-        source = coco_source(coco, storage.join(path, "JPEGImages"), path, rows_per_unit)
+        source = coco_source(coco, storage.join(path, "JPEGImages"), path, rows_per_unit, allow_outside_paths)
         source.kind, source.planning_errors = "voc", errors + source.planning_errors
         return source
+    if kind in ("folder", "archive"):
+        path = storage.canonical(path)  # their keys are paths: one spelling, whatever was typed
     if kind == "folder":
-        return open_folder(path, rows_per_unit, stream=streamed, archives_possible=streamed and guessed)
+        return open_folder(path, rows_per_unit, stream=streamed, archives_possible=streamed and guessed,
+                           allow_outside_paths=allow_outside_paths)
     if kind == "archive":
         return open_archives(path)
     if kind == "parquet":

@@ -14,8 +14,9 @@ from collections import defaultdict
 from detr.errors import RaydetrError
 from pipelines import storage
 from pipelines.sources.base import Source, record_units
+from pipelines.sources.coco_entries import annotation_problem, checked_images, integer, segment_problem
 from pipelines.sources.records import make_record
-from pipelines.validation.errors import ErrorRecord
+from pipelines.validation.errors import MALFORMED_ANNOTATION, UNSAFE_PATH, ErrorRecord
 
 UNKNOWN_IMAGE = "unknown_image"
 
@@ -30,40 +31,60 @@ def load_coco_json(path: str) -> dict:
         raise RaydetrError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise RaydetrError(f"{path}: not a COCO instances file (no 'images' list)")
+    for field in ("annotations", "categories"):
+        if not isinstance(data.get(field, []), list):
+            raise RaydetrError(f"{path}: '{field}' is not a list")
+    for index, category in enumerate(data.get("categories", [])):
+        if not isinstance(category, dict) or integer(category.get("id")) is None:
+            raise RaydetrError(f"{path}: categories[{index}] has no integer 'id' ({category!r})")
     return data
 
 
-def coco_source(coco: dict, images_dir: str, source: str, rows_per_unit: int = 1000) -> Source:
-    """Plan records from a parsed COCO dict: one per image, its annotations attached.
+def coco_source(coco: dict, images_dir: str, source: str, rows_per_unit: int = 1000,
+                allow_outside_paths: bool = False) -> Source:
+    """Plan records from a parsed COCO dict: one per usable image entry, its usable annotations attached
+    (the others are error rows, see `pipelines.sources.coco_entries`).
 
     COCO boxes describe the pixels as stored in the file (COCO's and the official
     DETR loader's convention), so they follow the EXIF orientation when decoded.
     """
+    images, errors = checked_images(coco["images"], source, images_dir, allow_outside_paths)
     by_image: dict[int, list[dict]] = defaultdict(list)
-    image_ids = {int(img["id"]) for img in coco["images"]}
-    errors = []
     for ann in coco.get("annotations", []):
-        image_id = int(ann.get("image_id", -1))
-        if image_id not in image_ids:
+        image_id = integer(ann.get("image_id")) if isinstance(ann, dict) else None
+        if image_id not in images:
+            ann_id = ann.get("id") if isinstance(ann, dict) else None
             errors.append(ErrorRecord(source, str(image_id), UNKNOWN_IMAGE,
-                                      f"annotation {ann.get('id')} refers to image id {image_id}, not in 'images'"))
+                                      f"annotation {ann_id} refers to image id {image_id}, not in 'images'"))
+            continue
+        problem = annotation_problem(ann)
+        if problem is not None:
+            errors.append(ErrorRecord(source, images[image_id]["file_name"], MALFORMED_ANNOTATION,
+                                      f"{source}: annotation {ann.get('id')} of {images[image_id]['file_name']}: "
+                                      f"{problem}"))
             continue
         by_image[image_id].append(ann)
     records = []
-    for img in sorted(coco["images"], key=lambda im: int(im["id"])):
+    for image_id in sorted(images):
+        img = images[image_id]
         file_name = str(img["file_name"])
         records.append(
             make_record(
                 file_name,
                 source=source,
-                image_id=int(img["id"]),
+                image_id=image_id,
                 path=storage.join(images_dir, file_name),
-                annotations=by_image.get(int(img["id"]), []),
-                annotated_size=(int(img.get("height", 0) or 0), int(img.get("width", 0) or 0)),
+                annotations=by_image.get(image_id, []),
+                annotated_size=_annotated_size(img),
             )
         )
     categories = [dict(c) for c in coco.get("categories", [])]
     return Source("coco", source, record_units(records, "coco", rows_per_unit), categories, errors)
+
+
+def _annotated_size(img: dict) -> tuple[int, int]:
+    """(height, width) the entry records; 0 where it records none (or no integer)."""
+    return integer(img.get("height", 0) or 0) or 0, integer(img.get("width", 0) or 0) or 0
 
 
 def is_panoptic_json(coco: dict) -> bool:
@@ -71,17 +92,25 @@ def is_panoptic_json(coco: dict) -> bool:
     return bool(anns) and isinstance(anns[0], dict) and "segments_info" in anns[0]
 
 
-def coco_panoptic_source(coco: dict, images_dir: str, masks_dir: str, source: str, rows_per_unit: int = 1000) -> Source:
+def coco_panoptic_source(coco: dict, images_dir: str, masks_dir: str, source: str, rows_per_unit: int = 1000,
+                         allow_outside_paths: bool = False) -> Source:
     """Plan records from a parsed COCO panoptic dict (segments as annotations, the PNG as `panoptic_path`)."""
-    images = {int(img["id"]): img for img in coco["images"]}
+    images, errors = checked_images(coco["images"], source, images_dir, allow_outside_paths)
     by_image: dict[int, dict] = {}
-    errors = []
     for ann in coco.get("annotations", []):
-        image_id = int(ann.get("image_id", -1))
+        image_id = integer(ann.get("image_id")) if isinstance(ann, dict) else None
         if image_id not in images:
+            name = ann.get("file_name") if isinstance(ann, dict) else None
             errors.append(ErrorRecord(source, str(image_id), UNKNOWN_IMAGE,
-                                      f"panoptic annotation {ann.get('file_name')} refers to image id {image_id}, "
-                                      "not in 'images'"))
+                                      f"panoptic annotation {name} refers to image id {image_id}, not in 'images'"))
+            continue
+        png = ann.get("file_name")
+        reason = None if allow_outside_paths or not isinstance(png, str) else storage.escape_reason(png)
+        if not isinstance(png, str) or not png or reason is not None:
+            problem = reason or f"file_name {png!r} names no PNG"
+            errors.append(ErrorRecord(source, images[image_id]["file_name"], UNSAFE_PATH if reason else
+                                      MALFORMED_ANNOTATION, f"{source}: panoptic annotation of image {image_id}: "
+                                      f"{problem}"))
             continue
         by_image[image_id] = ann
     records = []
@@ -89,9 +118,16 @@ def coco_panoptic_source(coco: dict, images_dir: str, masks_dir: str, source: st
         img = images[image_id]
         file_name = str(img["file_name"])
         ann = by_image.get(image_id)
-        segments = [] if ann is None else [
-            {"id": int(s["id"]), "bbox": s.get("bbox", (0, 0, 0, 0)), "category_id": s.get("category_id", -1),
-             "iscrowd": s.get("iscrowd", 0), "area": s.get("area", 0)} for s in ann.get("segments_info", [])]
+        segments = []
+        for segment in (ann.get("segments_info") or []) if ann is not None else []:
+            problem = segment_problem(segment)
+            if problem is not None:
+                errors.append(ErrorRecord(source, file_name, MALFORMED_ANNOTATION,
+                                          f"{source}: a segment of {file_name}: {problem}"))
+                continue
+            segments.append({"id": integer(segment["id"]), "bbox": segment.get("bbox", (0, 0, 0, 0)),
+                             "category_id": integer(segment["category_id"]), "iscrowd": segment.get("iscrowd", 0),
+                             "area": segment.get("area", 0)})
         records.append(
             make_record(
                 file_name,
@@ -99,7 +135,7 @@ def coco_panoptic_source(coco: dict, images_dir: str, masks_dir: str, source: st
                 image_id=image_id,
                 path=storage.join(images_dir, file_name),
                 annotations=segments if ann is not None else None,
-                annotated_size=(int(img.get("height", 0) or 0), int(img.get("width", 0) or 0)),
+                annotated_size=_annotated_size(img),
                 panoptic_path=storage.join(masks_dir, str(ann["file_name"])) if ann is not None else "",
             )
         )
@@ -108,7 +144,7 @@ def coco_panoptic_source(coco: dict, images_dir: str, masks_dir: str, source: st
 
 
 def open_coco(annotations: str, images_dir: str | None = None, rows_per_unit: int = 1000,
-              masks_dir: str | None = None) -> Source:
+              masks_dir: str | None = None, allow_outside_paths: bool = False) -> Source:
     """A COCO (instances or panoptic) source; images are looked up under `images_dir` (default: the
     JSON's folder), panoptic PNGs under `masks_dir` (default: the JSON's path without `.json`)."""
     if images_dir is None:
@@ -117,5 +153,5 @@ def open_coco(annotations: str, images_dir: str | None = None, rows_per_unit: in
     if is_panoptic_json(coco):
         if masks_dir is None:
             masks_dir = annotations[: -len(".json")] if annotations.lower().endswith(".json") else annotations
-        return coco_panoptic_source(coco, images_dir, masks_dir, annotations, rows_per_unit)
-    return coco_source(coco, images_dir, annotations, rows_per_unit)
+        return coco_panoptic_source(coco, images_dir, masks_dir, annotations, rows_per_unit, allow_outside_paths)
+    return coco_source(coco, images_dir, annotations, rows_per_unit, allow_outside_paths)

@@ -16,6 +16,7 @@ from pipelines import storage
 from pipelines.sources.archive import is_archive
 from pipelines.sources.base import LISTING, Source, Unit, record_units
 from pipelines.sources.records import make_record
+from pipelines.validation.errors import UNSAFE_PATH
 
 
 @dataclass(frozen=True)
@@ -40,20 +41,22 @@ class FolderOfArchives(Exception):
 
 
 def open_folder(path: str, rows_per_unit: int = 1000, *, stream: bool = False,
-                archives_possible: bool = False) -> Source:
+                archives_possible: bool = False, allow_outside_paths: bool = False) -> Source:
     """Every image file under a folder (recursively) or matching a glob, in sorted order.
 
     The key of each image is its path (or URI) as listed, so it is stable across runs.
     `stream=True`: one listing unit instead of planned records (the folder must exist; it
     is listed when read); `archives_possible` makes its reader raise FolderOfArchives when
-    the folder's own files are all archives.
+    the folder's own files are all archives. A local image that is a symbolic link out of the
+    folder is an `unsafe_path` error record unless `allow_outside_paths`.
     """
     if stream:
         storage.check_listable(path)
         return Source("folder", path, [Unit("folder-listing", LISTING, FolderToList(path, archives_possible))],
                       categories=None)
     files = storage.list_files(path, extensions=storage.IMAGE_EXTENSIONS)
-    records = [image_record(path, f) for f in files]
+    root = storage.listing_root(path)
+    records = [image_record(path, f) if allow_outside_paths else checked_image_record(path, root, f) for f in files]
     return Source("folder", path, record_units(records, "folder", rows_per_unit), categories=None)
 
 
@@ -69,6 +72,15 @@ def iter_listed_images(folder: FolderToList) -> Iterator[str]:
 def image_record(folder: str, image: str) -> dict:
     """The record of a listed image: its path is its key."""
     return make_record(image, source=folder, path=image)
+
+
+def checked_image_record(folder: str, root: str, image: str) -> dict:
+    """`image_record`, or an `unsafe_path` error record when the image is a link out of `root`."""
+    reason = storage.link_escape_reason(root, image)
+    if reason is None:
+        return image_record(folder, image)
+    return make_record(image, source=folder, error_reason=UNSAFE_PATH,
+                       error_detail=f"{reason} (allow it with --allow-outside-paths)")
 
 
 def iter_listing(unit: Unit) -> Iterator[dict]:

@@ -163,7 +163,7 @@ def ingest(source: Source, out: str, options: IngestOptions = IngestOptions(), c
     summary = RunSummary()
     for m in markers:
         summary.add(RunSummary.from_json(m["summary"]))
-    summary.rejected.update(e.reason for e in planning_errors)
+    summary.add(RunSummary.of_planning(planning_errors))
     shards = [s for m in markers for s in m["shards"]]
     keep = {s["path"] for s in shards} | {f"errors/{m['unit']}.parquet" for m in markers} | {"errors/planning.parquet"}
     _remove_stale_files(out, keep, "data")

@@ -15,7 +15,6 @@ reshuffles on each reading, may differ).
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -152,7 +151,7 @@ def build_detection_dataset(
     collector = ErrorCollector.create() if collect_errors else None
     clock = EpochClock.create(epoch) if train else None
     if collector is not None and src.planning_errors:
-        collector.report(epoch, RunSummary(rejected=Counter(e.reason for e in src.planning_errors)), src.planning_errors)
+        collector.report(epoch, RunSummary.of_planning(src.planning_errors), src.planning_errors)
     ds = read_source(src, rows_per_block=rows_per_block)
     if (shuffle if shuffle is not None else train) and src.kind not in STREAMED_KINDS:
         # Block order is shuffled per epoch for planned sources, whose records carry no bytes.

@@ -10,8 +10,12 @@ orientation moves the pixels, with torchvision's box kernels.
 from __future__ import annotations
 
 import io
+import re
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,6 +38,25 @@ _FORMAT_EXTENSIONS = {
 }
 # Leading bytes of the common image formats: a file that starts like an image but cannot
 # be opened is corrupt, one that does not is not an image at all.
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb check (in `Image.open`, before any pixel is allocated) at the job's limit instead of
+    its global default, which would reject images a job allows and name a limit the job did not set."""
+    with _PILLOW_LIMIT_LOCK:
+        before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+def _too_many_pixels(label: str, pixels: str, limit: int) -> E.PipelineError:
+    return E.PipelineError(E.TOO_LARGE, f"{label}: {pixels} pixels exceeds the limit of {limit} (--max-pixels)")
+
+
 _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
 
@@ -114,13 +137,12 @@ def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimit
         raise E.PipelineError(E.TOO_LARGE, f"{label}: {len(data)} bytes exceeds the limit of {limits.max_bytes}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it with the size
+            with _pillow_pixel_limit(limits.max_pixels):  # errors at twice the limit, before reading pixels
+                img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > limits.max_pixels:
-                raise E.PipelineError(
-                    E.TOO_LARGE, f"{label}: {width}x{height} pixels exceeds the limit of {limits.max_pixels}"
-                )
+                raise _too_many_pixels(label, f"{width}x{height}", limits.max_pixels)
             img.load()
     except E.PipelineError:
         raise
@@ -128,8 +150,9 @@ def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimit
         if data.startswith(_IMAGE_SIGNATURES):
             raise E.PipelineError(E.DECODE_ERROR, f"{label}: corrupt image header") from None
         raise E.PipelineError(E.NOT_AN_IMAGE, f"{label}: the bytes are not a recognised image format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise E.PipelineError(E.TOO_LARGE, f"{label}: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's message: "Image size (N pixels) exceeds ..."
+        raise _too_many_pixels(label, found.group(1) if found else "more", limits.max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise E.PipelineError(_classify_decode_failure(exc), f"{label}: {type(exc).__name__}: {exc}") from None
 

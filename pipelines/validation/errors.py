@@ -21,11 +21,18 @@ TRUNCATED = "truncated"
 DECODE_ERROR = "decode_error"
 TOO_LARGE = "too_large"
 UNSAFE_ARCHIVE_MEMBER = "unsafe_archive_member"
+DUPLICATE_ARCHIVE_MEMBER = "duplicate_archive_member"
 BAD_LABEL_FILE = "bad_label_file"
+# An annotation file's image entry that cannot be used: no file name, an id that is no integer, an id that an
+# earlier entry has, or a path that leaves the image folder (absolute, or through '..').
+MALFORMED_IMAGE_ENTRY = "malformed_image_entry"
+DUPLICATE_IMAGE_ID = "duplicate_image_id"
+UNSAFE_PATH = "unsafe_path"
 # Annotation-level reasons: one annotation is dropped, the image is kept.
 BOX_OUT_OF_IMAGE = "box_out_of_image"
 DEGENERATE_BOX = "degenerate_box"
 UNKNOWN_CATEGORY = "unknown_category"
+MALFORMED_ANNOTATION = "malformed_annotation"  # a bbox that is not 4 finite numbers, a category that is no integer
 # COCO panoptic (see pipelines.validation.panoptic): a PNG that cannot be read or does not fit its image
 # rejects the image; a segment missing from the PNG or from the JSON is dropped.
 PANOPTIC_PNG_ERROR = "panoptic_png_error"
@@ -39,11 +46,12 @@ REPAIR_EXIF_ROTATED = "exif_rotated"
 REPAIR_CONVERTED_TO_RGB = "converted_to_rgb"
 
 IMAGE_REASONS = frozenset(
-    {READ_ERROR, ZERO_BYTE, NOT_AN_IMAGE, TRUNCATED, DECODE_ERROR, TOO_LARGE,
-     UNSAFE_ARCHIVE_MEMBER, BAD_LABEL_FILE, PANOPTIC_PNG_ERROR, PANOPTIC_SIZE_MISMATCH}
+    {READ_ERROR, ZERO_BYTE, NOT_AN_IMAGE, TRUNCATED, DECODE_ERROR, TOO_LARGE, UNSAFE_ARCHIVE_MEMBER,
+     DUPLICATE_ARCHIVE_MEMBER, BAD_LABEL_FILE, MALFORMED_IMAGE_ENTRY, DUPLICATE_IMAGE_ID, UNSAFE_PATH,
+     PANOPTIC_PNG_ERROR, PANOPTIC_SIZE_MISMATCH}
 )
-ANNOTATION_REASONS = frozenset({BOX_OUT_OF_IMAGE, DEGENERATE_BOX, UNKNOWN_CATEGORY, SEGMENT_MISSING_FROM_PNG,
-                                SEGMENT_MISSING_FROM_JSON})
+ANNOTATION_REASONS = frozenset({BOX_OUT_OF_IMAGE, DEGENERATE_BOX, UNKNOWN_CATEGORY, MALFORMED_ANNOTATION,
+                                SEGMENT_MISSING_FROM_PNG, SEGMENT_MISSING_FROM_JSON})
 
 ERROR_COLUMNS = ("source", "image", "reason", "detail")
 
@@ -128,6 +136,13 @@ class RunSummary:
         self.rejected.update(other.rejected)
         self.repairs.update(other.repairs)
         return self
+
+    @classmethod
+    def of_planning(cls, errors: Iterable[ErrorRecord]) -> "RunSummary":
+        """The counts of what opening a source rejected: images whose entry was unusable count as read
+        and rejected; annotation problems are counted by reason."""
+        rejected = Counter(e.reason for e in errors)
+        return cls(images_read=sum(n for reason, n in rejected.items() if reason in IMAGE_REASONS), rejected=rejected)
 
     @property
     def images_rejected(self) -> int:
