@@ -187,6 +187,7 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
 
     start = time.perf_counter()
     done = committed.keys.sorted_array()
+    labelled, contents = committed.labelled_keys.sorted_array(), committed.contents.sorted_array()
     r = loaded.resolved
     writer = ChunkWriter(out, committed, ModelIdentity(r.name, r.version, r.run_id), label_run,
                          rows_per_file=options.rows_per_file, commit_seconds=options.commit_seconds, draw=options.draw)
@@ -195,7 +196,8 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
 
     def label_source(source, listings: dict) -> None:
         nonlocal first_rows_seconds, first_rows
-        dataset = build_label_dataset(source, loaded.checkpoint, loaded.transforms, options, done, gpus, listings)
+        dataset = build_label_dataset(source, loaded.checkpoint, loaded.transforms, options, done, gpus, listings,
+                                      labelled, contents)
         for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             if first_rows_seconds is None:
                 first_rows_seconds, first_rows = time.perf_counter() - start, results.num_rows

@@ -87,9 +87,14 @@ def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | N
         run_id = spec.split("/")[1]
     target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="raydetr-model-"))
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target / key),
-                                                      tracking_uri=uri))
-    checkpoint = local if local.is_file() else _find_checkpoint(local)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target / key),
+                                                          tracking_uri=uri))
+        checkpoint = local if local.is_file() else _find_checkpoint(local)
+    except BaseException:
+        if not cache_dir:  # a failed download leaves no folder behind either
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     return ResolvedModel(checkpoint=str(checkpoint), name=name, version=version, run_id=run_id, uri=spec,
                          download_dir=None if cache_dir else str(target))
 

@@ -107,8 +107,8 @@ def test_an_output_keyed_by_typed_paths_refuses_folders_and_keeps_its_runs(tmp_p
 
 
 def test_keys_are_one_spelling_of_the_path(tmp_path, monkeypatch):
-    from pipelines.sources import iter_records, open_source
     from messy_data import write_unsafe_tar
+    from pipelines.sources import iter_records, open_source
 
     (tmp_path / "a").mkdir()
     write_unsafe_tar(str(tmp_path / "a" / "x.tar"))

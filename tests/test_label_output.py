@@ -227,3 +227,21 @@ def test_a_glob_of_archives_is_read_as_archives(tmp_path):
     assert detect_kind(pattern) == "archive"
     keys = [r["key"] for r in iter_records(open_source(pattern)) if not r["error_reason"]]
     assert keys == [f"{tmp_path}/{a}!{m}" for a in ("a.tar", "b.tar") for m in ("a/one.png", "two.jpg")]
+
+
+def test_other_bytes_under_a_labelled_key_are_reported_not_skipped():
+    import hashlib
+
+    from pipelines.labelling.key_digests import content_digests
+
+    old, new = encode(rgb_image(1), "PNG"), encode(rgb_image(2), "PNG")
+    records = records_table([make_record("a.tar!same.png", source="a.tar", data=old),
+                             make_record("a.tar!swapped.png", source="a.tar", data=new),
+                             make_record("a.tar!was_broken.png", source="a.tar", data=new)])
+    keys = ["a.tar!same.png", "a.tar!swapped.png"]  # labelled from `old`; was_broken.png was an error row
+    done = np.sort(key_digests(keys + ["a.tar!was_broken.png"]))
+    out = prepare_batch(records, done=done, transforms=TransformsConfig.small(), labelled=np.sort(key_digests(keys)),
+                        contents=np.sort(content_digests(keys, [hashlib.sha256(old).hexdigest()] * 2)))
+    digest = hashlib.sha256(new).hexdigest()
+    assert out["key"].to_pylist() == [f"a.tar!swapped.png#sha256={digest[:16]}"]
+    assert out["error_reason"].to_pylist() == ["changed_since_labelled"] and out["content_hash"][0].as_py() == digest

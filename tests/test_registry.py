@@ -122,7 +122,7 @@ def test_train_register_promote_gate_and_rollback(ray_cluster, mlflow_server, ea
         rollback(MODEL, "champion", mlflow_server)
 
 
-def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path):
+def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, monkeypatch):
     import mlflow
     from PIL import Image
 
@@ -150,6 +150,18 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path):
     out = loaded.predict(frame, params={"score_threshold": 0.0, "top_k": 5})
     assert list(out["width"][:2]) == [80, 80] and list(out["height"][:2]) == [60, 40]
     assert out["error"][0] == "" and out["error"][1] == "" and "missing.png" in out["error"][2]
+    # A job that loads a registered model downloads it to a temporary folder, and removes it, also when the
+    # download fails.
+    import tempfile
+
+    from jobs.model_sources import load_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert load_model(f"models:/pyfunc-test/{info.registered_model_version}", mlflow_server).checkpoint
+    with pytest.raises(Exception):
+        load_model("models:/pyfunc-test/99", mlflow_server)
+    assert list((tmp_path / "tmp").glob("raydetr-model-*")) == []
     expected = Detector.from_checkpoint(str(checkpoint)).detect([pixels])[0]
     order = expected["scores"].argsort(descending=True)[:5]
     np.testing.assert_allclose(np.array(list(out["boxes"][0]), dtype=float), expected["boxes"][order].numpy(), atol=1e-3)

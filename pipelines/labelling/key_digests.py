@@ -24,6 +24,11 @@ def key_digests(keys: Iterable[str]) -> np.ndarray:
                     dtype=DIGEST_DTYPE)
 
 
+def content_digests(keys: Iterable[str], hashes: Iterable[str]) -> np.ndarray:
+    """The digest of each (key, content hash) pair: which bytes an output labelled under a key."""
+    return key_digests(f"{k}\n{h}" for k, h in zip(keys, hashes))
+
+
 def sorted_unique(digests: np.ndarray) -> np.ndarray:
     return np.unique(np.asarray(digests, dtype=DIGEST_DTYPE))
 

@@ -41,7 +41,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.labelling.key_digests import KeyDigestSet, key_digests
+from pipelines.labelling.key_digests import KeyDigestSet, content_digests, key_digests
 from pipelines.labelling.schema import LABEL_SCHEMA
 from pipelines.validation.errors import errors_schema
 
@@ -80,6 +80,8 @@ class Committed:
     """What an output folder holds: the keys done (labels and errors) and the totals."""
 
     keys: KeyDigestSet = field(default_factory=KeyDigestSet)
+    labelled_keys: KeyDigestSet = field(default_factory=KeyDigestSet)  # the keys with a label row
+    contents: KeyDigestSet = field(default_factory=KeyDigestSet)  # (key, content hash) of each label row
     labelled: int = 0
     errors: int = 0
     detections: int = 0
@@ -155,8 +157,13 @@ class LabelOutput:
             for number, path in self.parts(kind):
                 done.next_part = max(done.next_part, number + 1)
                 commits.add(path.rsplit("/", 1)[-1])
-                table = pq.read_table(path, columns=[key, "labels"] if kind == LABELS else [key], filesystem=self.fs)
-                new = done.keys.add_new(key_digests(table[key].to_pylist()))
+                columns = [key, "labels", "content_hash"] if kind == LABELS else [key]
+                table = pq.read_table(path, columns=columns, filesystem=self.fs)
+                keys = table[key].to_pylist()
+                new = done.keys.add_new(key_digests(keys))
+                if kind == LABELS:
+                    done.labelled_keys.add_new(key_digests(keys))
+                    done.contents.add_new(content_digests(keys, table["content_hash"].to_pylist()))
                 done.duplicates_ignored += int((~new).sum())
                 if kind == LABELS:
                     done.labelled += int(new.sum())

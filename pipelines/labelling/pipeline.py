@@ -66,9 +66,11 @@ def check_cluster_fits(options: LabelOptions, gpus_per_actor: float, resources: 
 
 
 def build_label_dataset(source: Source, checkpoint: bytes, transforms: TransformsConfig, options: LabelOptions,
-                        done: np.ndarray, gpus_per_actor: float = 0.0, listings: dict | None = None):
+                        done: np.ndarray, gpus_per_actor: float = 0.0, listings: dict | None = None,
+                        labelled: np.ndarray | None = None, contents: np.ndarray | None = None):
     """The result rows (schema.RESULT_SCHEMA, or PANOPTIC_RESULT_SCHEMA for the panoptic task) of labelling
-    `source`, skipping keys whose digests are in `done` (sorted, see key_digests); a lazy ray.data.Dataset.
+    `source`, skipping keys whose digests are in `done` (sorted, see key_digests; `labelled` and `contents`:
+    see `prepare.prepare_batch`); a lazy ray.data.Dataset.
     `listings`: the listings of a streamed folder started early (pipelines.sources.reader.start_listings)."""
     import ray
 
@@ -76,7 +78,8 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
         prepare_batch,
         batch_size=None,  # a read block each: one window of images ordered by shape
         batch_format="pyarrow",
-        fn_kwargs={"done": done, "transforms": transforms, "limits": DecodeLimits(max_pixels=options.max_pixels)},
+        fn_kwargs={"done": done, "transforms": transforms, "limits": DecodeLimits(max_pixels=options.max_pixels),
+                   "labelled": labelled, "contents": contents},
     )
     predictor, task_options = LabelPredictor, {}
     if options.task == "panoptic":

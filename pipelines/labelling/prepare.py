@@ -2,7 +2,10 @@
 
 Everything here runs in parallel Ray tasks, ahead of the model actors, so that the
 actors only run the model: rows whose key is already committed are dropped
-before any bytes are decoded (resumption), the rest are decoded
+before any bytes are decoded (resumption; a dropped row whose bytes came with it, an
+archive member or an ingested image, is hashed first: other bytes than those labelled
+under its key become a `changed_since_labelled` error row of its own, not a silent
+skip), the rest are decoded
 (`pipelines.validation.loading.decode_batch`: EXIF orientation, RGB, bomb limits; bad files
 keep their row with an error reason), hashed, and resized to the model's input
 size as uint8 (a quarter of float32's bytes through the object store). The window
@@ -11,15 +14,18 @@ carry little padding.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import torch
 
 from pipelines.inference.detector import EvalPreprocessing
-from pipelines.labelling.key_digests import contains_sorted, key_digests
+from pipelines.labelling.key_digests import contains_sorted, content_digests, key_digests
 from pipelines.labelling.shapes import shape_order
 from pipelines.training.transforms import TransformsConfig
 from pipelines.validation.decode import DecodeLimits
+from pipelines.validation.errors import CHANGED_SINCE_LABELLED
 from pipelines.validation.loading import decode_batch
 
 PREPARED_SCHEMA = pa.schema([
@@ -44,18 +50,41 @@ def pixels_array(row_bytes: bytes, height: int, width: int) -> np.ndarray:
     return np.frombuffer(row_bytes, dtype=np.uint8).reshape(3, height, width)
 
 
+def _report_changed(skipped: pa.Table, labelled: np.ndarray, contents: np.ndarray, columns: dict) -> None:
+    """Error rows for skipped records whose inline bytes differ from what was labelled under their key."""
+    rows = [(k, s, i, b) for k, s, i, b in zip(*(skipped[n].to_pylist() for n in ("key", "source", "image_id", "bytes")))
+            if b is not None]
+    if not rows:
+        return
+    keys = [r[0] for r in rows]
+    hashes = [hashlib.sha256(r[3]).hexdigest() for r in rows]
+    changed = contains_sorted(labelled, key_digests(keys)) & ~contains_sorted(contents, content_digests(keys, hashes))
+    for (key, source, image_id, _), digest in ((r, h) for r, h, c in zip(rows, hashes, changed) if c):
+        values = {"key": f"{key}#sha256={digest[:16]}", "source": source, "image_id": image_id, "width": 0,
+                  "height": 0, "content_hash": digest, "pixels": b"", "input_height": 0, "input_width": 0,
+                  "error_reason": CHANGED_SINCE_LABELLED,
+                  "error_detail": f"{key}: other bytes (sha256 {digest[:16]}...) than those labelled under this key; "
+                                  "label the new version into another --output"}
+        for name, value in values.items():
+            columns[name].append(value)
+
+
 def prepare_batch(records: pa.Table, *, done: np.ndarray, transforms: TransformsConfig,
-                  limits: DecodeLimits = DecodeLimits()) -> pa.Table:
+                  limits: DecodeLimits = DecodeLimits(), labelled: np.ndarray | None = None,
+                  contents: np.ndarray | None = None) -> pa.Table:
     """A block of records (RECORD_SCHEMA) -> PREPARED_SCHEMA rows, sorted by input shape.
 
-    `done` holds the sorted digests of keys already committed (see `key_digests`).
+    `done` holds the sorted digests of keys already committed (see `key_digests`); `labelled` those with a
+    label row and `contents` the digests of their (key, content hash) pairs (`content_digests`).
     """
     torch.set_num_threads(1)  # one Ray CPU per task
+    columns: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
     keys = records["key"].to_pylist()
     todo = ~contains_sorted(done, key_digests(keys))
     if not todo.all():
+        if labelled is not None and contents is not None:
+            _report_changed(records.filter(pa.array(~todo)), labelled, contents, columns)
         records = records.filter(pa.array(todo))
-    columns: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
     preprocessing = EvalPreprocessing(transforms)
     for start in range(0, records.num_rows, DECODE_SLICE):
         rows = records.slice(start, DECODE_SLICE)  # decode a few at a time: full-size images are large

@@ -22,6 +22,7 @@ DECODE_ERROR = "decode_error"
 TOO_LARGE = "too_large"
 UNSAFE_ARCHIVE_MEMBER = "unsafe_archive_member"
 DUPLICATE_ARCHIVE_MEMBER = "duplicate_archive_member"
+CHANGED_SINCE_LABELLED = "changed_since_labelled"  # other bytes under a key an output already labelled
 BAD_LABEL_FILE = "bad_label_file"
 # An annotation file's image entry that cannot be used: no file name, an id that is no integer, an id that an
 # earlier entry has, or a path that leaves the image folder (absolute, or through '..').
@@ -47,7 +48,7 @@ REPAIR_CONVERTED_TO_RGB = "converted_to_rgb"
 
 IMAGE_REASONS = frozenset(
     {READ_ERROR, ZERO_BYTE, NOT_AN_IMAGE, TRUNCATED, DECODE_ERROR, TOO_LARGE, UNSAFE_ARCHIVE_MEMBER,
-     DUPLICATE_ARCHIVE_MEMBER, BAD_LABEL_FILE, MALFORMED_IMAGE_ENTRY, DUPLICATE_IMAGE_ID, UNSAFE_PATH,
+     DUPLICATE_ARCHIVE_MEMBER, CHANGED_SINCE_LABELLED, BAD_LABEL_FILE, MALFORMED_IMAGE_ENTRY, DUPLICATE_IMAGE_ID, UNSAFE_PATH,
      PANOPTIC_PNG_ERROR, PANOPTIC_SIZE_MISMATCH}
 )
 ANNOTATION_REASONS = frozenset({BOX_OUT_OF_IMAGE, DEGENERATE_BOX, UNKNOWN_CATEGORY, MALFORMED_ANNOTATION,
