@@ -2,6 +2,7 @@
 # A local multi-node Ray cluster on this machine: one head node and N worker nodes (`ray start`).
 #
 #   cluster/local_cluster.sh start [--workers N] [--cpus-per-node C] [--dashboard-host 127.0.0.1] [--port 6379]
+#                                  [--dashboard-port 8265] [--client-port 10001] [--agent-port 52365]
 #   cluster/local_cluster.sh status
 #   cluster/local_cluster.sh stop
 #
@@ -9,7 +10,10 @@
 # binds to 127.0.0.1 unless --dashboard-host says otherwise. Node addresses stay at Ray's
 # default (this machine's interface), so every node uses Ray's token authentication
 # (RAY_AUTH_MODE=token, the token in ~/.ray/auth_token, generated when missing); clients
-# on this machine (`detr submit`, `ray status`) find the same token. State lives in
+# on this machine (`detr submit`, `ray status`) find that token once they are in token
+# mode: `export RAY_AUTH_MODE=token`. A second cluster on the same machine needs ports of its
+# own: --port, --dashboard-port, --client-port (Ray Client) and --agent-port (each node's
+# dashboard agent: the head's, then one more per worker). State lives in
 # $RAYDETR_CLUSTER_DIR (default .local_cluster/): the Ray temp folder and the head's address.
 set -euo pipefail
 
@@ -18,6 +22,8 @@ WORKERS=1
 CPUS=""
 DASHBOARD_HOST="127.0.0.1"
 DASHBOARD_PORT=8265
+CLIENT_PORT=10001
+AGENT_PORT=52365
 PORT=6379
 STATE_DIR="${RAYDETR_CLUSTER_DIR:-.local_cluster}"
 RAY="${RAY:-ray}"
@@ -30,6 +36,8 @@ while [ $# -gt 0 ]; do
     --dashboard-host) DASHBOARD_HOST="$2"; shift 2 ;;
     --dashboard-port) DASHBOARD_PORT="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
+    --client-port) CLIENT_PORT="$2"; shift 2 ;;
+    --agent-port) AGENT_PORT="$2"; shift 2 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -44,6 +52,7 @@ case "$ACTION" in
     if [ "$RAY_AUTH_MODE" = token ]; then "$RAY" get-auth-token --generate > /dev/null; fi
     "$RAY" start --head --port="$PORT" $(cpu_flag) \
       --dashboard-host="$DASHBOARD_HOST" --dashboard-port="$DASHBOARD_PORT" \
+      --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
       --temp-dir="$TEMP_DIR" --disable-usage-stats
     HEAD_IP="$("$RAY" get-head-ip 2>/dev/null || true)"
     ADDRESS="$(python3 - "$TEMP_DIR" <<'PY'
@@ -58,7 +67,8 @@ PY
     # real cluster does on its own disk: nodes sharing one, their runtime-env agents unpacked and deleted job
     # code and environments in the same place (a job's working directory vanished under it).
     for i in $(seq 1 "$WORKERS"); do
-      "$RAY" start --address="$ADDRESS" $(cpu_flag) --temp-dir="$TEMP_DIR-worker-$i" --disable-usage-stats
+      "$RAY" start --address="$ADDRESS" $(cpu_flag) --temp-dir="$TEMP_DIR-worker-$i" --disable-usage-stats \
+        --dashboard-agent-listen-port="$((AGENT_PORT + i))"
     done
     # `ray start` returns before a worker has registered; wait until every node is active.
     EXPECTED=$((WORKERS + 1))
@@ -72,6 +82,7 @@ PY
     fi
     echo "Ray cluster: head + $WORKERS worker node(s) at $ADDRESS"
     echo "dashboard / job submission: http://$DASHBOARD_HOST:$DASHBOARD_PORT"
+    if [ "$RAY_AUTH_MODE" = token ]; then echo "clients: export RAY_AUTH_MODE=token (the token: ~/.ray/auth_token)"; fi
     ;;
   status)
     ADDRESS="$(cat "$STATE_DIR/address" 2>/dev/null || true)"

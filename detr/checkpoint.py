@@ -104,8 +104,10 @@ def is_raydetr_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and obj.get("format") == FORMAT
 
 
-def read_checkpoint_file(source: str | os.PathLike | bytes | io.IOBase) -> Any:
-    """`torch.load(..., weights_only=True)` on a path, bytes or file object, with a clear error."""
+def read_checkpoint_file(source: str | os.PathLike | bytes | io.IOBase, name: str | None = None) -> Any:
+    """`torch.load(..., weights_only=True)` on a path, bytes or file object, with a clear error naming `name`
+    (default: the path)."""
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint bytes")
     try:
         if isinstance(source, bytes):
             source = io.BytesIO(source)
@@ -113,7 +115,7 @@ def read_checkpoint_file(source: str | os.PathLike | bytes | io.IOBase) -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise RaydetrError(f"{source}: not a loadable weights-only checkpoint ({exc})") from exc
+        raise RaydetrError(f"{label}: not a loadable weights-only checkpoint ({exc})") from exc
 
 
 def load_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:

@@ -106,13 +106,14 @@ def _layer_count(state: Mapping[str, Tensor], prefix: str) -> int:
 
 
 def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
-    """The `DETRConfig` an official state dict was built with; `fields` fill in or override."""
+    """The `DETRConfig` an official state dict was built with; `fields` fill in or override (the mask losses'
+    coefficients, which the official training arguments always carry, only for a state with a mask head)."""
+    head = {k: fields.pop(k) for k in ("mask_loss_coef", "dice_loss_coef") if k in fields}
     if is_panoptic_state(state):
         detector = {k[len(DETECTOR_PREFIX):]: v for k, v in state.items() if k.startswith(DETECTOR_PREFIX)}
         hidden = int(detector["query_embed.weight"].shape[1])
         # The mask head's first layer reads hidden + nheads channels (features and one map per head).
         nheads = int(state["mask_head.lay1.weight"].shape[1]) - hidden
-        head = {k: fields.pop(k) for k in ("mask_loss_coef", "dice_loss_coef") if k in fields}
         config = infer_config(detector, **{"nheads": nheads, "mask_head": MaskHead(**head), **fields})
         fpn = tuple(int(state[f"mask_head.adapter{i}.weight"].shape[1]) for i in (1, 2, 3))
         if fpn != config.fpn_dims:
@@ -139,7 +140,7 @@ def infer_config(state: Mapping[str, Tensor], **fields: Any) -> DETRConfig:
         position_embedding="learned" if "backbone.1.row_embed.weight" in state else "sine",
         num_classes=int(state["class_embed.weight"].shape[0]) - 1,
     )
-    inferred.update({k: v for k, v in fields.items() if k not in ("mask_loss_coef", "dice_loss_coef")})
+    inferred.update(fields)
     return DETRConfig(**inferred)
 
 

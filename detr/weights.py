@@ -2,8 +2,9 @@
 
 Fine-tuning starts from weights of another model: an official checkpoint, a detector under a model
 that adds a mask head, a panoptic model's detector alone, a model of another class count, or a paper
-model under one with our parts (`recipe: fast`). What may start fresh is exactly: the class head when
-the class counts differ, the mask head when the weights have none, and the weights of our own parts
+model under one with our parts (`recipe: fast`). What may start fresh is exactly: every head whose shape
+follows the class count (`CLASS_HEADS`) when the class counts differ, the mask head when the weights
+have none, and the weights of our own parts
 (`NON_OFFICIAL_PREFIXES`) when the weights lack them. Anything else missing or unexpected is an error
 naming the keys: half-loaded weights must never pass silently.
 """
@@ -17,7 +18,8 @@ from .errors import RaydetrError
 from .model import NON_OFFICIAL_PREFIXES
 from .segmentation import DETECTOR_PREFIX, MASK_HEAD_PREFIXES
 
-CLASS_HEAD = "class_embed."
+CLASS_HEADS = ("class_embed.", "dense_head.class_embed.", "semantic_head.classifier.")
+"""The layers with one output per class (the decoder's, the dense encoder head's, the semantic head's)."""
 
 
 def _detector_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -34,10 +36,11 @@ def fit_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> tuple[dict[
     target = model.state_dict()
     detector = _detector_keys(state)
     fresh = tuple(prefix + p for p in NON_OFFICIAL_PREFIXES)
-    class_key = f"{prefix}{CLASS_HEAD}weight"
-    if f"{CLASS_HEAD}weight" in detector and detector[f"{CLASS_HEAD}weight"].shape != target[class_key].shape:
-        detector = {k: v for k, v in detector.items() if not k.startswith(CLASS_HEAD)}
-        fresh += (prefix + CLASS_HEAD,)
+    for head in CLASS_HEADS:
+        saved, wanted = detector.get(f"{head}weight"), target.get(f"{prefix}{head}weight")
+        if saved is not None and wanted is not None and saved.shape != wanted.shape:
+            detector = {k: v for k, v in detector.items() if not k.startswith(head)}
+            fresh += (prefix + head,)
     fitted = {prefix + k: v for k, v in detector.items()}
     if panoptic:
         heads = {k: v for k, v in state.items() if k.startswith(MASK_HEAD_PREFIXES)}

@@ -33,16 +33,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions keep their lines (the module docstrings' examples), options show their defaults."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detr",
+        formatter_class=HelpFormatter,
         description="DETR object detection as Ray jobs: data tools, training, evaluation, "
         "labelling and model promotion.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        sub_parser = sub.add_parser(name, help=help_text, description=module.__doc__)
+        sub_parser = sub.add_parser(name, help=help_text, description=module.__doc__, formatter_class=HelpFormatter,
+                                    usage=getattr(module, "USAGE", None))
         module.configure_parser(sub_parser)
         sub_parser.set_defaults(_module=module)
     return parser
@@ -96,12 +102,21 @@ def _run(module: ModuleType, args: argparse.Namespace, prog: str) -> int:
             message += " (re-run the same command when it is back: finished work is kept)"
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if type(exc).__name__ != "AuthenticationError" or os.environ.get("RAYDETR_DEBUG"):  # Ray's, by name: no import
+            raise
+        advice = ("export RAY_AUTH_MODE=token" if os.environ.get("RAY_AUTH_MODE") != "token"
+                  else "check that this is the cluster's token")
+        print(f"{prog}: error: the Ray cluster uses token authentication and refused this client: {advice} (the "
+              "token: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token)", file=sys.stderr)
+        return 1
 
 
 def module_main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     """Run one job module as a program (`python -m jobs.train ...`)."""
     name = module.__spec__.name if module.__spec__ is not None else module.__name__  # not "__main__" under -m
-    parser = argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__)
+    parser = argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__, formatter_class=HelpFormatter,
+                                     usage=getattr(module, "USAGE", None))
     module.configure_parser(parser)
     own, passthrough = split_passthrough(argv)
     args = parser.parse_args(own)

@@ -26,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
     for reason, n in sorted(Counter(e.reason for e in errors).items()):
         print(f"  rejected {reason:24s} {n}")
     print(f"errors table: {errors_path_for(args.out)}")
+    images = args.source.rstrip("/") + ("/images" if args.format == "yolo" else "/JPEGImages")
+    print(f"its file names are relative to {images}: give that as --images (ingest, evaluate, label) or "
+          "data.train_images / data.val_images (training)")
     return 0
 
 

@@ -128,7 +128,7 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
     if model.version:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=tracking_uri).set_model_version_tag(
+        MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_model_version_tag(
             model.name, model.version, f"raydetr.eval.{result.digest[:12]}.{headline}",
             f"{result.metrics[headline]:.6f}")
     return run.run_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detr.errors import RaydetrError
 from jobs.cli import module_main
 
 
@@ -41,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     options = IngestOptions(rows_per_shard=args.rows_per_shard, limits=DecodeLimits(max_pixels=args.max_pixels))
     result = ingest(source, args.out, options)
     print(result.summary.format())
+    if result.summary.images_kept == 0:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(result.summary.rejected.items())) or "no images"
+        raise RaydetrError(f"{args.source}: no image was kept ({reasons}); the errors table is {args.out}/errors/"
+                           + ("" if args.images else " (a COCO JSON's file names are relative to its folder, or "
+                                                     "to --images)"))
     print(f"{result.manifest['rows']} rows in {len(result.manifest['shards'])} shards "
           f"({result.skipped_units} units already done) -> {args.out}; errors table: {args.out}/errors/")
     return 0

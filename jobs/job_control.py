@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.job_id:
         raise RaydetrError(f"`detr jobs {args.action}` needs a JOB_ID")
+    if args.job_id not in {job.submission_id or job.job_id for job in client.list_jobs()}:
+        raise RaydetrError(f"no job {args.job_id!r} on the cluster at {dashboard_address(args.address)} "
+                           "(`detr jobs list` shows its jobs)")
     if args.action == "status":
         info = client.get_job_info(args.job_id)
         print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from detr.errors import RaydetrError
+
 if TYPE_CHECKING:
     from pipelines.inference.detector import Detector
     from pipelines.training.transforms import TransformsConfig
@@ -70,24 +72,33 @@ def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | N
         return ResolvedModel(checkpoint=str(path.resolve()), name=path.stem, uri=str(path.resolve()))
 
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from jobs.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry the job was given
     name, version, run_id = spec, "", ""
-    if match := _ALIAS_URI.match(spec):
-        mv = client.get_model_version_by_alias(match["name"], match["alias"])
-        name, version, run_id = mv.name, str(mv.version), mv.run_id or ""
-    elif match := _VERSION_URI.match(spec):
-        mv = client.get_model_version(match["name"], match["version"])
-        name, version, run_id = mv.name, str(mv.version), mv.run_id or ""
-    elif spec.startswith("runs:/"):
-        run_id = spec.split("/")[1]
+    try:
+        if match := _ALIAS_URI.match(spec):
+            mv = client.get_model_version_by_alias(match["name"], match["alias"])
+            name, version, run_id = mv.name, str(mv.version), mv.run_id or ""
+        elif match := _VERSION_URI.match(spec):
+            mv = client.get_model_version(match["name"], match["version"])
+            name, version, run_id = mv.name, str(mv.version), mv.run_id or ""
+        elif spec.startswith("runs:/"):
+            run_id = spec.split("/")[1]
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise RaydetrError(f"model {spec!r} is not in the registry at {uri}: {exc.message}") from None
     target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="raydetr-model-"))
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
     try:
+        # A models:/ URI resolves through the model registry, whose URI download_artifacts' tracking_uri does not
+        # set: without this, --tracking-uri was ignored and the lookup went to MLflow's default store.
+        mlflow.set_registry_uri(uri)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target / key),
                                                           tracking_uri=uri))
         checkpoint = local if local.is_file() else _find_checkpoint(local)
@@ -126,6 +137,7 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
 
 def load_detector(spec: str, tracking_uri: str | None = None) -> tuple[LoadedModel, "Detector"]:
     """`load_model`, and the plain (not inference-optimised) `Detector` it checked the file with."""
+    from detr.checkpoint import read_checkpoint_file
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from pipelines.inference.detector import Detector
 
@@ -134,9 +146,8 @@ def load_detector(spec: str, tracking_uri: str | None = None) -> tuple[LoadedMod
         ensure_tracking_available(uri)
     resolved = resolve_model(spec, uri)
     try:
-        data = Path(resolved.checkpoint).read_bytes()
-        # Loaded from the path, so that an error names the file; actors load their own copy from `data`.
-        detector = Detector.from_checkpoint(resolved.checkpoint, optimize=False)
+        data = Path(resolved.checkpoint).read_bytes()  # read once: checked here, shipped to actors as bytes
+        detector = Detector.from_checkpoint(read_checkpoint_file(data, name=resolved.uri), optimize=False)
     finally:
         if resolved.download_dir:
             shutil.rmtree(resolved.download_dir, ignore_errors=True)

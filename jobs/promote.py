@@ -125,6 +125,9 @@ def promote(
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.tracking import resolve_tracking_uri
+
+    print(f"MLflow registry: {resolve_tracking_uri(args.tracking_uri)}", flush=True)  # which store, said first
     decision = promote(args.name, args.candidate, args.data, alias=args.alias, min_gain=args.min_gain,
                        metric=args.metric, images=args.images, batch_size=args.batch_size,
                        concurrency=args.concurrency, tracking_uri=args.tracking_uri, dry_run=args.dry_run,

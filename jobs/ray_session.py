@@ -1,11 +1,14 @@
 """Connecting a job to Ray: reuse a running session, join a cluster, or start a local one."""
 from __future__ import annotations
 
+import math
 import os
 
 
-def connect(address: str | None = None) -> None:
-    """`address` None: RAY_ADDRESS or a new local instance; "auto": the running cluster."""
+def connect(address: str | None = None, num_cpus: float | None = None) -> None:
+    """`address` None: RAY_ADDRESS or a new local instance; "auto": the running cluster. A new local instance
+    gets at least `num_cpus` logical CPUs (a job's workers plus its data pipeline), however few cores the
+    machine has: they share the cores rather than wait forever for one."""
     import ray
 
     if ray.is_initialized():
@@ -15,7 +18,8 @@ def connect(address: str | None = None) -> None:
     if address:
         ray.init(address=address, logging_level="warning")
     else:
-        ray.init(include_dashboard=False, logging_level="warning")
+        cpus = max(os.cpu_count() or 1, int(math.ceil(num_cpus or 0)))
+        ray.init(include_dashboard=False, logging_level="warning", num_cpus=cpus)
 
 
 def restore_working_directory() -> None:

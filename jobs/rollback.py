@@ -35,6 +35,9 @@ def rollback(name: str, alias: str = "champion", tracking_uri: str | None = None
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.tracking import resolve_tracking_uri
+
+    print(f"MLflow registry: {resolve_tracking_uri(args.tracking_uri)}", flush=True)  # which store, said first
     current, previous = rollback(args.name, args.alias, args.tracking_uri)
     print(f"{args.name}: alias {args.alias!r} moved back from v{current} to v{previous}")
     return 0

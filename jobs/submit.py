@@ -25,6 +25,7 @@ from pathlib import Path
 from jobs.cli import module_main
 
 ACCEPTS_PASSTHROUGH = True  # the job's own arguments follow `--`
+USAGE = "detr submit JOB [--address ADDRESS] [--wait] [options] -- [JOB's arguments]"
 SUBMITTABLE = ("train", "label", "evaluate", "promote", "rollback", "ingest")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CODE = ("detr", "pipelines", "jobs", "pyproject.toml")

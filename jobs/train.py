@@ -38,6 +38,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", help="start from these weights: official or raydetr checkpoint, "
                         "or an MLflow model URI (models:/name@alias, runs:/id/model)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the whole resolved config (defaults < recipe < file < --set) and exit")
+
+
+def resolved_config_text(config) -> str:
+    """Every key of a training config and its value, the model's included, as YAML."""
+    import yaml
+
+    from jobs.config_files import to_plain
+
+    plain = to_plain(config.resolved())
+    model = config.model_config().to_dict()
+    note = ""
+    if "num_classes" not in config.model:
+        model.pop("num_classes")
+        note = "# model.num_classes: the data's largest category id + 1 (set it to fix it)\n"
+    return note + yaml.safe_dump({**plain, "model": {"preset": config.model.get("preset", "detr_r50"), **model}},
+                                 sort_keys=False)
 
 
 @dataclass
@@ -81,6 +99,27 @@ def _init_state(spec: str | None, tracking_uri: str) -> dict | None:
     from jobs.model_sources import load_detector
 
     return load_detector(spec, tracking_uri)[1].model.state_dict()
+
+
+DATA_PIPELINE_CPUS = 1
+"""What the data pipeline needs beside the training workers: without a CPU of its own it never runs."""
+
+
+def ray_cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def check_training_fits(scaling, cluster_cpus: float) -> None:
+    """Refuse at once a layout whose workers would take every CPU: Ray Data would wait forever for one."""
+    needed = scaling.num_workers * scaling.cpus_per_worker + DATA_PIPELINE_CPUS
+    if needed > cluster_cpus:
+        most = max(0, int((cluster_cpus - DATA_PIPELINE_CPUS) // scaling.cpus_per_worker))
+        raise RaydetrError(
+            f"{scaling.num_workers} training workers x {scaling.cpus_per_worker} CPUs, plus {DATA_PIPELINE_CPUS} for "
+            f"the data pipeline, need {needed:g} CPUs; the cluster has {cluster_cpus:g}. Set scaling.num_workers to "
+            f"at most {most} (or lower scaling.cpus_per_worker), or add nodes")
 
 
 def _use_gpu(config) -> bool:
@@ -152,6 +191,12 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     check_reachable(config.storage.path)
     tracking_uri = resolve_tracking_uri(config.tracking.uri)
     ensure_tracking_available(tracking_uri)
+    finished = finished_run(config)
+    if finished is not None:  # re-running a finished run: nothing to resume, nothing to register again
+        print(f"run {config.storage.run_name} finished already ({finished.model_uri}, MLflow run {finished.run_id}): "
+              "nothing to do. Train anew under another storage.run_name, or raise schedule.epochs to go on",
+              flush=True)
+        return finished
 
     import yaml
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -167,7 +212,9 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     from pipelines.training.dataset import build_detection_dataset
     from pipelines.training.transforms import TransformsConfig
 
-    connect(address)
+    needed = config.scaling.num_workers * config.scaling.cpus_per_worker + DATA_PIPELINE_CPUS
+    connect(address, num_cpus=needed)  # a local Ray gets enough logical CPUs for the workers and the data
+    check_training_fits(config.scaling, ray_cluster_cpus())
     blind = nodes_that_cannot_see(config.storage.path)
     if blind:
         raise RaydetrError(f"storage.path {config.storage.path} is a folder that {len(blind)} of the cluster's nodes "
@@ -186,6 +233,13 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     categories = train_data.categories or []
     num_classes = max((int(c["id"]) for c in categories), default=0) + 1
     model_config = config.model_config(num_classes=max(num_classes, 2))
+    init_state = _init_state(config.init_from, tracking_uri)
+    if init_state is not None:
+        # Checked here, once: in the workers a misfit would fail every attempt Ray Train makes.
+        from detr import build_model
+        from detr.weights import load_weights
+
+        load_weights(build_model(model_config), init_state, f"init_from {config.init_from}")
 
     run_name = _run_name(config)
     run_dir = storage.join(config.storage.path, run_name)
@@ -212,7 +266,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         "metadata": metadata,
         "tracking_uri": tracking_uri,
         "run_id": run.run_id,
-        "init_state": _init_state(config.init_from, tracking_uri),
+        "init_state": init_state,
         "pid_dir": pid_dir,
         "epoch_clock": train_data.clock,  # each epoch's augmentation seed, set by the workers
     }
@@ -262,16 +316,43 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
                               config.schedule.log_images, tmp)
     run.finish()
     version = getattr(info, "registered_model_version", None)
-    return TrainResult(run.run_id, tracking_uri, checkpoint.path, dict(best_metrics), info.model_uri,
-                       str(version) if version is not None else None, run_dir)
+    name = config.tracking.registered_model
+    result = TrainResult(run.run_id, tracking_uri, checkpoint.path, dict(best_metrics),
+                         f"models:/{name}/{version}" if version is not None else info.model_uri,
+                         str(version) if version is not None else None, run_dir)
+    storage.write_bytes_atomic(storage.join(run_dir, FINISHED_FILE), json.dumps(
+        {"epochs": config.schedule.epochs, **dataclasses.asdict(result)}, default=float).encode())
+    return result
+
+
+FINISHED_FILE = "finished.json"
+"""Written into the run's folder when it ends: a re-run of the same run finds it and does nothing."""
+
+
+def finished_run(config) -> TrainResult | None:
+    """The result of the run `config` names if it finished with at least `schedule.epochs` epochs asked."""
+    from pipelines import storage
+
+    if not config.storage.run_name:
+        return None
+    marker = storage.join(config.storage.path, config.storage.run_name, FINISHED_FILE)
+    if not storage.exists(marker):
+        return None
+    recorded = json.loads(storage.read_bytes(marker))
+    if recorded.pop("epochs") < config.schedule.epochs:
+        return None
+    return TrainResult(**recorded)
 
 
 def run(args: argparse.Namespace) -> int:
     from jobs.train_config import load_train_config
 
-    config = load_train_config(args.config, args.overrides)
+    config = load_train_config(args.config, args.overrides, require_train=not args.print_config)
     if args.init_from:
         config = dataclasses.replace(config, init_from=args.init_from)
+    if args.print_config:
+        print(resolved_config_text(config), end="")
+        return 0
     result = train(config, address=args.address)
     ap = result.metrics.get("val_AP")
     print(f"training finished: MLflow run {result.run_id}; best checkpoint {result.checkpoint_dir}")
@@ -281,9 +362,11 @@ def run(args: argparse.Namespace) -> int:
     if pq is not None and not math.isnan(pq):
         print(f"validation PQ {pq:.4f} (things {result.metrics.get('val_PQ_th', float('nan')):.4f}, "
               f"stuff {result.metrics.get('val_PQ_st', float('nan')):.4f})")
-    print(f"model: {result.model_uri}" + (f" (registered version {result.registered_version})"
-                                          if result.registered_version else ""))
-    print(f"see it: mlflow ui --backend-store-uri {result.tracking_uri}")
+    print(f"model: {result.model_uri}")
+    if result.tracking_uri.startswith(("http://", "https://")):
+        print(f"see it: {result.tracking_uri.rstrip('/')}/#/runs/{result.run_id}")
+    else:
+        print(f"see it: mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
 
 

@@ -165,11 +165,12 @@ class TrainJobConfig:
         return dataclasses.replace(self, storage=dataclasses.replace(self.storage, path=path))
 
 
-def load_train_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainJobConfig:
+def load_train_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                      require_train: bool = True) -> TrainJobConfig:
     """Read a config file (optional) and apply `--set` overrides."""
     data: Mapping[str, Any] = read_config_file(path) if path else {}
     data = apply_recipe(apply_overrides(dict(data), overrides))
     config = build_dataclass(TrainJobConfig, data)
-    if not config.data.train:
+    if require_train and not config.data.train:
         raise ConfigError("data.train is required: the training source (e.g. a COCO JSON)")
     return config

@@ -171,7 +171,7 @@ def test_a_checkpoint_saved_before_the_parts_loads_as_it_was(tmp_path):
 
 
 def test_weights_load_into_a_model_that_differs_by_one_rule():
-    from detr import DenseHead, FocalLoss, MaskHead, TwoStage
+    from detr import DenseHead, FocalLoss, MaskHead, SemanticHead, TwoStage
     from detr.weights import load_weights
 
     torch.manual_seed(0)
@@ -184,6 +184,13 @@ def test_weights_load_into_a_model_that_differs_by_one_rule():
                                      dense_head=DenseHead(2), two_stage=TwoStage()), detector.state_dict())
     assert other.detr.class_embed.weight.shape[0] == 10  # another class count: a fresh class head
     torch.testing.assert_close(other.detr.transformer.state_dict(), detector.transformer.state_dict())
+    # A fast-recipe model (dense encoder head, semantic head) of 3 classes fine-tunes into one of 7: every head
+    # with one output per class starts fresh, the rest loads.
+    fast = dict(focal=FocalLoss(), dense_head=DenseHead(2), two_stage=TwoStage(), semantic_head=SemanticHead())
+    three = build_model("tiny_panoptic", num_classes=3, **fast)
+    seven = load_weights(build_model("tiny_panoptic", num_classes=7, **fast), three.state_dict())
+    assert seven.detr.dense_head.class_embed.weight.shape[0] == 8 and seven.detr.semantic_head.classifier.out_features == 7
+    torch.testing.assert_close(seven.detr.dense_head.bbox_embed.state_dict(), three.detr.dense_head.bbox_embed.state_dict())
     with pytest.raises(ValueError, match=r"missing \['transformer.encoder.layers.0"):
         load_weights(build_model("tiny_panoptic", num_classes=5, mask_head=None),
                      {k: v for k, v in detector.state_dict().items() if "encoder.layers.0." not in k})

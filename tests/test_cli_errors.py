@@ -47,3 +47,22 @@ def test_an_os_error_naming_its_file_is_one_line_and_one_without_is_a_traceback(
     assert capsys.readouterr().err == "detr x: error: [Errno 21] Is a directory: 'labels/'\n"
     with pytest.raises(ConnectionResetError):
         _run(_Raises(ConnectionResetError(104, "Connection reset by peer")), None, "detr x")
+
+
+def test_a_cluster_that_wants_a_token_gets_one_line_saying_what_to_export(capsys, monkeypatch):
+    from ray.exceptions import AuthenticationError
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert _run(_Raises(AuthenticationError("Unauthenticated")), None, "detr submit") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("detr submit: error: the Ray cluster uses token authentication and refused this client: "
+                          "export RAY_AUTH_MODE=token") and err.count("\n") == 1
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
+    from jobs.model_sources import load_model
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"^{bad}: not a loadable weights-only checkpoint"):
+        load_model(str(bad))

@@ -50,8 +50,10 @@ def cluster_and_server(tmp_path):
     try:
         _run(["bash", "cluster/mlflow_server.sh", "start", "--port", str(mlflow_port), "--auth"], env)
         started.append("mlflow")
+        # Ports of its own, as a second cluster on a machine needs (the session's cluster runs beside it).
         _run(["bash", "cluster/local_cluster.sh", "start", "--workers", "1", "--cpus-per-node", "2",
-              "--port", str(gcs_port), "--dashboard-port", str(dashboard_port)], env)
+              "--port", str(gcs_port), "--dashboard-port", str(dashboard_port), "--client-port", str(_free_port()),
+              "--agent-port", str(_free_port())], env)
         started.append("ray")
         yield env, f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{mlflow_port}"
     finally:
@@ -99,6 +101,10 @@ def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluste
     experiment = MlflowClient(tracking).create_experiment("with-credentials")
     assert MlflowClient(tracking).get_experiment(experiment).name == "with-credentials"
     assert requests.get(f"{address}/api/version", timeout=10).status_code in (200, 401)
+    unknown = subprocess.run([sys.executable, "-m", "jobs.cli", "jobs", "logs", "nonexistent", "--address", address],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 1 and unknown.stderr.strip() == (
+        f"detr jobs: error: no job 'nonexistent' on the cluster at {address} (`detr jobs list` shows its jobs)")
 
     _run(["bash", "cluster/local_cluster.sh", "stop"], env)
     left = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()

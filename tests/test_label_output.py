@@ -181,6 +181,9 @@ def test_select_detections_filters_classes_before_top_k():
     assert kept["scores"].tolist() == pytest.approx([0.7, 0.5]) and kept["labels"].tolist() == [1, 1]
     assert kept["boxes"].tolist() == [det["boxes"][3].tolist(), det["boxes"][2].tolist()]
     assert select_detections(det, None, None)["scores"].tolist() == pytest.approx([0.9, 0.7, 0.5, 0.2])
+    clipped = select_detections({"boxes": torch.tensor([[-8.0, 2.0, 50.0, 70.0]]), "scores": torch.tensor([0.9]),
+                                 "labels": torch.tensor([1])}, None, None, size=(60, 40))
+    assert clipped["boxes"].tolist() == [[0.0, 2.0, 40.0, 60.0]]  # inside the image of height 60, width 40
 
 
 def test_prepare_skips_committed_keys_decodes_resizes_and_orders_by_shape():

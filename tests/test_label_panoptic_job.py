@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import clip_boxes_to_image
 
 from detr import PanopticPostProcess, pad_images
 from jobs.cli import main as detr_cli
@@ -41,7 +42,9 @@ def direct_panoptic(checkpoint: str, path: Path, threshold: float) -> dict:
         with torch.inference_mode():
             outputs = detector.model(*pad_images([tensor]))
         merged = PanopticPostProcess(is_thing_map(detector), threshold)(outputs, [tensor.shape[-2:]], [image.shape[:2]])
-        return {**merged[0], "detections": detector.detect([image])[0]}
+        detections = detector.detect([image])[0]
+        detections["boxes"] = clip_boxes_to_image(detections["boxes"], image.shape[:2])  # as labelled rows are
+        return {**merged[0], "detections": detections}
     finally:
         torch.set_num_threads(threads)
 

@@ -53,6 +53,11 @@ def test_ingest_messy_coco_then_train_from_the_shards(ray_cluster, tmp_path, cap
     np.testing.assert_allclose(rotated["boxes"], [[28, 8, 10, 16]], atol=1e-3)
     assert pq.read_schema(os.path.join(out, "data", "coco-00000-00000.parquet")).metadata[b"raydetr.categories"]
 
+    # An ingest that keeps nothing fails, saying why (here: the images are not where the file names point).
+    assert detr(["ingest", path, str(tmp_path / "nothing")]) == 1
+    assert ("no image was kept (duplicate_image_id 1, malformed_annotation 3, malformed_image_entry 2, read_error 11, "
+            "unsafe_path 2)") in capsys.readouterr().err
+
     # Idempotent and deterministic: a second run skips every unit and changes no byte.
     before = files_digest(os.path.join(out, "data"))
     assert detr(argv) == 0

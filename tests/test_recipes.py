@@ -66,3 +66,17 @@ def test_warmup_ramps_every_group_then_the_epoch_drop_applies():
     epochs.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert build_warmup_scheduler(optimizer, OptimizerConfig()) is None
+
+
+def test_print_config_shows_every_key_as_resolved(capsys):
+    import yaml
+
+    from jobs.cli import main
+
+    assert main(["train", "--print-config", "--set", "recipe=fast", "--set", "schedule.epochs=7"]) == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert printed.startswith("# model.num_classes: the data's largest category id + 1")
+    assert config["schedule"]["epochs"] == 7 and config["data"]["transforms"] == "native"  # --set, then the recipe
+    assert config["model"]["focal"] is not None and config["model"]["backbone"] == "resnet50"  # recipe, then defaults
+    assert "num_classes" not in config["model"] and config["optimizer"]["warmup_steps"] == 100

@@ -158,10 +158,15 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, m
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
+    # The tracking URI given to the job is the registry it asks, whatever this process's MLflow defaults are.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
     assert load_model(f"models:/pyfunc-test/{info.registered_model_version}", mlflow_server).checkpoint
-    with pytest.raises(Exception):
-        load_model("models:/pyfunc-test/99", mlflow_server)
+    with pytest.raises(ValueError, match="model 'models:/pyfunc-test/99' is not in the registry at http"):
+        load_model("models:/pyfunc-test/99", mlflow_server)  # one line at the command line, not a traceback
     assert list((tmp_path / "tmp").glob("raydetr-model-*")) == []
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
     expected = Detector.from_checkpoint(str(checkpoint)).detect([pixels])[0]
     order = expected["scores"].argsort(descending=True)[:5]
     np.testing.assert_allclose(np.array(list(out["boxes"][0]), dtype=float), expected["boxes"][order].numpy(), atol=1e-3)

@@ -48,7 +48,8 @@ def test_yolo_source_and_convert_command(tmp_path, capsys):
     np.testing.assert_allclose(anns[0]["bbox"], [8, 10, 16, 10], atol=0.01)
     np.testing.assert_allclose(anns[1]["bbox"], [6.4, 4.8, 12.8, 9.6], atol=0.01)
     errors = pq.read_table(tmp_path / "coco.errors.parquet").to_pylist()
-    assert sorted(e["reason"] for e in errors) == ["bad_label_file", "unknown_category", "zero_byte"]
+    # A bad line drops its box, not its image: an annotation-level reason, so images add up.
+    assert sorted(e["reason"] for e in errors) == ["malformed_annotation", "unknown_category", "zero_byte"]
     assert any("a.txt:2" in e["detail"] for e in errors)
     assert "2 images, 2 annotations" in capsys.readouterr().out
     source = open_source(str(root))
@@ -72,7 +73,7 @@ def test_voc_source(tmp_path):
     (root / "Annotations" / "broken.xml").write_text("<annotation><filename>")
     source = open_source(str(root))
     assert source.kind == "voc" and [c["name"] for c in source.categories] == ["cat", "dog"]
-    assert sorted(e.reason for e in source.planning_errors) == ["bad_label_file", "bad_label_file"]
+    assert sorted(e.reason for e in source.planning_errors) == ["bad_label_file", "malformed_annotation"]
     (record,) = list(iter_records(source))
     loaded, errs = load_record(record, source.category_ids)
     np.testing.assert_allclose(loaded.annotations.boxes, [[8, 10, 16, 10], [0, 0, 10, 10]])

@@ -106,6 +106,12 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
     states = [torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
               for d in Path(resumed.checkpoint_dir).parent.glob("checkpoint_*") if d.is_dir()]
     assert {s["epoch"]: s["ema_updates"] for s in states}[3] == 6
+    assert resumed.model_uri == f"models:/shapes-tiny/{resumed.registered_version}"
+    # Re-running the finished run resumes nothing and registers nothing again.
+    again = train(longer)
+    assert (again.run_id, again.registered_version, again.checkpoint_dir) == (
+        resumed.run_id, resumed.registered_version, resumed.checkpoint_dir)
+    assert sorted(int(v.version) for v in client.search_model_versions("name='shapes-tiny'")) == [1, 2]
 
 
 # A worker killed mid-run, replaced, resuming from its checkpoint with one MLflow history: on the production
@@ -172,15 +178,15 @@ def test_a_tracking_server_that_is_down_fails_the_job_at_once(shapes, tmp_path, 
     import socket
 
     import jobs.train
-    import pipelines.sources
     from jobs.tracking import TrackingUnavailableError
     from jobs.train import train
 
     def too_late(*args, **kwargs):
-        raise AssertionError("the job went on to read data or start Ray before checking the tracking server")
+        raise AssertionError("the job went on to start Ray or build its datasets before checking the tracking server")
 
-    monkeypatch.setattr(pipelines.sources, "open_source", too_late)
+    # Opening the sources comes first (a missing file is one line at once); Ray and the data pipeline after.
     monkeypatch.setattr(jobs.train, "connect", too_late)
+    monkeypatch.setattr("pipelines.training.dataset.build_detection_dataset", too_late)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -188,3 +194,16 @@ def test_a_tracking_server_that_is_down_fails_the_job_at_once(shapes, tmp_path, 
     with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port}.*not reachable"):
         train(config)
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_more_workers_than_the_cluster_has_cpus_fail_at_once_with_the_numbers(ray_cluster, shapes, tmp_path):
+    """Two workers on a 2-core machine used to take both CPUs and leave Ray Data waiting forever."""
+    from detr.errors import RaydetrError
+    from jobs.train import check_training_fits, train
+
+    config = dataclasses.replace(job_config(shapes, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                                 scaling=dataclasses.replace(job_config(shapes, tmp_path, "x").scaling, num_workers=4))
+    with pytest.raises(RaydetrError, match=r"4 training workers x 1 CPUs, plus 1 for the data pipeline, need 5 CPUs; "
+                                           r"the cluster has 4\. Set scaling.num_workers to at most 3"):
+        train(config)  # the session's cluster: two nodes of 2 CPUs
+    check_training_fits(config.scaling, 5.0)

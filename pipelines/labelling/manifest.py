@@ -94,7 +94,9 @@ class ManifestRun:
         now = self.output.scan()
         totals = {"images_labelled": now.labelled, "errors": now.errors, "detections": now.detections,
                   "parts": now.parts, "duplicates_ignored": now.duplicates_ignored}
-        self.entry.update(entry, status="complete", finished=_now(), totals=totals)
+        # The run that finishes last scanned after every other finished run's last commit: its totals hold
+        # everything. Seconds are too coarse to tell runs ending together apart.
+        self.entry.update(entry, status="complete", finished=_now(), finished_unix=time.time(), totals=totals)
         self.output.write_run(self.entry)
         self.manifest = self.output.read_manifest()
         return totals

@@ -181,6 +181,13 @@ class LabelOutput:
             if table is not None and table.num_rows:
                 storage.write_bytes_atomic(f"{self.root}/{kind}/{part_name(number, writer)}", _table_bytes(table))
 
+    def ensure_errors_part(self, number: int, writer: str) -> None:
+        """An output with no error yet gets an empty errors part, so that OUT/errors/ is a table readers open
+        (`pq.read_table`) whatever happened, on a disk or an object store (which has no empty folders)."""
+        if not self.parts(ERRORS):
+            storage.write_bytes_atomic(f"{self.root}/{ERRORS}/{part_name(number, writer)}",
+                                       _table_bytes(errors_schema().empty_table()))
+
     def write_preview(self, name: str, png: bytes) -> None:
         storage.write_bytes_atomic(f"{self.root}/{PREVIEWS}/{name}", png)
 
@@ -199,7 +206,7 @@ class LabelOutput:
         runs = list(base.get("runs", []))  # outputs written before runs had files of their own
         runs += sorted(self._read_runs(), key=lambda r: (r.get("started", ""), r.get("label_run", "")))
         finished = [r for r in runs if r.get("status") == "complete" and "totals" in r]
-        latest = max(finished, key=lambda r: r.get("finished", "")) if finished else None
+        latest = max(finished, key=lambda r: (r.get("finished_unix", 0.0), r.get("finished", ""))) if finished else None
         return {**base, "runs": runs, "status": runs[-1]["status"] if runs else base.get("status", "running"),
                 "totals": latest["totals"] if latest else base.get("totals", {})}
 

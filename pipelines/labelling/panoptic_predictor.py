@@ -37,8 +37,9 @@ class PanopticLabelPredictor(LabelPredictor):
         normalize = self.detector.preprocessing.normalize
         results = segment_preprocessed(self.detector, [normalize(img) for img in images], sizes,
                                        self.panoptic_threshold, self.postprocess)
-        return [{"detections": select_detections(r["detections"], self.classes, self.top_k),
-                 "segments": r["segments"], "panoptic_png": encode_panoptic_png(r["id_map"])} for r in results]
+        return [{"detections": select_detections(r["detections"], self.classes, self.top_k, size),
+                 "segments": r["segments"], "panoptic_png": encode_panoptic_png(r["id_map"])}
+                for r, size in zip(results, sizes)]
 
     def _result_table(self, batch: pa.Table, found: list[dict | None], previews: list) -> pa.Table:
         table = super()._result_table(batch, found, previews)

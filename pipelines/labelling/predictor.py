@@ -29,14 +29,22 @@ if TYPE_CHECKING:
     import ray
 
 
-def select_detections(detections: dict, classes: Sequence[int] | None, top_k: int | None) -> dict:
-    """Keep the detections of `classes` (None: all), best first, at most `top_k` (None: all)."""
+def select_detections(detections: dict, classes: Sequence[int] | None, top_k: int | None,
+                      size: Sequence[int] | None = None) -> dict:
+    """Keep the detections of `classes` (None: all), best first, at most `top_k` (None: all); with the image's
+    `size` (height, width), boxes are clipped to it (DETR's boxes may reach past the border, as the
+    official post-processing leaves them; a labelled dataset's boxes lie in their image)."""
+    from torchvision.ops import clip_boxes_to_image
+
     scores, labels = detections["scores"], detections["labels"]
     keep = torch.ones_like(labels, dtype=torch.bool) if classes is None else torch.isin(
         labels, torch.as_tensor(list(classes), dtype=labels.dtype))
     index = keep.nonzero().flatten()
     index = index[scores[index].argsort(descending=True, stable=True)][:top_k]
-    return {name: value[index] for name, value in detections.items()}
+    selected = {name: value[index] for name, value in detections.items()}
+    if size is not None:
+        selected["boxes"] = clip_boxes_to_image(selected["boxes"], (int(size[0]), int(size[1])))
+    return selected
 
 
 class LabelPredictor:
@@ -73,8 +81,8 @@ class LabelPredictor:
     def infer(self, images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[dict]:
         """One padded forward pass over resized uint8 images -> per image {"detections": ...} (filtered),
         expressed in the original `sizes` (height, width)."""
-        return [{"detections": select_detections(det, self.classes, self.top_k)}
-                for det in self.detector.detect_resized(images, sizes)]
+        return [{"detections": select_detections(det, self.classes, self.top_k, size)}
+                for det, size in zip(self.detector.detect_resized(images, sizes), sizes)]
 
     def _preview(self, image, detections: dict, height: int, width: int) -> bytes | None:
         """PNG of the model-size image with the boxes drawn (boxes scaled from the original size)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from typing import Iterator
 
 from detr.errors import RaydetrError
 from pipelines import storage
@@ -40,6 +41,19 @@ def load_coco_json(path: str) -> dict:
     return data
 
 
+def _of_known_images(coco: dict, images: dict[int, dict], source: str, errors: list, what: str,
+                     name_field: str) -> Iterator[tuple[int, dict]]:
+    """(image id, annotation) for the annotations of usable images; an error row for each of the others."""
+    for ann in coco.get("annotations", []):
+        image_id = integer(ann.get("image_id")) if isinstance(ann, dict) else None
+        if image_id in images:
+            yield image_id, ann
+            continue
+        name = ann.get(name_field) if isinstance(ann, dict) else None
+        errors.append(ErrorRecord(source, str(image_id), UNKNOWN_IMAGE,
+                                  f"{what} {name} refers to image id {image_id}, not in 'images'"))
+
+
 def coco_source(coco: dict, images_dir: str, source: str, rows_per_unit: int = 1000,
                 allow_outside_paths: bool = False) -> Source:
     """Plan records from a parsed COCO dict: one per usable image entry, its usable annotations attached
@@ -50,13 +64,7 @@ def coco_source(coco: dict, images_dir: str, source: str, rows_per_unit: int = 1
     """
     images, errors = checked_images(coco["images"], source, images_dir, allow_outside_paths)
     by_image: dict[int, list[dict]] = defaultdict(list)
-    for ann in coco.get("annotations", []):
-        image_id = integer(ann.get("image_id")) if isinstance(ann, dict) else None
-        if image_id not in images:
-            ann_id = ann.get("id") if isinstance(ann, dict) else None
-            errors.append(ErrorRecord(source, str(image_id), UNKNOWN_IMAGE,
-                                      f"annotation {ann_id} refers to image id {image_id}, not in 'images'"))
-            continue
+    for image_id, ann in _of_known_images(coco, images, source, errors, "annotation", "id"):
         problem = annotation_problem(ann)
         if problem is not None:
             errors.append(ErrorRecord(source, images[image_id]["file_name"], MALFORMED_ANNOTATION,
@@ -97,13 +105,7 @@ def coco_panoptic_source(coco: dict, images_dir: str, masks_dir: str, source: st
     """Plan records from a parsed COCO panoptic dict (segments as annotations, the PNG as `panoptic_path`)."""
     images, errors = checked_images(coco["images"], source, images_dir, allow_outside_paths)
     by_image: dict[int, dict] = {}
-    for ann in coco.get("annotations", []):
-        image_id = integer(ann.get("image_id")) if isinstance(ann, dict) else None
-        if image_id not in images:
-            name = ann.get("file_name") if isinstance(ann, dict) else None
-            errors.append(ErrorRecord(source, str(image_id), UNKNOWN_IMAGE,
-                                      f"panoptic annotation {name} refers to image id {image_id}, not in 'images'"))
-            continue
+    for image_id, ann in _of_known_images(coco, images, source, errors, "panoptic annotation", "file_name"):
         png = ann.get("file_name")
         reason = None if allow_outside_paths or not isinstance(png, str) else storage.escape_reason(png)
         if not isinstance(png, str) or not png or reason is not None:

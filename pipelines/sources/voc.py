@@ -14,7 +14,8 @@ import xml.etree.ElementTree as ET
 
 from pipelines import storage
 from pipelines.validation.decode import probe_image
-from pipelines.validation.errors import BAD_LABEL_FILE, UNKNOWN_CATEGORY, ErrorRecord, PipelineError
+from pipelines.validation.errors import (BAD_LABEL_FILE, MALFORMED_ANNOTATION, UNKNOWN_CATEGORY, ErrorRecord,
+                                         PipelineError)
 
 
 def _parse(xml_path: str) -> ET.Element:
@@ -29,7 +30,15 @@ def _number(node: ET.Element, tag: str, where: str) -> float:
     try:
         return float(text)
     except (TypeError, ValueError):
-        raise PipelineError(BAD_LABEL_FILE, f"{where}: <{tag}> is {text!r}, not a number") from None
+        raise PipelineError(MALFORMED_ANNOTATION, f"{where}: <{tag}> is {text!r}, not a number") from None
+
+
+def _size(tree: ET.Element, tag: str) -> int:
+    """A <size> field, or 0 (read from the image instead) when it is missing or not a number."""
+    try:
+        return int(float(tree.findtext(tag) or 0))
+    except ValueError:
+        return 0
 
 
 def voc_to_coco(root: str, class_names: list[str] | None = None) -> tuple[dict, list[ErrorRecord]]:
@@ -51,8 +60,7 @@ def voc_to_coco(root: str, class_names: list[str] | None = None) -> tuple[dict, 
     next_ann = 1
     for image_id, (xml_path, tree) in enumerate(parsed, start=1):
         file_name = (tree.findtext("filename") or posixpath.splitext(posixpath.basename(xml_path))[0] + ".jpg").strip()
-        width = int(float(tree.findtext("size/width") or 0))
-        height = int(float(tree.findtext("size/height") or 0))
+        width, height = _size(tree, "size/width"), _size(tree, "size/height")
         if width <= 0 or height <= 0:
             try:
                 (height, width), _ = probe_image(storage.read_bytes(storage.join(root, "JPEGImages", file_name)), file_name)
@@ -70,7 +78,7 @@ def voc_to_coco(root: str, class_names: list[str] | None = None) -> tuple[dict, 
             try:
                 bb = obj.find("bndbox")
                 if bb is None:
-                    raise PipelineError(BAD_LABEL_FILE, f"{where}: no <bndbox>")
+                    raise PipelineError(MALFORMED_ANNOTATION, f"{where}: no <bndbox>")
                 x1, y1, x2, y2 = (_number(bb, t, where) for t in ("xmin", "ymin", "xmax", "ymax"))
             except PipelineError as exc:
                 errors.append(ErrorRecord(root, file_name, exc.reason, exc.detail))

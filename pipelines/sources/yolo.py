@@ -17,7 +17,7 @@ import numpy as np
 from detr.errors import RaydetrError
 from pipelines import storage
 from pipelines.validation.decode import display_size, orient_boxes, probe_image
-from pipelines.validation.errors import BAD_LABEL_FILE, UNKNOWN_CATEGORY, ErrorRecord, PipelineError
+from pipelines.validation.errors import MALFORMED_ANNOTATION, UNKNOWN_CATEGORY, ErrorRecord, PipelineError
 
 
 def read_class_names(root: str, classes_file: str | None = None) -> list[str]:
@@ -45,9 +45,10 @@ def _parse_label_line(line: str, lineno: int, label_path: str, num_classes: int)
     try:
         values = [float(v) for v in fields]
     except ValueError:
-        raise PipelineError(BAD_LABEL_FILE, f"{label_path}:{lineno}: not numbers: {line.strip()!r}") from None
+        raise PipelineError(MALFORMED_ANNOTATION, f"{label_path}:{lineno}: not numbers: {line.strip()!r}") from None
     if len(values) < 5 or (len(values) > 5 and (len(values) - 1) % 2 != 0):
-        raise PipelineError(BAD_LABEL_FILE, f"{label_path}:{lineno}: expected 'class cx cy w h', got {len(values)} fields")
+        raise PipelineError(MALFORMED_ANNOTATION,
+                            f"{label_path}:{lineno}: expected 'class cx cy w h', got {len(values)} fields")
     cls = values[0]
     if cls != int(cls) or not 0 <= int(cls) < num_classes:
         raise PipelineError(UNKNOWN_CATEGORY, f"{label_path}:{lineno}: class {fields[0]} is not in 0..{num_classes - 1}")
