@@ -76,11 +76,11 @@ def log_detector_model(
     import mlflow
 
     from detr.checkpoint import read_checkpoint_file
+    from jobs.tracking import tracking_store
 
     config = read_checkpoint_file(str(checkpoint_path)).get("config") or {}
     panoptic = bool(config.get("masks"))
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+    with tracking_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(PYFUNC_FILE),

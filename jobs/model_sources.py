@@ -75,7 +75,7 @@ def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | N
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import resolve_tracking_uri
+    from jobs.tracking import resolve_tracking_uri, tracking_store
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry the job was given
@@ -96,11 +96,11 @@ def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | N
     target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="raydetr-model-"))
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
     try:
-        # A models:/ URI resolves through the model registry, whose URI download_artifacts' tracking_uri does not
-        # set: without this, --tracking-uri was ignored and the lookup went to MLflow's default store.
-        mlflow.set_registry_uri(uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target / key),
-                                                          tracking_uri=uri))
+        # A models:/ URI is resolved through MLflow's default registry, not download_artifacts' tracking_uri
+        # (--tracking-uri was ignored): the job's store is the default while it downloads, and only then.
+        with tracking_store(uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(target / key),
+                                                              tracking_uri=uri))
         checkpoint = local if local.is_file() else _find_checkpoint(local)
     except BaseException:
         if not cache_dir:  # a failed download leaves no folder behind either

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a parameter value's length
@@ -34,6 +35,26 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     elif ":" not in uri:  # a plain folder: MLflow's file store
         uri = os.path.abspath(uri)
     return uri
+
+
+@contextmanager
+def tracking_store(uri: str) -> Iterator[None]:
+    """`uri` as MLflow's tracking and registry URI while the block runs, then what they were: MLflow keeps its
+    default in the environment (MLFLOW_TRACKING_URI), which every process this one starts afterwards would
+    inherit."""
+    import mlflow
+
+    saved_tracking, saved_registry = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI")
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_REGISTRY_URI"] = uri
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_tracking)  # None: unset, as it was
+        if saved_registry is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        else:
+            os.environ["MLFLOW_REGISTRY_URI"] = saved_registry
 
 
 def ensure_tracking_available(uri: str, timeout_s: float = 10.0) -> None:

@@ -10,6 +10,7 @@ on image files and bytes.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pandas as pd
@@ -142,7 +143,10 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, m
     buf = io.BytesIO()
     Image.fromarray(pixels[:40]).save(buf, "JPEG")
 
-    mlflow.set_tracking_uri(mlflow_server)
+    # This process's MLflow default, set so that the test's end restores it (mlflow.set_tracking_uri would also
+    # write MLFLOW_TRACKING_URI into the environment every later job of the session inherits).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     loaded = mlflow.pyfunc.load_model(f"models:/pyfunc-test/{info.registered_model_version}")
     assert loaded.metadata.signature is not None and loaded.metadata.saved_input_example_info is not None
     frame = pd.DataFrame({"path": [str(tmp_path / "a.png"), None, str(tmp_path / "missing.png")],
@@ -158,15 +162,16 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, m
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    # The tracking URI given to the job is the registry it asks, whatever this process's MLflow defaults are.
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    # The tracking URI given to the job is the registry it asks, whatever this process's MLflow defaults are, and
+    # asking it changes none of them (a child process would inherit them: the production topology's jobs did).
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", elsewhere)
     assert load_model(f"models:/pyfunc-test/{info.registered_model_version}", mlflow_server).checkpoint
+    assert (os.environ["MLFLOW_REGISTRY_URI"], mlflow.get_registry_uri()) == (elsewhere, elsewhere)
     with pytest.raises(ValueError, match="model 'models:/pyfunc-test/99' is not in the registry at http"):
         load_model("models:/pyfunc-test/99", mlflow_server)  # one line at the command line, not a traceback
     assert list((tmp_path / "tmp").glob("raydetr-model-*")) == []
-    mlflow.set_tracking_uri(mlflow_server)
-    mlflow.set_registry_uri(mlflow_server)
     expected = Detector.from_checkpoint(str(checkpoint)).detect([pixels])[0]
     order = expected["scores"].argsort(descending=True)[:5]
     np.testing.assert_allclose(np.array(list(out["boxes"][0]), dtype=float), expected["boxes"][order].numpy(), atol=1e-3)

@@ -297,7 +297,8 @@ class SharedNothingCluster:
         self.env = {**os.environ, **node_env, **NO_PRESIGNED_DOWNLOADS, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-        self.env.pop("RAY_ADDRESS", None)
+        for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # nothing of this session's
+            self.env.pop(name, None)
         self.port, self.dashboard_port = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.address = ""
@@ -356,6 +357,7 @@ class Topology:
     def env(self, **extra: str) -> dict[str, str]:
         """A driver's environment: the cluster's address and token, S3 settings, the tracking server."""
         return {**self.cluster.env, "RAY_ADDRESS": self.cluster.address, "MLFLOW_TRACKING_URI": self.mlflow.uri,
+                "MLFLOW_REGISTRY_URI": self.mlflow.uri,
                 "TMPDIR": str(self.driver_tmp), "PYTHONUNBUFFERED": "1", **NO_PRESIGNED_DOWNLOADS, **extra}
 
     def detr(self, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
