@@ -27,7 +27,7 @@ _EXPORTS = {
     "from_official": "official", "official_state_dict": "official",
     "InstanceMaskPostProcess": "panoptic", "PanopticPostProcess": "panoptic",
     "mask_postprocess_options": "panoptic", "masks_to_rle": "panoptic", "rle_to_masks": "panoptic",
-    "PostProcess": "postprocess", "scored_by_sigmoid": "postprocess",
+    "PostProcess": "postprocess", "scored_by_sigmoid": "postprocess", "default_score_threshold": "postprocess",
     "DETRsegm": "segmentation",
 }
 __all__ = sorted(_EXPORTS)

@@ -60,7 +60,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--panoptic-threshold", type=float, default=DEFAULTS.panoptic_threshold,
                         help="panoptic: keep queries whose top probability exceeds this (default: %(default)s)")
     parser.add_argument("--score-threshold", type=float, default=DEFAULTS.score_threshold,
-                        help="keep detections scoring above this (default: %(default)s)")
+                        help="keep detections scoring above this (default: the model's: 0.5 for softmax scores, 0.2 "
+                             "for a focal-loss model's sigmoid scores; 0 keeps every query)")
     parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="at most this many detections per image")
     parser.add_argument("--classes", help="keep only these classes: names or ids, comma separated (person,car,3)")
     parser.add_argument("--coco-json", metavar="FILE", help="also write every detection as a COCO results JSON")
@@ -102,6 +103,7 @@ class LabelResult:
     label_run: str
     removed_temporaries: int = 0
     task: str = "detection"
+    score_threshold: float | None = None
     first_rows_seconds: float | None = None  # start-up: when the first labelled rows reached the driver
     first_rows: int = 0  # how many came then
     coco_json: str | None = None
@@ -163,7 +165,8 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     connect(address)
     listings = start_listings(source)
 
-    from jobs.model_sources import load_model
+    from detr.postprocess import default_score_threshold
+    from jobs.model_sources import load_detector
     from pipelines.labelling.coco_export import write_coco_results
     from pipelines.labelling.manifest import ManifestRun
     from pipelines.labelling.options import parse_classes
@@ -172,7 +175,8 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     from pipelines.labelling.pipeline import build_label_dataset, check_cluster_fits
     from pipelines.labelling.writer import ChunkWriter, ModelIdentity
 
-    loaded = load_model(model, tracking_uri)
+    loaded, detector = load_detector(model, tracking_uri)
+    options = options.for_model(default_score_threshold(detector.model.config))
     check_task(options, loaded, model, coco_panoptic_json)
     options = dataclasses.replace(options, classes=parse_classes(classes, loaded.categories)) if classes else options
     gpus = _gpus_per_actor(options.gpus_per_actor)
@@ -214,6 +218,7 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
 
     c = writer.counts
     result = LabelResult(output, c, {}, seconds, label_run, removed, task=options.task,
+                         score_threshold=options.score_threshold,
                          first_rows_seconds=first_rows_seconds, first_rows=first_rows)
     if coco_json:
         result.coco_json, result.coco_detections = coco_json, write_coco_results(out, coco_json)
@@ -243,6 +248,8 @@ def format_result(result: LabelResult) -> str:
         f"output {result.output}: {t['images_labelled']} images labelled (labels/), {t['errors']} errors (errors/), "
         f"{t['detections']} detections in {t['parts']} parts; manifest {result.output}/manifest.json",
     ]
+    if c.labelled and not c.detections:
+        lines.append(f"no detection scored above {result.score_threshold}: a lower --score-threshold keeps more")
     if c.rejected:
         lines.append("errors by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(c.rejected.items())))
     if c.previews:

@@ -26,8 +26,9 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def signature(panoptic: bool = False):
-    """The pyfunc's signature; a panoptic model (with masks) adds the `segments` column (JSON)."""
+def signature(panoptic: bool = False, score_threshold: float = 0.5):
+    """The pyfunc's signature; a panoptic model (with masks) adds the `segments` column (JSON); the score
+    threshold's default is the model's (`detr.default_score_threshold`)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -42,7 +43,7 @@ def signature(panoptic: bool = False):
         *([ColSpec(DataType.string, "segments")] if panoptic else []),
         ColSpec(DataType.string, "error"),
     ])
-    params = [ParamSpec("score_threshold", DataType.double, 0.5), ParamSpec("top_k", DataType.long, 100)]
+    params = [ParamSpec("score_threshold", DataType.double, score_threshold), ParamSpec("top_k", DataType.long, 100)]
     if panoptic:
         params.append(ParamSpec("panoptic_threshold", DataType.double, PANOPTIC_THRESHOLD))
     params = ParamSchema(params)
@@ -78,15 +79,18 @@ def log_detector_model(
     from detr.checkpoint import read_checkpoint_file
     from jobs.tracking import tracking_store
 
-    config = read_checkpoint_file(str(checkpoint_path)).get("config") or {}
-    panoptic = bool(config.get("masks"))
+    from detr.config import DETRConfig
+    from detr.postprocess import default_score_threshold
+
+    config = DETRConfig.from_dict(read_checkpoint_file(str(checkpoint_path))["config"])
+    panoptic = bool(config.masks)
     with tracking_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(PYFUNC_FILE),
             artifacts={"checkpoint": str(checkpoint_path)},
             code_paths=[str(p) for p in CODE_PATHS],
-            signature=signature(panoptic),
+            signature=signature(panoptic, default_score_threshold(config)),
             input_example=input_example(),
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,

@@ -5,7 +5,8 @@ image as a file path or URI (column `path`) or as encoded bytes (column `image`)
 and returns one row per input row: `boxes` (xyxy in the image's pixels),
 `scores`, `labels` (category ids), `label_names`, `width`, `height`, and
 `error` (empty, or why the image could not be read: the other rows still come
-back). Params: `score_threshold` (default 0.5) and `top_k` (default 100).
+back). Params: `score_threshold` (default: the model's, `detr.default_score_threshold`: 0.5 for softmax
+scores, 0.2 for a focal-loss model's sigmoid scores) and `top_k` (default 100).
 A model with masks (panoptic) also returns `segments`: a JSON list per image of
 {"id", "category_id", "label_name", "isthing", "area", "score", "bbox", "rle"}
 (COCO RLE of the segment's pixels), from the panoptic merge with param
@@ -36,7 +37,9 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         from pipelines.validation.errors import PipelineError
 
         params = params or {}
-        threshold = float(params.get("score_threshold", 0.5))
+        from detr.postprocess import default_score_threshold
+
+        threshold = float(params.get("score_threshold", default_score_threshold(self.detector.model.config)))
         top_k = int(params.get("top_k", 100))
         panoptic = bool(self.detector.model.config.masks)
         columns = ["boxes", "scores", "labels", "label_names", "width", "height", "error"]

@@ -39,3 +39,14 @@ def test_rejects_wrong_target_sizes():
         PostProcess()(outputs(), [[1, 2], [3, 4]])
     with pytest.raises(ValueError):
         PostProcess(top_k=0)
+
+
+def test_the_default_score_threshold_follows_the_models_scoring():
+    from detr import FocalLoss, build_model, default_score_threshold
+    from pipelines.labelling.options import LabelOptions
+
+    softmax, sigmoid = build_model("tiny", num_classes=3), build_model("tiny", num_classes=3, focal=FocalLoss())
+    assert (default_score_threshold(softmax.config), default_score_threshold(sigmoid.config)) == (0.5, 0.2)
+    assert LabelOptions().score_threshold is None  # the label job takes the model's
+    assert LabelOptions().for_model(0.2).score_threshold == 0.2
+    assert LabelOptions(score_threshold=0.7).for_model(0.2).score_threshold == 0.7  # given: kept

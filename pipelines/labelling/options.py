@@ -7,6 +7,7 @@ row of a dataset means the same thing.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -24,7 +25,7 @@ class LabelOptions:
 
     task: str = "detection"  # "panoptic": also the segments and a panoptic PNG per image (a model with masks)
     panoptic_threshold: float = PANOPTIC_THRESHOLD  # panoptic: keep queries whose top probability exceeds this
-    score_threshold: float | None = 0.5  # keep detections scoring above this (None: every query)
+    score_threshold: float | None = None  # keep detections scoring above this (None: the model's default)
     top_k: int | None = None  # then keep at most this many per image, best first
     classes: tuple[int, ...] | None = None  # category ids to keep (None: all)
     precision: str = "float32"  # the model's weights and activations (bfloat16: faster, scores within ~1e-2)
@@ -57,6 +58,13 @@ class LabelOptions:
             problems.append("draw and commit_seconds must be >= 0")
         if problems:
             raise RaydetrError("invalid labelling options: " + "; ".join(problems))
+
+    def for_model(self, default_threshold: float) -> "LabelOptions":
+        """These options with the model's default score threshold where none was given (`detr.
+        default_score_threshold`: lower for sigmoid-scored models), as the manifest records them."""
+        if self.score_threshold is not None:
+            return self
+        return dataclasses.replace(self, score_threshold=default_threshold)
 
     @property
     def torch_threads(self) -> int:
