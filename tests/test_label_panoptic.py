@@ -155,8 +155,8 @@ def test_writer_writes_each_png_before_its_row_is_committed_and_resumes(tmp_path
 
 def test_the_task_is_a_row_setting_a_rerun_must_keep():
     model = {"name": "m", "version": "1", "run_id": "r", "sha256": "aa"}
-    detection = LabelOptions().row_settings()
-    panoptic = LabelOptions(task="panoptic").row_settings()
+    detection = LabelOptions().for_model(0.5).row_settings()  # as the job records them: the model's threshold
+    panoptic = LabelOptions(task="panoptic").for_model(0.5).row_settings()
     assert detection == {"task": "detection", "score_threshold": 0.5, "top_k": None, "classes": None,
                          "precision": "float32"}
     assert panoptic == {**detection, "task": "panoptic", "panoptic_threshold": 0.85}

@@ -22,7 +22,7 @@ def panoptic_shapes(tmp_path_factory):
     return write_dataset(str(out), config)
 
 
-def test_mask_head_training_evaluation_and_pyfunc(ray_cluster, mlflow_server, panoptic_shapes, tmp_path):
+def test_mask_head_training_evaluation_and_pyfunc(ray_cluster, mlflow_server, panoptic_shapes, tmp_path, monkeypatch):
     import mlflow
     import numpy as np
     from mlflow.tracking import MlflowClient
@@ -82,7 +82,9 @@ def test_mask_head_training_evaluation_and_pyfunc(ray_cluster, mlflow_server, pa
                      experiment="test-panoptic-eval", task="panoptic", panoptic_threshold=0.3)
     assert again.reused and again.run_id == evaluation.run_id
 
-    # The pyfunc model of a panoptic model returns segments too.
+    # The pyfunc model of a panoptic model returns segments too (loaded from the registry of this test's server).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)
     image = next(Path(panoptic_shapes["panoptic_val"]).parent.glob("images/*.png"))
     frame = pyfunc.predict(pd.DataFrame({"path": [str(image)]}), params={"panoptic_threshold": 0.0})
