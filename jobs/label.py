@@ -213,7 +213,7 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
         # detect_kind says of it when it lists the folder itself).
         label_source(open_source(input_path, "archive"), {})
     writer.flush()
-    out.ensure_errors_part(writer.next_part, label_run.replace("-", ""))
+    out.ensure_errors_part(writer.next_part, writer.part_suffix)
     seconds = time.perf_counter() - start
 
     c = writer.counts

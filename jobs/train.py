@@ -111,9 +111,14 @@ def ray_cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0))
 
 
+def training_cpus(scaling) -> float:
+    """The CPUs a training layout needs: its workers', and one for the data pipeline."""
+    return scaling.num_workers * scaling.cpus_per_worker + DATA_PIPELINE_CPUS
+
+
 def check_training_fits(scaling, cluster_cpus: float) -> None:
     """Refuse at once a layout whose workers would take every CPU: Ray Data would wait forever for one."""
-    needed = scaling.num_workers * scaling.cpus_per_worker + DATA_PIPELINE_CPUS
+    needed = training_cpus(scaling)
     if needed > cluster_cpus:
         most = max(0, int((cluster_cpus - DATA_PIPELINE_CPUS) // scaling.cpus_per_worker))
         raise RaydetrError(
@@ -212,8 +217,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     from pipelines.training.dataset import build_detection_dataset
     from pipelines.training.transforms import TransformsConfig
 
-    needed = config.scaling.num_workers * config.scaling.cpus_per_worker + DATA_PIPELINE_CPUS
-    connect(address, num_cpus=needed)  # a local Ray gets enough logical CPUs for the workers and the data
+    connect(address, num_cpus=training_cpus(config.scaling))  # a local Ray gets enough logical CPUs for it
     check_training_fits(config.scaling, ray_cluster_cpus())
     blind = nodes_that_cannot_see(config.storage.path)
     if blind:

@@ -72,8 +72,13 @@ def new_manifest(model: Mapping[str, str], settings: Mapping[str, Any]) -> dict:
 class ManifestRun:
     """One run's record in OUT/runs/: `start` checks the output and records the run, `finish` completes it."""
 
-    def __init__(self, output: LabelOutput, manifest: dict, entry: dict) -> None:
-        self.output, self.manifest, self.entry = output, manifest, entry
+    def __init__(self, output: LabelOutput, entry: dict) -> None:
+        self.output, self.entry = output, entry
+
+    @property
+    def manifest(self) -> dict:
+        """The output's manifest with every run, as it is now (read when asked: other runs may write too)."""
+        return self.output.read_manifest()
 
     @classmethod
     def start(cls, output: LabelOutput, model: Mapping[str, str], settings: Mapping[str, Any], source_kind: str,
@@ -87,7 +92,7 @@ class ManifestRun:
             check_compatible(output.read_base_manifest(), model, settings, output.root)
         record = {**entry, "status": "running", "started": _now()}
         output.write_run(record)
-        return cls(output, output.read_manifest(), record)
+        return cls(output, record)
 
     def finish(self, **entry: Any) -> dict:
         """Complete the run; returns the output's totals now (everything committed, by every run)."""
@@ -98,5 +103,4 @@ class ManifestRun:
         # everything. Seconds are too coarse to tell runs ending together apart.
         self.entry.update(entry, status="complete", finished=_now(), finished_unix=time.time(), totals=totals)
         self.output.write_run(self.entry)
-        self.manifest = self.output.read_manifest()
         return totals

@@ -160,9 +160,10 @@ class LabelOutput:
                 columns = [key, "labels", "content_hash"] if kind == LABELS else [key]
                 table = pq.read_table(path, columns=columns, filesystem=self.fs)
                 keys = table[key].to_pylist()
-                new = done.keys.add_new(key_digests(keys))
+                digests = key_digests(keys)
+                new = done.keys.add_new(digests)
                 if kind == LABELS:
-                    done.labelled_keys.add_new(key_digests(keys))
+                    done.labelled_keys.add_new(digests)
                     done.contents.add_new(content_digests(keys, table["content_hash"].to_pylist()))
                 done.duplicates_ignored += int((~new).sum())
                 if kind == LABELS:

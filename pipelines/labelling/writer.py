@@ -66,6 +66,11 @@ class ChunkWriter:
         self._buffered = 0
         self._last_commit = time.monotonic()
 
+    @property
+    def part_suffix(self) -> str:
+        """What this run's part names carry (`output.part_name`): the run's id, in the characters part names allow."""
+        return self.label_run.replace("-", "")
+
     def _only_new(self, table: pa.Table, key: str) -> pa.Table:
         new = self.keys.add_new(key_digests(table[key].to_pylist()))
         self.counts.duplicates_dropped += int((~new).sum())
@@ -129,7 +134,7 @@ class ChunkWriter:
         if self._buffered:
             labels = pa.concat_tables(self._labels) if self._labels else None
             errors = pa.concat_tables(self._errors) if self._errors else None
-            self.output.commit(self.next_part, labels, errors, writer=self.label_run.replace("-", ""))
+            self.output.commit(self.next_part, labels, errors, writer=self.part_suffix)
             self.next_part += 1
             self.counts.parts += 1
         self._labels, self._errors, self._buffered = [], [], 0

@@ -41,11 +41,6 @@ def member_key(archive: str, member: str) -> str:
     return f"{archive}{MEMBER_SEPARATOR}{member}"
 
 
-def unsafe_member_reason(name: str) -> str | None:
-    """Why a member name is unsafe (would land outside the archive's root), or None."""
-    return storage.escape_reason(name)
-
-
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(storage.IMAGE_EXTENSIONS)
 
@@ -91,7 +86,7 @@ def iter_tar(archive: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
         for member in tar:
             if member.isdir():
                 continue
-            reason = unsafe_member_reason(member.name)
+            reason = storage.escape_reason(member.name)
             if reason is None and not member.isfile():
                 reason = f"member {member.name!r} is a link or device, not a regular file"
             if reason is not None:
@@ -126,7 +121,7 @@ def iter_zip(archive: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
         for info in zf.infolist():
             if info.is_dir():
                 continue
-            reason = unsafe_member_reason(info.filename)
+            reason = storage.escape_reason(info.filename)
             if reason is None and _zip_link_or_device(info):
                 reason = f"member {info.filename!r} is a link or device, not a regular file"
             if reason is not None:

@@ -33,6 +33,11 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_box(value: Any) -> bool:
+    """A COCO bbox: 4 finite numbers."""
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(_number(v) for v in value)
+
+
 def checked_images(images: list, source: str, images_dir: str,
                    allow_outside_paths: bool = False) -> tuple[dict[int, dict], list[ErrorRecord]]:
     """The usable image entries by id (file order), and an error row for each entry that is not."""
@@ -75,7 +80,7 @@ def annotation_problem(annotation: Any) -> str | None:
     if not isinstance(annotation, Mapping):
         return "is not an object"
     bbox = annotation.get("bbox")
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+    if not _is_box(bbox):
         return f"bbox {bbox!r} is not 4 finite numbers"
     if integer(annotation.get("category_id")) is None:
         return f"category_id {annotation.get('category_id')!r} is not an integer"
@@ -95,6 +100,6 @@ def segment_problem(segment: Any) -> str | None:
     if integer(segment.get("category_id")) is None:
         return f"category_id {segment.get('category_id')!r} of segment {segment.get('id')} is not an integer"
     bbox = segment.get("bbox", (0, 0, 0, 0))
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+    if not _is_box(bbox):
         return f"bbox {bbox!r} of segment {segment.get('id')} is not 4 finite numbers"
     return None
