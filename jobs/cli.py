@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_eval_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--eval-size`/`--eval-max-size` of the jobs that run a model on images (label, evaluate)."""
+    parser.add_argument("--eval-size", type=int, metavar="PIXELS",
+                        help="resize images' shorter side to this before the model (default: the model's own, "
+                             "800 for the paper's models): smaller is faster and usually less accurate")
+    parser.add_argument("--eval-max-size", type=int, metavar="PIXELS",
+                        help="longer side at most this (default: the model's ratio to the shorter side, 1333/800)")
+
+
 # Errors that mean "the input or the environment is wrong": shown as one line, not a traceback, as is any
 # OSError that names its file (a folder given for a file, a full disk). Anything else (a KeyError, an
 # IndexError, a ValueError the project did not raise on purpose) is a bug: traceback.

@@ -1,4 +1,12 @@
-"""Convert YOLO label folders or Pascal VOC XML to a COCO instances JSON."""
+"""Convert YOLO label folders or Pascal VOC XML to a COCO instances JSON.
+
+    detr convert yolo data/yolo data/yolo.json      # file names relative to data/: use the JSON as it is
+    detr convert voc VOC2012 elsewhere/voc.json     # images outside the JSON's folder: give --images too
+
+Jobs look a COCO JSON's images up under the JSON's own folder. When the images lie under OUT's folder,
+the file names are written relative to it, so nothing else is needed; otherwise they are relative to the
+images folder (YOLO's ROOT/images, VOC's ROOT/JPEGImages), and the command says to pass it as --images.
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +26,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from pipelines.tools.convert import convert, errors_path_for
+    from pipelines.tools.convert import convert, errors_path_for, images_folder, images_under_json
 
     coco, errors = convert(args.format, args.source, args.out, args.classes)
     print(f"{len(coco['images'])} images, {len(coco['annotations'])} annotations, "
@@ -26,9 +34,12 @@ def run(args: argparse.Namespace) -> int:
     for reason, n in sorted(Counter(e.reason for e in errors).items()):
         print(f"  rejected {reason:24s} {n}")
     print(f"errors table: {errors_path_for(args.out)}")
-    images = args.source.rstrip("/") + ("/images" if args.format == "yolo" else "/JPEGImages")
-    print(f"its file names are relative to {images}: give that as --images (ingest, evaluate, label) or "
-          "data.train_images / data.val_images (training)")
+    images = images_folder(args.format, args.source.rstrip("/"))
+    if images_under_json(images, args.out) is not None:
+        print(f"its file names are relative to its own folder: jobs read {args.out} as it is")
+    else:
+        print(f"its file names are relative to {images}, outside the JSON's folder: give that as --images "
+              "(ingest, evaluate, label) or data.train_images / data.val_images (training)")
     return 0
 
 

@@ -16,8 +16,9 @@ validates and resizes with the model's own evaluation transform. The twelve stan
 per-class AP go to an MLflow run of their own, tagged with the model (name,
 version, run) and the dataset's content digest, with a per-class table and a
 precision-recall plot as artifacts. An evaluation of the same registered model
-version on data with the same digest is reused instead of recomputed (unless
-`--force`).
+version on data with the same digest (and at the same evaluation size) is reused instead of recomputed
+(unless `--force`). `--eval-size` evaluates at another shorter side than the model's own (the
+speed/accuracy trade); the size is a param and tag of the run.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 from detr.config import PANOPTIC_THRESHOLD
 from detr.errors import RaydetrError
-from jobs.cli import module_main
+from jobs.cli import add_eval_size_arguments, module_main
 from jobs.ray_session import connect
 
 EVAL_EXPERIMENT = "raydetr-evaluations"
@@ -40,6 +41,8 @@ TAG_MODEL_NAME = "raydetr.model_name"
 TAG_MODEL_VERSION = "raydetr.model_version"
 TAG_MODEL_URI = "raydetr.model_uri"
 TAG_TASK = "raydetr.task"
+TAG_EVAL_SIZE = "raydetr.eval_size"
+"""Shorter x longer side images were evaluated at, e.g. "800x1333"; runs from before it are at the model's own."""
 TASKS = ("detection", "panoptic")
 HEADLINE = {"detection": "AP", "panoptic": "PQ"}
 """The number each evaluation task tags the model version with."""
@@ -50,6 +53,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="labelled source: COCO JSON, YOLO/VOC folder, Parquet")
     parser.add_argument("--images", help="image folder of a COCO JSON when it is not the JSON's folder")
     parser.add_argument("--batch-size", type=int, default=4)
+    add_eval_size_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=1, help="model actors (each loads the model once)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--experiment", default=EVAL_EXPERIMENT)
@@ -76,10 +80,20 @@ class EvalResult:
     reused: bool = False
     categories: list[dict] = field(default_factory=list)
     task: str = "detection"
+    eval_size: str = ""
+    """Shorter x longer side the images were resized to ("800x1333")."""
+    own_size: bool = True
+    """Whether that is the model's own evaluation size."""
 
 
-def find_evaluation(tracking_uri: str, model_name: str, version: str, digest: str, task: str = "detection"):
-    """The latest finished evaluation run of this model version on data with this digest, or None."""
+def size_text(transforms) -> str:
+    return f"{transforms.eval_size}x{transforms.eval_max_size}"
+
+
+def find_evaluation(tracking_uri: str, model_name: str, version: str, digest: str, task: str = "detection",
+                    eval_size: str = "", own_size: str = ""):
+    """The latest finished evaluation run of this model version on data with this digest at this evaluation
+    size (runs without a size were at the model's own, `own_size`), or None."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -93,7 +107,8 @@ def find_evaluation(tracking_uri: str, model_name: str, version: str, digest: st
         query += f" and tags.`{TAG_TASK}` = '{task}'"
     runs = client.search_runs(experiments, query, order_by=["attributes.start_time DESC"], max_results=20)
     # Runs from before tasks existed carry no task tag: they are detection evaluations.
-    runs = [r for r in runs if r.data.tags.get(TAG_TASK, "detection") == task]
+    runs = [r for r in runs if r.data.tags.get(TAG_TASK, "detection") == task
+            and r.data.tags.get(TAG_EVAL_SIZE, own_size) == eval_size]
     return runs[0] if runs else None
 
 
@@ -106,13 +121,14 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
 
     panoptic = result.task == "panoptic"
     tags = {TAG_JOB: "evaluate", TAG_DIGEST: result.digest, TAG_MODEL_URI: model.uri, TAG_MODEL_NAME: model.name,
-            TAG_MODEL_VERSION: model.version, "raydetr.model_run_id": model.run_id, "raydetr.data_source": data}
+            TAG_MODEL_VERSION: model.version, "raydetr.model_run_id": model.run_id, "raydetr.data_source": data,
+            TAG_EVAL_SIZE: result.eval_size}
     if panoptic:
         tags[TAG_TASK] = "panoptic"
     prefix = "panoptic-eval" if panoptic else "eval"
     run = TrackedRun.start(tracking_uri, experiment, f"{prefix}-{model.name}-v{model.version or 'file'}", tags=tags)
     run.log_params({"model": model.uri, "data": data, "dataset_digest": result.digest, "images": result.images,
-                    **({"task": "panoptic"} if panoptic else {})})
+                    "eval_size": result.eval_size, **({"task": "panoptic"} if panoptic else {})})
     headline = HEADLINE[result.task]
     names = {int(c["id"]): str(c["name"]) for c in result.categories}
     per_class = {f"{headline}_class/{names.get(k, k)}": v[headline] for k, v in result.per_class.items()}
@@ -128,8 +144,9 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
     if model.version:
         from mlflow.tracking import MlflowClient
 
+        size = "" if result.own_size else f"{result.eval_size}."
         MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_model_version_tag(
-            model.name, model.version, f"raydetr.eval.{result.digest[:12]}.{headline}",
+            model.name, model.version, f"raydetr.eval.{result.digest[:12]}.{size}{headline}",
             f"{result.metrics[headline]:.6f}")
     return run.run_id
 
@@ -149,10 +166,14 @@ def evaluate(
     task: str = "detection",
     panoptic_threshold: float = PANOPTIC_THRESHOLD,
     allow_outside_paths: bool = False,
+    eval_size: int | None = None,
+    eval_max_size: int | None = None,
 ) -> EvalResult:
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
     if task not in TASKS:
         raise RaydetrError(f"unknown task {task!r}; choose from {TASKS}")
+    if eval_max_size is not None and eval_size is None:
+        raise RaydetrError("--eval-max-size needs --eval-size")
     from jobs.model_sources import check_model_spec
     from pipelines.sources import open_source
 
@@ -177,20 +198,23 @@ def evaluate(
     if task == "panoptic" and not loaded.masks:
         raise RaydetrError(f"--task panoptic needs a model with masks; {model_spec} has none (DETRConfig.masks)")
     model = loaded.resolved
+    transforms = loaded.transforms if eval_size is None else loaded.transforms.at_eval_size(eval_size, eval_max_size)
+    sized = {"eval_size": size_text(transforms), "own_size": transforms == loaded.transforms}
     connect(address)
     digest = dataset_digest(source)
     if task == "panoptic" and not source.is_panoptic:
         raise RaydetrError(f"{data}: --task panoptic needs a COCO panoptic dataset (a JSON with segments_info)")
     if reuse and log_to_mlflow and model.version:
-        previous = find_evaluation(uri, model.name, model.version, digest.digest, task)
+        previous = find_evaluation(uri, model.name, model.version, digest.digest, task, sized["eval_size"],
+                                   size_text(loaded.transforms))
         if previous is not None:
             names = STAT_NAMES if task == "detection" else PANOPTIC_STAT_NAMES
             metrics = {k: previous.data.metrics[k] for k in names if k in previous.data.metrics}
             return EvalResult(metrics, {}, digest.digest, digest.images, previous.info.run_id, reused=True,
-                              categories=source.categories or [], task=task)
+                              categories=source.categories or [], task=task, **sized)
 
     checkpoint = ray.put(loaded.checkpoint)  # actors on any node load the model from the object store
-    dataset = build_detection_dataset(source, train=False, transforms=loaded.transforms, seed=0, shuffle=False)
+    dataset = build_detection_dataset(source, train=False, transforms=transforms, seed=0, shuffle=False)
     options = {"batch_size": batch_size, "concurrency": concurrency}
     if task == "panoptic":
         scores = score_panoptic(dataset, source, checkpoint, panoptic_threshold, **options)
@@ -201,7 +225,7 @@ def evaluate(
     if scores.rejected:
         print(scores.rejected, flush=True)
     result = EvalResult(scores.metrics, scores.per_class, digest.digest, scores.images,
-                        categories=list(categories), task=task)
+                        categories=list(categories), task=task, **sized)
     if log_to_mlflow:
         result.run_id = _log_evaluation(uri, experiment, model, data, result, scores)
     return result
@@ -209,7 +233,7 @@ def evaluate(
 
 def format_result(result: EvalResult) -> str:
     names = {int(c["id"]): str(c["name"]) for c in result.categories}
-    lines = [f"dataset digest {result.digest} ({result.images} images)"
+    lines = [f"dataset digest {result.digest} ({result.images} images at {result.eval_size})"
              + (f"; reused evaluation run {result.run_id}" if result.reused else "")]
     lines += [f"  {name:<10} {value:7.4f}" for name, value in result.metrics.items()]
     if result.per_class and result.task == "panoptic":
@@ -225,11 +249,18 @@ def format_result(result: EvalResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.model_sources import check_model_spec
+    from jobs.tracking import resolve_tracking_uri
+
+    check_model_spec(args.model)  # a missing file is the one line printed
+    if not args.no_mlflow or args.model.startswith(("models:/", "runs:/")):
+        print(f"MLflow: {resolve_tracking_uri(args.tracking_uri)}", flush=True)  # which store, said first
     result = evaluate(args.model, args.data, images=args.images, batch_size=args.batch_size,
                       concurrency=args.concurrency, tracking_uri=args.tracking_uri, experiment=args.experiment,
                       log_to_mlflow=not args.no_mlflow, reuse=not args.force, address=args.address,
                       task=args.task, panoptic_threshold=args.panoptic_threshold,
-                      allow_outside_paths=args.allow_outside_paths)
+                      allow_outside_paths=args.allow_outside_paths, eval_size=args.eval_size,
+                      eval_max_size=args.eval_max_size)
     print(format_result(result))
     return 0
 

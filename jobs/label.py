@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from detr.errors import RaydetrError
-from jobs.cli import module_main
+from jobs.cli import add_eval_size_arguments, module_main
 from pipelines.labelling.options import PRECISIONS, LabelOptions
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="keep detections scoring above this (default: the model's: 0.5 for softmax scores, 0.2 "
                              "for a focal-loss model's sigmoid scores; 0 keeps every query)")
     parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="at most this many detections per image")
+    add_eval_size_arguments(parser)
     parser.add_argument("--classes", help="keep only these classes: names or ids, comma separated (person,car,3)")
     parser.add_argument("--coco-json", metavar="FILE", help="also write every detection as a COCO results JSON")
     parser.add_argument("--coco-panoptic-json", metavar="FILE",
@@ -176,7 +177,8 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     from pipelines.labelling.writer import ChunkWriter, ModelIdentity
 
     loaded, detector = load_detector(model, tracking_uri)
-    options = options.for_model(default_score_threshold(detector.model.config))
+    options = options.for_model(default_score_threshold(detector.model.config), loaded.transforms)
+    transforms = options.transforms(loaded.transforms)
     check_task(options, loaded, model, coco_panoptic_json)
     options = dataclasses.replace(options, classes=parse_classes(classes, loaded.categories)) if classes else options
     gpus = _gpus_per_actor(options.gpus_per_actor)
@@ -184,8 +186,9 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
 
     out = LabelOutput(output)
     label_run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    manifest = ManifestRun.start(out, loaded.identity(), options.row_settings(), source.kind, label_run=label_run,
-                                 input=input_path, model_uri=loaded.resolved.uri)
+    own_size = {"eval_size": loaded.transforms.eval_size, "eval_max_size": loaded.transforms.eval_max_size}
+    manifest = ManifestRun.start(out, loaded.identity(), options.row_settings(), source.kind, own_size,
+                                 label_run=label_run, input=input_path, model_uri=loaded.resolved.uri)
     removed = out.remove_temporaries()
     committed = out.scan()
 
@@ -200,7 +203,7 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
 
     def label_source(source, listings: dict) -> None:
         nonlocal first_rows_seconds, first_rows
-        dataset = build_label_dataset(source, loaded.checkpoint, loaded.transforms, options, done, gpus, listings,
+        dataset = build_label_dataset(source, loaded.checkpoint, transforms, options, done, gpus, listings,
                                       labelled, contents)
         for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             if first_rows_seconds is None:
@@ -265,12 +268,17 @@ def format_result(result: LabelResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model.startswith(("models:/", "runs:/")):
+        from jobs.tracking import resolve_tracking_uri
+
+        print(f"MLflow registry: {resolve_tracking_uri(args.tracking_uri)}", flush=True)  # which store, said first
     options = LabelOptions(
         task=args.task, panoptic_threshold=args.panoptic_threshold, score_threshold=args.score_threshold,
         top_k=args.top_k, precision=args.precision, batch_size=args.batch_size,
         concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
         rows_per_file=args.rows_per_file, commit_seconds=args.commit_seconds, draw=args.draw,
         max_pixels=args.max_pixels, allow_outside_paths=args.allow_outside_paths,
+        eval_size=args.eval_size, eval_max_size=args.eval_max_size,
     )
     result = label(args.model, args.input, args.output, options, classes=args.classes, kind=args.kind,
                    images=args.images, coco_json=args.coco_json, coco_panoptic_json=args.coco_panoptic_json,

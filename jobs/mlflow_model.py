@@ -26,9 +26,10 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def signature(panoptic: bool = False, score_threshold: float = 0.5):
+def signature(panoptic: bool = False, score_threshold: float = 0.5, eval_size: int = 800):
     """The pyfunc's signature; a panoptic model (with masks) adds the `segments` column (JSON); the score
-    threshold's default is the model's (`detr.default_score_threshold`)."""
+    threshold's and the evaluation size's defaults are the model's (`detr.default_score_threshold`, its
+    evaluation transform's shorter side; `eval_max_size` 0: the model's ratio to the shorter side)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -43,7 +44,8 @@ def signature(panoptic: bool = False, score_threshold: float = 0.5):
         *([ColSpec(DataType.string, "segments")] if panoptic else []),
         ColSpec(DataType.string, "error"),
     ])
-    params = [ParamSpec("score_threshold", DataType.double, score_threshold), ParamSpec("top_k", DataType.long, 100)]
+    params = [ParamSpec("score_threshold", DataType.double, score_threshold), ParamSpec("top_k", DataType.long, 100),
+              ParamSpec("eval_size", DataType.long, eval_size), ParamSpec("eval_max_size", DataType.long, 0)]
     if panoptic:
         params.append(ParamSpec("panoptic_threshold", DataType.double, PANOPTIC_THRESHOLD))
     params = ParamSchema(params)
@@ -77,12 +79,14 @@ def log_detector_model(
     import mlflow
 
     from detr.checkpoint import read_checkpoint_file
-    from jobs.tracking import tracking_store
-
     from detr.config import DETRConfig
     from detr.postprocess import default_score_threshold
+    from jobs.tracking import tracking_store
+    from pipelines.inference.detector import transforms_from_metadata
 
-    config = DETRConfig.from_dict(read_checkpoint_file(str(checkpoint_path))["config"])
+    saved = read_checkpoint_file(str(checkpoint_path))
+    config = DETRConfig.from_dict(saved["config"])
+    eval_size = transforms_from_metadata((saved.get("metadata") or {}).get("transforms")).eval_size
     panoptic = bool(config.masks)
     with tracking_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         return mlflow.pyfunc.log_model(
@@ -90,7 +94,7 @@ def log_detector_model(
             python_model=str(PYFUNC_FILE),
             artifacts={"checkpoint": str(checkpoint_path)},
             code_paths=[str(p) for p in CODE_PATHS],
-            signature=signature(panoptic, default_score_threshold(config)),
+            signature=signature(panoptic, default_score_threshold(config), eval_size),
             input_example=input_example(),
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,

@@ -6,7 +6,9 @@ and returns one row per input row: `boxes` (xyxy in the image's pixels),
 `scores`, `labels` (category ids), `label_names`, `width`, `height`, and
 `error` (empty, or why the image could not be read: the other rows still come
 back). Params: `score_threshold` (default: the model's, `detr.default_score_threshold`: 0.5 for softmax
-scores, 0.2 for a focal-loss model's sigmoid scores) and `top_k` (default 100).
+scores, 0.2 for a focal-loss model's sigmoid scores), `top_k` (default 100), and `eval_size` /
+`eval_max_size`: the shorter side images are resized to and the longer side's cap (default: the model's
+own; `eval_max_size` 0 keeps the model's ratio), to trade accuracy for speed.
 A model with masks (panoptic) also returns `segments`: a JSON list per image of
 {"id", "category_id", "label_name", "isthing", "area", "score", "bbox", "rle"}
 (COCO RLE of the segment's pixels), from the panoptic merge with param
@@ -30,6 +32,19 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         from pipelines.inference.detector import Detector
 
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"])
+        self.sized = {}
+
+    def detector_at(self, size: int, max_size: int):
+        """The detector at this evaluation size (the same model; kept per size asked)."""
+        import dataclasses
+
+        own = self.detector.transforms
+        if (size, max_size or own.eval_max_size) == (own.eval_size, own.eval_max_size):
+            return self.detector
+        if (size, max_size) not in self.sized:
+            transforms = own.at_eval_size(size, max_size or None)
+            self.sized[(size, max_size)] = dataclasses.replace(self.detector, transforms=transforms)
+        return self.sized[(size, max_size)]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from pipelines.storage import read_bytes
@@ -41,6 +56,8 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
 
         threshold = float(params.get("score_threshold", default_score_threshold(self.detector.model.config)))
         top_k = int(params.get("top_k", 100))
+        detector = self.detector_at(int(params.get("eval_size", self.detector.transforms.eval_size)),
+                                    int(params.get("eval_max_size", 0)))
         panoptic = bool(self.detector.model.config.masks)
         columns = ["boxes", "scores", "labels", "label_names", "width", "height", "error"]
         if panoptic:
@@ -63,12 +80,12 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
                     data = read_bytes(path)
                 decoded = decode_image(bytes(data), path if isinstance(path, str) else "")
                 if panoptic:
-                    result = segment_images(self.detector, [decoded.array],
+                    result = segment_images(detector, [decoded.array],
                                             float(params.get("panoptic_threshold", PANOPTIC_THRESHOLD)))[0]
                     det = result["detections"]
                     out["segments"] = json.dumps(result["segments"])
                 else:
-                    det = self.detector.detect([decoded.array])[0]
+                    det = detector.detect([decoded.array])[0]
                 keep = det["scores"] > threshold
                 order = det["scores"][keep].argsort(descending=True)[:top_k]
                 labels = det["labels"][keep][order].tolist()

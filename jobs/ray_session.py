@@ -5,21 +5,24 @@ import math
 import os
 
 
-def connect(address: str | None = None, num_cpus: float | None = None) -> None:
+def connect(address: str | None = None, num_cpus: float | None = None, quiet: bool = False) -> None:
     """`address` None: RAY_ADDRESS or a new local instance; "auto": the running cluster. A new local instance
     gets at least `num_cpus` logical CPUs (a job's workers plus its data pipeline), however few cores the
-    machine has: they share the cores rather than wait forever for one."""
+    machine has: they share the cores rather than wait forever for one. `quiet`: the cluster's processes'
+    output stays in its logs (`ray logs`, the dashboard) and Ray's own warnings are not printed: the job
+    prints what matters itself."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    output = {"logging_level": "error" if quiet else "warning", "log_to_driver": not quiet}
     if address:
-        ray.init(address=address, logging_level="warning")
+        ray.init(address=address, **output)
     else:
         cpus = max(os.cpu_count() or 1, int(math.ceil(num_cpus or 0)))
-        ray.init(include_dashboard=False, logging_level="warning", num_cpus=cpus)
+        ray.init(include_dashboard=False, num_cpus=cpus, **output)
 
 
 def restore_working_directory() -> None:

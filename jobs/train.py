@@ -38,6 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", help="start from these weights: official or raydetr checkpoint, "
                         "or an MLflow model URI (models:/name@alias, runs:/id/model)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's and the workers' own output (by default they stay in the cluster's "
+                             "logs and the job prints a progress line per log_every_steps steps and per epoch)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the whole resolved config (defaults < recipe < file < --set) and exit")
 
@@ -176,8 +179,9 @@ def _log_detection_images(run, detector_checkpoint: str, val_source: str | None,
         written += 1
 
 
-def train(config, *, address: str | None = None, pid_dir: str | None = None) -> TrainResult:
-    """Run a training job end to end; returns where everything went."""
+def train(config, *, address: str | None = None, pid_dir: str | None = None, verbose: bool = False) -> TrainResult:
+    """Run a training job end to end; returns where everything went. Unless `verbose`, Ray's and the
+    workers' output stays in the cluster's logs and the job prints its own progress lines."""
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from pipelines.sources import open_source
     from pipelines.storage import check_reachable
@@ -211,13 +215,14 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
     from jobs.config_files import flatten, to_plain
     from jobs.mlflow_model import log_detector_model
     from jobs.train_loop import train_loop_per_worker
+    from jobs.train_progress import ProgressQueue
     from pipelines import storage
     from pipelines.inference.detector import transforms_to_metadata
     from pipelines.placement import nodes_that_cannot_see
     from pipelines.training.dataset import build_detection_dataset
     from pipelines.training.transforms import TransformsConfig
 
-    connect(address, num_cpus=training_cpus(config.scaling))  # a local Ray gets enough logical CPUs for it
+    connect(address, num_cpus=training_cpus(config.scaling), quiet=not verbose)  # enough logical CPUs for it
     check_training_fits(config.scaling, ray_cluster_cpus())
     blind = nodes_that_cannot_see(config.storage.path)
     if blind:
@@ -273,6 +278,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         "init_state": init_state,
         "pid_dir": pid_dir,
         "epoch_clock": train_data.clock,  # each epoch's augmentation seed, set by the workers
+        "progress": ProgressQueue(),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -294,7 +300,8 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None) -> 
         dataset_config=DataConfig(datasets_to_split="all"),
     )
     try:
-        result = trainer.fit()
+        with loop_config["progress"].printing():
+            result = trainer.fit()
     except BaseException:
         run.finish("FAILED")
         raise
@@ -357,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(resolved_config_text(config), end="")
         return 0
-    result = train(config, address=args.address)
+    result = train(config, address=args.address, verbose=args.verbose)
     ap = result.metrics.get("val_AP")
     print(f"training finished: MLflow run {result.run_id}; best checkpoint {result.checkpoint_dir}")
     if ap is not None and not math.isnan(ap):

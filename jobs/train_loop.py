@@ -13,6 +13,9 @@ and at the end of the epoch:
 3. rank 0 logs the epoch's metrics to the job's MLflow run. A resumed run never
    logs a step twice: it starts after the last step MLflow already holds.
 
+Rank 0 also sends the driver a progress line every `schedule.log_every_steps` steps and per epoch
+(`jobs.train_progress`).
+
 Workers stay in lock step even when their shards differ in length: before each
 step they agree (one all-reduce) to stop as soon as any of them runs out.
 """
@@ -42,6 +45,7 @@ from detr.training_checkpoint import (Progress, TrainingParts, load_training_che
 from detr.weights import load_weights
 from jobs.config_files import build_dataclass
 from jobs.train_config import TrainJobConfig
+from jobs.train_progress import Clock, Reporter
 
 VAL_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100")
 """Validation's COCO numbers; with masks it also reports PQ (`PANOPTIC_STAT_NAMES`) at evaluation size."""
@@ -152,6 +156,15 @@ class Trainer:
 
             self.run = TrackedRun(self.tracking_uri, self.run_id)
             self.logged_until = {"step": self.run.last_step("train_loss"), "epoch": self.run.last_step("epoch")}
+        self.reporter = None
+        if self.rank == 0 and loop_config.get("progress") is not None:
+            schedule = self.job.schedule
+            budget = schedule.time_budget_minutes * 60 if schedule.time_budget_minutes is not None else None
+            self.reporter = Reporter(loop_config["progress"], Clock(schedule.epochs, budget, self.start_epoch,
+                                                                    step_cap=schedule.max_steps_per_epoch))
+            if self.start_epoch:
+                self.reporter.queue.put(f"resumed from the checkpoint after epoch {self.start_epoch} (step "
+                                        f"{self.global_step})")
         if self.pid_dir:  # lets tests and operators find (and kill) a worker process
             os.makedirs(self.pid_dir, exist_ok=True)
             with open(os.path.join(self.pid_dir, f"rank{self.rank}.pid"), "w") as f:
@@ -228,6 +241,10 @@ class Trainer:
             steps += 1
             self.global_step += 1
             metrics.add(self.global_step, step_metrics)
+            if self.reporter is not None and metrics.rows and metrics.rows[-1][0] == self.global_step:
+                seconds = time.perf_counter() - start  # a window of log_every_steps steps just closed
+                self.reporter.step(epoch, self.global_step, steps, metrics.rows[-1][1]["train_loss"],
+                                   images * self.world_size / max(seconds, 1e-9), seconds, self.train_seconds)
         metrics.flush()
         elapsed = time.perf_counter() - start
         total_images, total_time = _sum_across_workers([images, elapsed], self.device)
@@ -332,6 +349,8 @@ class Trainer:
                 if self.model_config.masks:
                     metrics["val_PQ"] = float("nan")
             self._log(epoch, metrics)
+            if self.reporter is not None:
+                self.reporter.epoch_end(epoch, metrics, self.train_seconds, last)
             rng = _gather_to_rank0(rng_state(), self.world_size, self.rank)
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None

@@ -153,6 +153,20 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (against this process's working directory, which Ray's workers do not
+    share); URIs and None as they are."""
+    if path is None or has_scheme(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def parent(path: str) -> str:
+    """The folder a file's path or URI names it in ("." for a bare file name): where a COCO JSON's images are
+    looked up by default."""
+    return path.rsplit("/", 1)[0] if "/" in path else "."
+
+
 def is_glob(path: str) -> bool:
     return any(c in _GLOB_CHARS for c in path)
 

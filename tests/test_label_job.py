@@ -8,6 +8,7 @@ that the detections equal a direct `Detector` call on the same decoded image
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -66,11 +67,15 @@ def synthetic_images(folder: Path, n: int, seed: int) -> list[Path]:
 
 
 def expected_detections(checkpoint: str, data: bytes, key: str, threshold: float, top_k: int | None,
-                        classes: set[int] | None = None) -> dict:
+                        classes: set[int] | None = None, eval_size: int | None = None) -> dict:
     """The reference: decode the file, one `Detector.detect` call on it alone with the model as trained (not
-    the inference copy the job's actors run: folded norms, channels-last), then the class filter and top-k."""
+    the inference copy the job's actors run: folded norms, channels-last), at the model's evaluation size or
+    `eval_size`, then the class filter and top-k."""
     image = decode_image(data, key).array
-    det = Detector.from_checkpoint(checkpoint, score_threshold=threshold, optimize=False).detect([image])[0]
+    detector = Detector.from_checkpoint(checkpoint, score_threshold=threshold, optimize=False)
+    if eval_size is not None:
+        detector = dataclasses.replace(detector, transforms=detector.transforms.at_eval_size(eval_size))
+    det = detector.detect([image])[0]
     keep = [i for i in det["scores"].argsort(descending=True).tolist()
             if classes is None or int(det["labels"][i]) in classes][:top_k]
     boxes = clip_boxes_to_image(det["boxes"][keep], image.shape[:2])  # a labelled box lies in its image
@@ -79,12 +84,12 @@ def expected_detections(checkpoint: str, data: bytes, key: str, threshold: float
 
 
 def assert_rows_match_direct_calls(rows: list[dict], read, checkpoint: str, threshold: float, top_k: int | None,
-                                   classes: set[int] | None = None) -> int:
+                                   classes: set[int] | None = None, eval_size: int | None = None) -> int:
     """Each row equals the reference for its image; returns the number of detections compared."""
     compared = 0
     for row in rows:
         data = read(row["key"])
-        want = expected_detections(checkpoint, data, row["key"], threshold, top_k, classes)
+        want = expected_detections(checkpoint, data, row["key"], threshold, top_k, classes, eval_size)
         assert (row["height"], row["width"]) == want["shape"], row["key"]
         assert row["content_hash"] == hashlib.sha256(data).hexdigest()
         assert row["labels"] == want["labels"], row["key"]
@@ -133,7 +138,8 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     manifest = LabelOutput(out).read_manifest()
     assert manifest["status"] == "complete" and manifest["settings"] == {"task": "detection", "score_threshold": 0.2,
                                                                          "top_k": 5, "classes": None,
-                                                                         "precision": "float32"}
+                                                                         "precision": "float32", "eval_size": 128,
+                                                                         "eval_max_size": 213}
     assert manifest["totals"]["images_labelled"] == 16 and manifest["totals"]["detections"] == compared
     run = manifest["runs"][-1]
     assert 0 < run["first_rows_seconds"] <= run["seconds"]  # start-up, then the steady rate after it, when rows
@@ -153,9 +159,11 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     assert {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.parquet")} == before
     assert len(LabelOutput(out).read_manifest()["runs"]) == 2
 
-    # Another threshold into the same output is refused, with the reason.
+    # Another threshold or evaluation size into the same output is refused, with the reason.
     assert detr_cli([*argv[:7], "--score-threshold", "0.5"]) == 1
     assert "score_threshold 0.2 (now 0.5)" in capsys.readouterr().err
+    assert detr_cli([*argv, "--eval-size", "96"]) == 1
+    assert "eval_size 128 (now 96)" in capsys.readouterr().err
 
 
 def write_tar(path: Path, images: list[Path]) -> list[str]:
@@ -171,7 +179,7 @@ def write_tar(path: Path, images: list[Path]) -> list[str]:
     return sorted(f"{path}!{name}" for name, _ in members)
 
 
-def test_label_a_tar_archive_with_a_class_filter(ray_cluster, checkpoint, tmp_path):
+def test_label_a_tar_archive_with_a_class_filter_at_a_smaller_size(ray_cluster, checkpoint, tmp_path):
     from jobs.label import label
     from pipelines.labelling.options import LabelOptions
 
@@ -179,7 +187,8 @@ def test_label_a_tar_archive_with_a_class_filter(ray_cluster, checkpoint, tmp_pa
     archive = tmp_path / "batch.tar"
     keys = write_tar(archive, images)
     out = str(tmp_path / "out")
-    options = LabelOptions(score_threshold=0.0, top_k=4, batch_size=4, concurrency=2)
+    # The model evaluates at 128 px (shorter side); this run at 96, as a user trades accuracy for speed.
+    options = LabelOptions(score_threshold=0.0, top_k=4, batch_size=4, concurrency=2, eval_size=96)
     result = label(checkpoint, str(archive), out, options, classes="circle,3")
     assert (result.counts.labelled, result.counts.errors) == (12, 3)
     labels, errors = committed_keys(out)
@@ -188,8 +197,14 @@ def test_label_a_tar_archive_with_a_class_filter(ray_cluster, checkpoint, tmp_pa
 
     members = {f"{archive}!photos/{p.name}": p.read_bytes() for p in images}
     rows = LabelOutput(out).read(LABELS).to_pylist()
-    compared = assert_rows_match_direct_calls(rows, members.__getitem__, checkpoint, 0.0, 4, classes={1, 3})
+    compared = assert_rows_match_direct_calls(rows, members.__getitem__, checkpoint, 0.0, 4, classes={1, 3},
+                                              eval_size=96)
     assert compared > 0 and {label for r in rows for label in r["labels"]} <= {1, 3}
+    assert LabelOutput(out).read_manifest()["settings"]["eval_size"] == 96
+    key, data = next(iter(members.items()))
+    at_own_size = expected_detections(checkpoint, data, key, 0.0, 4, {1, 3})["boxes"]
+    boxes = np.asarray(next(r for r in rows if r["key"] == key)["boxes"]).reshape(-1, 4)
+    assert boxes.shape != at_own_size.shape or not np.allclose(boxes, at_own_size, atol=1e-3)  # the size mattered
     unfiltered = {label for k, d in members.items() for label in expected_detections(checkpoint, d, k, 0.0, 4)["labels"]}
     assert unfiltered - {1, 3}  # the model's best four include other classes: the filter removed them
 

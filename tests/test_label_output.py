@@ -163,6 +163,33 @@ def test_manifest_refuses_another_model_or_other_settings():
         check_compatible(manifest, model, LabelOptions(score_threshold=0.7).row_settings(), "out")
 
 
+def test_the_evaluation_size_is_the_models_unless_given_and_a_resumed_output_keeps_it():
+    from pipelines.training.transforms import TransformsConfig
+
+    small = TransformsConfig.small()  # evaluates at 128, longer side at most 213
+    assert (small.at_eval_size(96).eval_size, small.at_eval_size(96).eval_max_size) == (96, 160)  # the ratio kept
+    assert small.at_eval_size(96, 120).eval_max_size == 120
+    with pytest.raises(ValueError, match="evaluation size 0"):
+        small.at_eval_size(0)
+    with pytest.raises(ValueError, match="eval_max_size needs eval_size"):
+        LabelOptions(eval_max_size=300)
+    own = LabelOptions().for_model(0.5, small)
+    assert (own.eval_size, own.eval_max_size) == (128, 213) and own.transforms(small) == small
+    smaller = LabelOptions(eval_size=96).for_model(0.5, small)
+    assert smaller.row_settings()["eval_size"] == 96 and smaller.transforms(small).eval_max_size == 160
+
+    model = {"name": "m", "version": "1", "run_id": "r", "sha256": "aa"}
+    check_compatible(new_manifest(model, own.row_settings()), model, own.row_settings(), "out")
+    with pytest.raises(ValueError, match="eval_size 128 \\(now 96\\)"):
+        check_compatible(new_manifest(model, own.row_settings()), model, smaller.row_settings(), "out")
+    # An output labelled before the size was recorded was labelled at the model's own size.
+    legacy = new_manifest(model, {k: v for k, v in own.row_settings().items() if not k.startswith("eval_")})
+    own_size = {"eval_size": 128, "eval_max_size": 213}
+    check_compatible(legacy, model, own.row_settings(), "out", own_size)
+    with pytest.raises(ValueError, match="eval_size 128 \\(now 96\\)"):
+        check_compatible(legacy, model, smaller.row_settings(), "out", own_size)
+
+
 def test_classes_by_name_or_id_and_clear_errors():
     categories = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
     assert parse_classes("Person, 3", categories) == (1, 3)

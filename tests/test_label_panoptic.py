@@ -155,10 +155,11 @@ def test_writer_writes_each_png_before_its_row_is_committed_and_resumes(tmp_path
 
 def test_the_task_is_a_row_setting_a_rerun_must_keep():
     model = {"name": "m", "version": "1", "run_id": "r", "sha256": "aa"}
-    detection = LabelOptions().for_model(0.5).row_settings()  # as the job records them: the model's threshold
-    panoptic = LabelOptions(task="panoptic").for_model(0.5).row_settings()
+    # As the job records them: the model's threshold and evaluation size.
+    detection = LabelOptions().for_model(0.5, TransformsConfig.small()).row_settings()
+    panoptic = LabelOptions(task="panoptic").for_model(0.5, TransformsConfig.small()).row_settings()
     assert detection == {"task": "detection", "score_threshold": 0.5, "top_k": None, "classes": None,
-                         "precision": "float32"}
+                         "precision": "float32", "eval_size": 128, "eval_max_size": 213}
     assert panoptic == {**detection, "task": "panoptic", "panoptic_threshold": 0.85}
     with pytest.raises(ValueError, match="task 'detection' \\(now 'panoptic'\\)"):
         check_compatible(new_manifest(model, detection), model, panoptic, "out")
@@ -168,7 +169,8 @@ def test_the_task_is_a_row_setting_a_rerun_must_keep():
         check_compatible(new_manifest(model, panoptic), model,
                          LabelOptions(task="panoptic", panoptic_threshold=0.5).row_settings(), "out")
     with pytest.raises(ValueError, match="precision 'float32' \\(now 'bfloat16'\\)"):
-        check_compatible(new_manifest(model, detection), model, LabelOptions(precision="bfloat16").row_settings(),
+        check_compatible(new_manifest(model, detection), model,
+                         LabelOptions(precision="bfloat16").for_model(0.5, TransformsConfig.small()).row_settings(),
                          "out")
     # An output labelled before tasks and precisions were recorded holds float32 detections: it resumes as such.
     legacy = new_manifest(model, {k: v for k, v in detection.items() if k not in ("task", "precision")})
@@ -176,7 +178,9 @@ def test_the_task_is_a_row_setting_a_rerun_must_keep():
     with pytest.raises(ValueError, match="task 'detection' \\(now 'panoptic'\\)"):
         check_compatible(legacy, model, panoptic, "out")
     with pytest.raises(ValueError, match="precision 'float32' \\(now 'bfloat16'\\)"):
-        check_compatible(legacy, model, LabelOptions(precision="bfloat16").row_settings(), "out")
+        check_compatible(legacy, model,
+                         LabelOptions(precision="bfloat16").for_model(0.5, TransformsConfig.small()).row_settings(),
+                         "out")
     with pytest.raises(ValueError, match="task must be one of detection, panoptic"):
         LabelOptions(task="instances")
     with pytest.raises(ValueError, match="precision must be one of float32, bfloat16"):

@@ -1,7 +1,8 @@
 """Evaluation, the model registry and promotion against a real MLflow server and a real Ray cluster.
 
-Two models: an untrained one, registered as version 1, and one the training job
-trains with the fast recipe and registers as version 2, so one is clearly better.
+Two models: an untrained one, registered as version 1, and one whose heads are fitted to the
+evaluation images' objects, registered as version 2, so one is clearly better. (The training job's
+own registration: tests/test_train_job.py and the README's commands, tests/test_readme_commands.py.)
 Promotion puts the first in place (no holder), moves the alias to the better
 one, refuses a candidate that fails the gate, records every decision on the
 version, and rollback restores the previous holder. The pyfunc model predicts
@@ -32,7 +33,7 @@ def test_the_gate_decides_on_the_gain():
 
 @pytest.fixture(scope="module")
 def easy_shapes(tmp_path_factory):
-    """Large, isolated shapes of two classes: a few minutes of training find them."""
+    """Large, isolated shapes of two classes, one per image."""
     from jobs.synthetic_data import SyntheticConfig, write_dataset
 
     out = tmp_path_factory.mktemp("easy-shapes")
@@ -41,37 +42,48 @@ def easy_shapes(tmp_path_factory):
     return write_dataset(str(out), config)
 
 
-def _train(easy_shapes, tmp_path, uri, name, overrides):
-    from jobs.train import train
-    from jobs.train_config import load_train_config
-
-    config = load_train_config(None, [
-        f"data.train={easy_shapes['train']}", f"data.val={easy_shapes['val']}", "data.transforms=small",
-        "scaling.num_workers=2", f"storage.path={tmp_path / 'ray_results'}", f"storage.run_name={name}",
-        f"tracking.uri={uri}", "tracking.experiment=test-registry", f"tracking.registered_model={MODEL}",
-        "schedule.log_images=0", *overrides])
-    return train(config)
-
-
-def _register_untrained(easy_shapes, tmp_path, uri) -> str:
-    """Version 1: a model that has never trained, with the categories and transforms training would record."""
+def _register(easy_shapes, tmp_path, uri, name: str, fitted: bool) -> str:
+    """A version with the categories and transforms training would record: a model that has never trained, or
+    one whose heads are fitted to find the validation images' objects (`fit_heads_to_objects`: clearly
+    better on them; what is tested here is the registry and the gate, not how well a model generalises)."""
     import json
+
+    import torch
+    from PIL import Image
 
     from detr import build_model, save_checkpoint
     from jobs.mlflow_model import log_detector_model
     from jobs.tracking import TrackedRun
     from pipelines.inference.detector import transforms_to_metadata
     from pipelines.training.transforms import TransformsConfig
+    from query_classes import fit_heads_to_objects
 
     with open(easy_shapes["train"]) as f:
         categories = json.load(f)["categories"]
-    checkpoint = save_checkpoint(build_model("tiny", num_classes=3), tmp_path / "untrained.pt", metadata={
-        "categories": categories, "transforms": transforms_to_metadata(TransformsConfig.small())})
-    run = TrackedRun.start(uri, "test-registry", "untrained")
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=3)
+    transforms = TransformsConfig.small()
+    if fitted:
+        with open(easy_shapes["val"]) as f:
+            val = json.load(f)
+        first = {}
+        for a in val["annotations"]:
+            first.setdefault(a["image_id"], a)
+        folder = os.path.dirname(easy_shapes["val"])
+        images, boxes, classes = [], [], []
+        for im in val["images"]:
+            x, y, w, h = first[im["id"]]["bbox"]
+            images.append(np.asarray(Image.open(os.path.join(folder, im["file_name"])).convert("RGB")))
+            boxes.append([(x + w / 2) / im["width"], (y + h / 2) / im["height"], w / im["width"], h / im["height"]])
+            classes.append(first[im["id"]]["category_id"])
+        fit_heads_to_objects(model.eval(), transforms, images, boxes, classes)
+    checkpoint = save_checkpoint(model, tmp_path / f"{name}.pt", metadata={
+        "categories": categories, "transforms": transforms_to_metadata(transforms)})
+    run = TrackedRun.start(uri, "test-registry", name)
     return log_detector_model(uri, run.run_id, checkpoint, registered_model_name=MODEL).registered_model_version
 
 
-def test_train_register_promote_gate_and_rollback(ray_cluster, mlflow_server, easy_shapes, tmp_path):
+def test_register_evaluate_promote_gate_and_rollback(ray_cluster, mlflow_server, easy_shapes, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from jobs.evaluate import evaluate
@@ -79,15 +91,10 @@ def test_train_register_promote_gate_and_rollback(ray_cluster, mlflow_server, ea
     from jobs.registry import alias_history
     from jobs.rollback import rollback
 
-    weak = _register_untrained(easy_shapes, tmp_path, mlflow_server)
-    # A fixed number of steps, not minutes, so a slower machine gets the same model (AP about 0.03 against
-    # the untrained model's 0). One worker leaves a core to the data pipeline; validation only at the end.
-    strong = _train(easy_shapes, tmp_path, mlflow_server, "strong",
-                    ["recipe=fast", "model.preset=tiny", "schedule.epochs=6", "schedule.eval_every=1000",
-                     "data.batch_size=4", "optimizer.warmup_steps=10", "scaling.num_workers=1"])
-    assert (weak, strong.registered_version) == ("1", "2")
+    weak = _register(easy_shapes, tmp_path, mlflow_server, "untrained", fitted=False)
+    strong = _register(easy_shapes, tmp_path, mlflow_server, "fitted", fitted=True)
+    assert (weak, strong) == ("1", "2")
     client = MlflowClient(mlflow_server)
-    assert client.get_model_version(MODEL, "2").tags["raydetr.train_run_id"] == strong.run_id
 
     data = easy_shapes["val"]
     first = promote(MODEL, "1", data, tracking_uri=mlflow_server)
@@ -110,6 +117,12 @@ def test_train_register_promote_gate_and_rollback(ray_cluster, mlflow_server, ea
     # Evaluations of a version on data with the same digest are reused, not recomputed.
     again = evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server)
     assert again.reused and again.metrics["AP"] == pytest.approx(better.candidate_value)
+    # At another evaluation size it is another evaluation, reused in turn at that size.
+    smaller = evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, eval_size=96)
+    assert not smaller.reused and (smaller.eval_size, again.eval_size) == ("96x160", "128x213")
+    assert client.get_run(smaller.run_id).data.params["eval_size"] == "96x160"
+    assert f"raydetr.eval.{smaller.digest[:12]}.96x160.AP" in client.get_model_version(MODEL, "2").tags
+    assert evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, eval_size=96).run_id == smaller.run_id
 
     # The weak model fails the gate against the strong champion: the alias stays.
     refused = promote(MODEL, "1", data, tracking_uri=mlflow_server, min_gain=0.005)
@@ -154,6 +167,9 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, m
     out = loaded.predict(frame, params={"score_threshold": 0.0, "top_k": 5})
     assert list(out["width"][:2]) == [80, 80] and list(out["height"][:2]) == [60, 40]
     assert out["error"][0] == "" and out["error"][1] == "" and "missing.png" in out["error"][2]
+    params = {p.name: p.default for p in loaded.metadata.signature.params.params}
+    assert (params["eval_size"], params["eval_max_size"]) == (800, 0)  # the model's own size (the paper's)
+    smaller = loaded.predict(frame[:1], params={"score_threshold": 0.0, "top_k": 5, "eval_size": 32})
     # A job that loads a registered model downloads it to a temporary folder, and removes it, also when the
     # download fails.
     import tempfile
@@ -175,4 +191,14 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, m
     expected = Detector.from_checkpoint(str(checkpoint)).detect([pixels])[0]
     order = expected["scores"].argsort(descending=True)[:5]
     np.testing.assert_allclose(np.array(list(out["boxes"][0]), dtype=float), expected["boxes"][order].numpy(), atol=1e-3)
+    # At another evaluation size: the same model, preprocessed as a Detector at that size.
+    import dataclasses
+
+    detector = Detector.from_checkpoint(str(checkpoint))
+    at_32 = dataclasses.replace(detector, transforms=detector.transforms.at_eval_size(32)).detect([pixels])[0]
+    order = at_32["scores"].argsort(descending=True)[:5]
+    np.testing.assert_allclose(np.array(list(smaller["boxes"][0]), dtype=float), at_32["boxes"][order].numpy(),
+                               atol=1e-3)
+    assert not np.allclose(np.array(list(smaller["boxes"][0]), dtype=float), expected["boxes"][order].numpy(),
+                           atol=1e-3)
     assert set(out["label_names"][0]) <= {"0", "circle", "square"}

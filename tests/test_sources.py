@@ -42,7 +42,8 @@ def test_yolo_source_and_convert_command(tmp_path, capsys):
     assert detr(["convert", "yolo", str(root), str(out)]) == 0
     coco = json.loads(out.read_text())
     assert [c["name"] for c in coco["categories"]] == ["red", "blue"] and coco["categories"][0]["id"] == 1
-    assert [im["file_name"] for im in coco["images"]] == ["train/a.jpg", "train/b.png"]
+    # The images lie under the JSON's folder: their names are relative to it, so the JSON reads as it is.
+    assert [im["file_name"] for im in coco["images"]] == ["yolo/images/train/a.jpg", "yolo/images/train/b.png"]
     anns = coco["annotations"]
     assert [a["category_id"] for a in anns] == [1, 2]
     np.testing.assert_allclose(anns[0]["bbox"], [8, 10, 16, 10], atol=0.01)
@@ -51,7 +52,15 @@ def test_yolo_source_and_convert_command(tmp_path, capsys):
     # A bad line drops its box, not its image: an annotation-level reason, so images add up.
     assert sorted(e["reason"] for e in errors) == ["malformed_annotation", "unknown_category", "zero_byte"]
     assert any("a.txt:2" in e["detail"] for e in errors)
-    assert "2 images, 2 annotations" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 images, 2 annotations" in printed and "relative to its own folder" in printed
+    converted = list(iter_records(open_source(str(out))))
+    assert [load_record(r, {1, 2})[1] for r in converted] == [[], []]  # both images found and read
+    # Written elsewhere, the names stay relative to the images folder, which the jobs must then be given.
+    elsewhere = tmp_path / "elsewhere" / "coco.json"
+    assert detr(["convert", "yolo", str(root), str(elsewhere)]) == 0
+    assert [im["file_name"] for im in json.loads(elsewhere.read_text())["images"]] == ["train/a.jpg", "train/b.png"]
+    assert f"relative to {root}/images, outside the JSON's folder: give that as --images" in capsys.readouterr().out
     source = open_source(str(root))
     records = list(iter_records(source))
     assert [r["key"] for r in records] == ["train/a.jpg", "train/b.png"] and len(source.planning_errors) == 3

@@ -46,7 +46,7 @@ def metric_steps(client, run_id, key):
 
 
 def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
-        ray_cluster, mlflow_server, shapes, tmp_path):
+        ray_cluster, mlflow_server, shapes, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     # Fine-tune from a COCO-sized checkpoint in the official release layout: the class head is replaced.
@@ -61,6 +61,12 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
                                  tracking=dataclasses.replace(config.tracking, registered_model="shapes-tiny"),
                                  optimizer=dataclasses.replace(config.optimizer, ema_decay=0.5))
     result = train(config)
+    # Rank 0's progress lines reach the driver: one per log_every_steps (1) steps and one per epoch.
+    printed = capsys.readouterr().out
+    steps = [line for line in printed.splitlines() if line.startswith("epoch ") and "  step " in line]
+    assert [line.split("  ")[1] for line in steps] == ["step 1", "step 2", "step 3", "step 4"], printed
+    assert all(" images/s" in line and " left" in line for line in steps)  # 2 steps an epoch: the time left is known
+    assert "epoch 2/2 done  loss " in printed and "  AP " in printed and "  0s left" in printed
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
@@ -100,6 +106,7 @@ def test_two_worker_training_is_tracked_in_mlflow_and_its_checkpoint_restores(
     longer = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, epochs=3))
     resumed = train(longer)
     assert resumed.run_id == result.run_id
+    assert "resumed from the checkpoint after epoch 2 (step 4)" in capsys.readouterr().out
     assert metric_steps(client, result.run_id, "epoch") == [0, 1, 2]
     assert metric_steps(client, result.run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
     # The average goes on from the checkpoint's: the third epoch's checkpoint counts 6 updates.

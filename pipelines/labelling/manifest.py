@@ -2,7 +2,7 @@
 
 A re-run into an existing output must use the same model (name, version, run id
 and the checkpoint's sha256) and the same row settings (task, threshold, top-k,
-classes, precision, panoptic threshold); otherwise the dataset would mix rows that mean
+classes, precision, evaluation size, panoptic threshold); otherwise the dataset would mix rows that mean
 different things, so the job refuses with a message that says what differs.
 
 `manifest.json` is created once, by the first run, and never rewritten, so that
@@ -25,7 +25,8 @@ before lack this field: their keys are paths as they were typed."""
 PATH_KEYED_KINDS = ("folder", "archive")
 
 # What a setting was before the manifest recorded it: outputs made before tasks existed hold detections,
-# and before precisions existed, float32 ones.
+# and before precisions existed, float32 ones. Model-dependent ones (the evaluation size: the model's own)
+# come from the job as `model_defaults`.
 SETTING_DEFAULTS = {"task": "detection", "precision": "float32"}
 
 
@@ -34,8 +35,9 @@ def _now() -> str:
 
 
 def check_compatible(existing: Mapping[str, Any] | None, model: Mapping[str, str], settings: Mapping[str, Any],
-                     where: str) -> None:
-    """Raise ValueError when `where` was labelled with another model or other settings."""
+                     where: str, model_defaults: Mapping[str, Any] | None = None) -> None:
+    """Raise ValueError when `where` was labelled with another model or other settings; `model_defaults`:
+    what a setting an older manifest lacks was for this model (its evaluation size)."""
     if existing is None:
         return
     if existing.get("format") != FORMAT:
@@ -46,8 +48,9 @@ def check_compatible(existing: Mapping[str, Any] | None, model: Mapping[str, str
         if before != now:
             problems.append(f"model {name} {before!r} (now {now!r})")
     recorded = existing["settings"]
+    defaults = {**SETTING_DEFAULTS, **(model_defaults or {})}
     for name in dict.fromkeys([*recorded, *settings]):  # a setting only one side has differs too
-        before, now = recorded.get(name, SETTING_DEFAULTS.get(name)), settings.get(name, SETTING_DEFAULTS.get(name))
+        before, now = recorded.get(name, defaults.get(name)), settings.get(name, defaults.get(name))
         if before != now:
             problems.append(f"{name} {before!r} (now {now!r})")
     if problems:
@@ -82,9 +85,9 @@ class ManifestRun:
 
     @classmethod
     def start(cls, output: LabelOutput, model: Mapping[str, str], settings: Mapping[str, Any], source_kind: str,
-              **entry: Any) -> "ManifestRun":
+              model_defaults: Mapping[str, Any] | None = None, **entry: Any) -> "ManifestRun":
         existing = output.read_base_manifest()
-        check_compatible(existing, model, settings, output.root)
+        check_compatible(existing, model, settings, output.root, model_defaults)
         check_keys(existing, source_kind, output.root)
         if existing is None:
             output.create_manifest(new_manifest(model, settings))

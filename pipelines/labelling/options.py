@@ -1,7 +1,7 @@
 """The labelling job's settings: one dataclass holds every default, and the class filter's parser.
 
 Settings that change what a row says (the task, threshold, top-k, classes, the
-model's precision, and the panoptic threshold of `--task panoptic`) are recorded in the output's
+model's precision and evaluation size, and the panoptic threshold of `--task panoptic`) are recorded in the output's
 manifest; a re-run into the same output must use the same ones, so that every
 row of a dataset means the same thing.
 """
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from detr.config import PANOPTIC_THRESHOLD
 from detr.errors import RaydetrError
 from pipelines.validation.decode import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from pipelines.training.transforms import TransformsConfig
 
 TASKS = ("detection", "panoptic")
 PRECISIONS = ("float32", "bfloat16")  # detr.PRECISIONS, named here so the CLI does not import torch
@@ -29,6 +32,8 @@ class LabelOptions:
     top_k: int | None = None  # then keep at most this many per image, best first
     classes: tuple[int, ...] | None = None  # category ids to keep (None: all)
     precision: str = "float32"  # the model's weights and activations (bfloat16: faster, scores within ~1e-2)
+    eval_size: int | None = None  # shorter side the images are resized to (None: the model's own)
+    eval_max_size: int | None = None  # longer side at most (None: the model's ratio to the shorter side)
     batch_size: int = 8  # images per forward pass
     concurrency: int = 1  # model actors
     cpus_per_actor: float = 1.0  # also the actor's torch threads (at least 1)
@@ -54,17 +59,31 @@ class LabelOptions:
             problems.append(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if self.eval_size is not None and self.eval_size < 1:
+            problems.append(f"eval_size must be >= 1, got {self.eval_size}")
+        if self.eval_max_size is not None and self.eval_size is None:
+            problems.append("eval_max_size needs eval_size")
         if self.draw < 0 or self.commit_seconds < 0:
             problems.append("draw and commit_seconds must be >= 0")
         if problems:
             raise RaydetrError("invalid labelling options: " + "; ".join(problems))
 
-    def for_model(self, default_threshold: float) -> "LabelOptions":
-        """These options with the model's default score threshold where none was given (`detr.
-        default_score_threshold`: lower for sigmoid-scored models), as the manifest records them."""
-        if self.score_threshold is not None:
-            return self
-        return dataclasses.replace(self, score_threshold=default_threshold)
+    def for_model(self, default_threshold: float, transforms: "TransformsConfig | None" = None) -> "LabelOptions":
+        """These options with the model's defaults where none was given, as the manifest records them: its
+        score threshold (`detr.default_score_threshold`: lower for sigmoid-scored models) and, given its
+        `transforms`, the evaluation size the images are labelled at."""
+        options = self if self.score_threshold is not None else dataclasses.replace(
+            self, score_threshold=default_threshold)
+        if transforms is not None:
+            sized = options.transforms(transforms)
+            options = dataclasses.replace(options, eval_size=sized.eval_size, eval_max_size=sized.eval_max_size)
+        return options
+
+    def transforms(self, model_transforms: "TransformsConfig") -> "TransformsConfig":
+        """The model's evaluation transform at this run's evaluation size."""
+        if self.eval_size is None:
+            return model_transforms
+        return model_transforms.at_eval_size(self.eval_size, self.eval_max_size)
 
     @property
     def torch_threads(self) -> int:
@@ -73,7 +92,7 @@ class LabelOptions:
     def row_settings(self) -> dict:
         """The settings that shape the rows (recorded in the manifest, checked on re-runs); the panoptic
         threshold only for the panoptic task (it changes nothing in detection rows)."""
-        names = ("task", "score_threshold", "top_k", "classes", "precision") + (
+        names = ("task", "score_threshold", "top_k", "classes", "precision", "eval_size", "eval_max_size") + (
             ("panoptic_threshold",) if self.task == "panoptic" else ())
         settings = asdict(self)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items() if k in names}

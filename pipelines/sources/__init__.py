@@ -84,6 +84,8 @@ def open_source(
 
     Images named outside their folder (an annotation's absolute or `..` path, a symbolic link out of a
     local folder) are `unsafe_path` error records unless `allow_outside_paths`."""
+    # Relative paths mean this process's working directory, which the tasks that read them do not share.
+    path, images, classes, masks = (storage.absolute(p) for p in (path, images, classes, masks))
     streamed = stream_listing and storage.has_scheme(path)
     guessed = kind is None
     kind = kind or detect_kind(path, list_folder=not streamed)

@@ -150,7 +150,7 @@ def open_coco(annotations: str, images_dir: str | None = None, rows_per_unit: in
     """A COCO (instances or panoptic) source; images are looked up under `images_dir` (default: the
     JSON's folder), panoptic PNGs under `masks_dir` (default: the JSON's path without `.json`)."""
     if images_dir is None:
-        images_dir = annotations.rsplit("/", 1)[0] if "/" in annotations else "."
+        images_dir = storage.parent(annotations)
     coco = load_coco_json(annotations)
     if is_panoptic_json(coco):
         if masks_dir is None:

@@ -75,6 +75,16 @@ class TransformsConfig:
         evaluation at 96): small images are not upscaled, which keeps training steps cheap."""
         return cls().scaled(0.12)
 
+    def at_eval_size(self, size: int, max_size: int | None = None) -> "TransformsConfig":
+        """The recipe evaluated at another shorter side (a speed/accuracy trade, as the official code's users
+        make by resizing); the longer side's cap keeps the recipe's ratio unless given."""
+        if size < 1 or (max_size is not None and max_size < size):
+            raise RaydetrError(f"evaluation size {size} (longer side at most {max_size}): the shorter side must be "
+                               ">= 1 and the longer side's cap at least the shorter side")
+        if max_size is None:
+            max_size = max(size, int(round(size * self.eval_max_size / self.eval_size)))
+        return replace(self, eval_size=int(size), eval_max_size=int(max_size))
+
     @classmethod
     def preset(cls, name: str) -> "TransformsConfig":
         presets = {"paper": cls.paper, "small": cls.small, "native": cls.native}
