@@ -1,6 +1,6 @@
 """The cluster scripts as users run them: `cluster/local_cluster.sh` (ray start: a head and a worker node)
 and `cluster/mlflow_server.sh --auth` (MLflow with SQLite and its basic-auth app), started, checked and
-stopped."""
+stopped; two `detr submit` jobs at once with the pinned requirements, as a first submission is."""
 from __future__ import annotations
 
 import os
@@ -64,7 +64,8 @@ def cluster_and_server(tmp_path):
         shutil.rmtree(cluster_dir, ignore_errors=True)
 
 
-def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluster_and_server, ray_cluster, monkeypatch):
+def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluster_and_server, ray_cluster, monkeypatch,
+                                                                         tmp_path):
     """`detr submit` of training and labelling runs on the production topology (tests/test_topology_jobs.py);
     here the scripts themselves: nodes with folders of their own, and a stop that leaves other clusters alone."""
     import ray
@@ -105,6 +106,22 @@ def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluste
                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 1 and unknown.stderr.strip() == (
         f"detr jobs: error: no job 'nonexistent' on the cluster at {address} (`detr jobs list` shows its jobs)")
+
+    # Two submissions at once with the pinned requirements: every node builds the job's pip environment, each in
+    # a folder of its own (nodes sharing one raced, and a first submission failed with `No module named 'ray'`).
+    from jobs.synthetic_data import SyntheticConfig, write_dataset
+
+    data = write_dataset(str(tmp_path / "shapes"), SyntheticConfig(images=6, val_fraction=0.0, seed=2))
+    submissions = [subprocess.Popen([str(BIN / "detr"), "submit", "ingest", "--address", address, "--wait", "--",
+                                     data["train"], str(tmp_path / f"ingested-{i}")], env=env, cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for submission in submissions:
+        printed = submission.communicate(timeout=600)[0]
+        assert submission.returncode == 0 and printed.strip().endswith("SUCCEEDED"), printed[-3000:]
+    environments = [sorted(node.glob("session_latest/runtime_resources/pip/*")) for node in (root, root.parent /
+                                                                                           "ray-worker-1")]
+    assert [len(e) for e in environments] == [1, 1], environments  # one environment per node, in its own folder
+    assert all((tmp_path / f"ingested-{i}" / "manifest.json").is_file() for i in range(2))
 
     _run(["bash", "cluster/local_cluster.sh", "stop"], env)
     left = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
