@@ -23,11 +23,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray.job_submission import JobSubmissionClient
+    from jobs.submit import dashboard_address, job_client, wait_for
 
-    from jobs.submit import dashboard_address, wait_for
-
-    client = JobSubmissionClient(dashboard_address(args.address))
+    client = job_client(args.address)
     if args.action == "list":
         jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
         print(f"{'job id':<28} {'status':<10} {'entrypoint'}")

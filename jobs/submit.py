@@ -22,6 +22,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from detr.errors import RaydetrError
 from jobs.cli import module_main
 
 ACCEPTS_PASSTHROUGH = True  # the job's own arguments follow `--`
@@ -48,6 +49,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def dashboard_address(address: str | None) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     return address if "://" in address else f"http://{address}"
+
+
+def job_client(address: str | None):
+    """Ray's Job Submission client for the cluster at `address`; a cluster that does not answer is one line."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = dashboard_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except ConnectionError as exc:
+        raise RaydetrError(f"no Ray cluster answers at {url} ({type(exc).__name__}): start one "
+                           "(cluster/local_cluster.sh start) or give its dashboard address with --address or "
+                           "$RAY_ADDRESS") from exc
 
 
 def pinned_requirements() -> list[str]:
@@ -106,9 +120,7 @@ def submit(job: str, job_args: list[str], *, address: str | None = None, trackin
     """Submit `python -m jobs.<job> ...` with this project's code; returns the job id."""
     import shlex
 
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(dashboard_address(address))
+    client = job_client(address)
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
@@ -133,9 +145,9 @@ def wait_for(job_id: str, address: str | None = None, follow_logs: bool = True) 
     import asyncio
     import time
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(dashboard_address(address))
+    client = job_client(address)
     if follow_logs:
         async def tail() -> None:
             async for lines in client.tail_job_logs(job_id):

@@ -67,3 +67,17 @@ def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=f"^{bad}: not a loadable weights-only checkpoint"):
         load_model(str(bad))
+
+
+def test_no_cluster_at_the_address_is_one_line(capsys):
+    import socket
+
+    from jobs.cli import main as detr
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert detr(["jobs", "list", "--address", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"detr jobs: error: no Ray cluster answers at http://127.0.0.1:{port} (ConnectionError): start one "
+                   "(cluster/local_cluster.sh start) or give its dashboard address with --address or $RAY_ADDRESS\n")
