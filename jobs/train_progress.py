@@ -41,19 +41,22 @@ class Clock:
     def seconds_left(self, epoch: int, step_in_epoch: int, seconds_in_epoch: float,
                      trained_seconds: float) -> float | None:
         """Training time left at `step_in_epoch` of `epoch` (0-based), or None before it can be told; never
-        past the time budget (the run stops at the first epoch ending after it)."""
+        past the time budget, except for the rest of the epoch under way (the run stops at the first epoch
+        ending after the budget)."""
         per_epoch = self.steps_per_epoch()
-        estimate = None
+        estimate = rest_of_epoch = None
         if per_epoch and step_in_epoch:
             per_step = seconds_in_epoch / step_in_epoch
             epoch_time = sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else \
                 per_step * per_epoch
-            estimate = max(0, per_epoch - step_in_epoch) * per_step + (self.epochs - epoch - 1) * epoch_time
+            rest_of_epoch = max(0, per_epoch - step_in_epoch) * per_step
+            estimate = rest_of_epoch + (self.epochs - epoch - 1) * epoch_time
         elif not step_in_epoch and self.epoch_seconds:  # at an epoch's end
             estimate = (self.epochs - epoch - 1) * sum(self.epoch_seconds) / len(self.epoch_seconds)
         if self.budget_seconds is not None:
             left = max(0.0, self.budget_seconds - trained_seconds - seconds_in_epoch)
-            estimate = left if estimate is None else min(estimate, left)
+            bound = max(left, rest_of_epoch or 0.0)  # past the budget, the epoch still runs to its end
+            estimate = bound if estimate is None else min(estimate, bound)
         return estimate
 
 

@@ -21,6 +21,7 @@ def test_time_left_from_the_steps_and_epochs_done_and_never_past_the_budget():
     budget = Clock(epochs=100, budget_seconds=60.0, epoch_seconds=[20.0], epoch_steps=[10])
     assert budget.seconds_left(1, 5, 5.0, 20.0) == 35.0  # 60 s budget - 20 trained - 5 in this epoch
     assert Clock(epochs=3, budget_seconds=60.0).seconds_left(0, 5, 10.0, 0.0) == 50.0  # the budget bounds it
+    assert budget.seconds_left(3, 5, 5.0, 60.0) == 5.0  # past the budget: the rest of this epoch still runs
     capped = Clock(epochs=2, step_cap=4)  # max_steps_per_epoch: the length is known from the start
     assert capped.seconds_left(0, 2, 4.0, 0.0) == 4.0 + 8.0
 
