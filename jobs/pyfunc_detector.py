@@ -47,13 +47,12 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         return self.sized[(size, max_size)]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from detr.postprocess import default_score_threshold
         from pipelines.storage import read_bytes
         from pipelines.validation.decode import decode_image
         from pipelines.validation.errors import PipelineError
 
         params = params or {}
-        from detr.postprocess import default_score_threshold
-
         threshold = float(params.get("score_threshold", default_score_threshold(self.detector.model.config)))
         top_k = int(params.get("top_k", 100))
         detector = self.detector_at(int(params.get("eval_size", self.detector.transforms.eval_size)),

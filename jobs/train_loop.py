@@ -89,7 +89,8 @@ class EpochMetrics:
         self.rows: list[tuple[int, dict[str, float]]] = []
         self.last_step = 0
 
-    def add(self, step: int, metrics: dict[str, float]) -> None:
+    def add(self, step: int, metrics: dict[str, float]) -> dict[str, float] | None:
+        """Add one step's metrics; returns the row it closed (every `every` steps), else None."""
         for k, v in metrics.items():
             self.window[k] = self.window.get(k, 0.0) + v
             self.totals[k] = self.totals.get(k, 0.0) + v
@@ -98,6 +99,8 @@ class EpochMetrics:
         self.last_step = step
         if self.window_steps == self.every:
             self.flush()
+            return self.rows[-1][1]
+        return None
 
     def flush(self) -> None:
         """Turn the open window into a logged row (at every `every` steps and at the end of an epoch)."""
@@ -240,10 +243,10 @@ class Trainer:
                 self.ema.update_parameters(unwrap_model(self.model))
             steps += 1
             self.global_step += 1
-            metrics.add(self.global_step, step_metrics)
-            if self.reporter is not None and metrics.rows and metrics.rows[-1][0] == self.global_step:
-                seconds = time.perf_counter() - start  # a window of log_every_steps steps just closed
-                self.reporter.step(epoch, self.global_step, steps, metrics.rows[-1][1]["train_loss"],
+            row = metrics.add(self.global_step, step_metrics)
+            if self.reporter is not None and row is not None:  # a window of log_every_steps steps just closed
+                seconds = time.perf_counter() - start
+                self.reporter.step(epoch, self.global_step, steps, row["train_loss"],
                                    images * self.world_size / max(seconds, 1e-9), seconds, self.train_seconds)
         metrics.flush()
         elapsed = time.perf_counter() - start
