@@ -29,11 +29,12 @@ def select_proposals(scores: Tensor, boxes: Tensor, valid: Tensor, count: int, n
         return scores.topk(count, dim=1).indices
     xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
     rank = scores.to(torch.float64, copy=True)  # exact after the bonus is added, so survivors keep their order
-    for image in range(scores.shape[0]):
-        cells = valid[image].nonzero().squeeze(1)
-        groups = torch.zeros_like(cells) if classes is None else classes[image, cells]  # one group: agnostic
-        kept = batched_nms(xyxy[image, cells], scores[image, cells].float(), groups, nms_iou)
-        rank[image, cells[kept]] += SURVIVOR_BONUS
+    # One NMS over the whole batch, each image (and class) a group of its own: no loop over the images, so an
+    # exported graph (detr.export) takes any batch size.
+    images, cells = valid.nonzero(as_tuple=True)
+    groups = images if classes is None else images * (classes.max() + 1) + classes[images, cells]
+    kept = batched_nms(xyxy[images, cells], scores[images, cells].float(), groups, nms_iou)
+    rank[images[kept], cells[kept]] += SURVIVOR_BONUS
     return rank.topk(count, dim=1).indices
 
 

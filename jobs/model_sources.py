@@ -4,6 +4,7 @@ Accepted forms:
 
 - a raydetr checkpoint file (`model.pt` from training, or `detr checkpoint` output);
 - an official DETR checkpoint file (facebookresearch/detr release layout);
+- either file on an object store (`s3://...`, `gs://...`): downloaded like an MLflow model;
 - a registered model in MLflow: `models:/NAME@ALIAS` or `models:/NAME/VERSION`;
 - an MLflow logged model (`models:/m-...`) or run artifact (`runs:/RUN_ID/model`).
 
@@ -59,13 +60,27 @@ def _find_checkpoint(directory: Path) -> Path:
 
 def check_model_spec(spec: str) -> None:
     """Fail at once, in one line, for a model argument that is neither an MLflow URI nor a file (before a job
-    starts Ray or a tracking database for nothing)."""
-    if not is_mlflow_uri(spec) and not Path(spec).expanduser().is_file():
+    starts Ray or a tracking database for nothing); a file on an object store is looked up there."""
+    if is_mlflow_uri(spec):
+        return
+    if has_scheme(spec):
+        from pipelines import storage
+
+        if not storage.exists(spec) or storage.is_dir(spec):
+            raise FileNotFoundError(f"model {storage.redact(spec)!r}: no such file on the object store")
+    elif not Path(spec).expanduser().is_file():
         raise FileNotFoundError(f"model {spec!r}: no such file, and not an MLflow URI (models:/..., runs:/...)")
 
 
+def has_scheme(spec: str) -> bool:
+    return "://" in spec and not is_mlflow_uri(spec)
+
+
 def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | None = None) -> ResolvedModel:
-    """Turn a model argument into a local checkpoint path (downloading MLflow models)."""
+    """Turn a model argument into a local checkpoint path (downloading MLflow models and files on object
+    stores)."""
+    if has_scheme(spec):
+        return _download_file(spec, cache_dir)
     if not is_mlflow_uri(spec):
         check_model_spec(spec)
         path = Path(spec).expanduser()
@@ -107,6 +122,24 @@ def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | N
             shutil.rmtree(target, ignore_errors=True)
         raise
     return ResolvedModel(checkpoint=str(checkpoint), name=name, version=version, run_id=run_id, uri=spec,
+                         download_dir=None if cache_dir else str(target))
+
+
+def _download_file(uri: str, cache_dir: str | None) -> ResolvedModel:
+    from pipelines import storage
+
+    check_model_spec(uri)
+    target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="raydetr-model-"))
+    name = Path(uri.split("://", 1)[1]).name
+    local = target / re.sub(r"[^A-Za-z0-9_.-]+", "_", uri.split("://", 1)[1])
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(storage.read_bytes(uri))
+    except BaseException:
+        if not cache_dir:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return ResolvedModel(checkpoint=str(local), name=Path(name).stem, uri=storage.redact(uri),
                          download_dir=None if cache_dir else str(target))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
@@ -145,7 +144,9 @@ def score_metric(model_config) -> str:
 
 def _best_checkpoint(result, score: str = "val_AP"):
     """The checkpoint with the best validation score, else the latest."""
-    best = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(score) == m.get(score)]
+    from jobs.train_progress import validated
+
+    best = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if validated(m.get(score))]
     if best:
         return max(best, key=lambda cm: cm[1][score])
     return result.checkpoint, result.metrics or {}
@@ -215,7 +216,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None, ver
     from jobs.config_files import flatten, to_plain
     from jobs.mlflow_model import log_detector_model
     from jobs.train_loop import train_loop_per_worker
-    from jobs.train_progress import ProgressQueue
+    from jobs.train_progress import ProgressQueue, validated
     from pipelines import storage
     from pipelines.inference.detector import transforms_to_metadata
     from pipelines.placement import nodes_that_cannot_see
@@ -320,7 +321,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None, ver
             run.log_artifact(write_errors_table(errors, os.path.join(tmp, "errors.parquet")), "data")
             print(f"{len(errors)} bad records quarantined in {table}", flush=True)
         tags = {"raydetr.train_run_id": run.run_id, "raydetr.train_source": config.data.train,
-                **{f"raydetr.{k}": v for k, v in best_metrics.items() if k.startswith("val_") and not math.isnan(v)}}
+                **{f"raydetr.{k}": v for k, v in best_metrics.items() if k.startswith("val_") and validated(v)}}
         info = log_detector_model(tracking_uri, run.run_id, model_path,
                                   registered_model_name=config.tracking.registered_model, tags=tags)
         _log_detection_images(run, model_path, config.data.val, config.data.val_images,
@@ -365,12 +366,14 @@ def run(args: argparse.Namespace) -> int:
         print(resolved_config_text(config), end="")
         return 0
     result = train(config, address=args.address, verbose=args.verbose)
+    from jobs.train_progress import validated
+
     ap = result.metrics.get("val_AP")
     print(f"training finished: MLflow run {result.run_id}; best checkpoint {result.checkpoint_dir}")
-    if ap is not None and not math.isnan(ap):
+    if validated(ap):
         print(f"validation AP {ap:.4f}, AP50 {result.metrics.get('val_AP50', float('nan')):.4f}")
     pq = result.metrics.get("val_PQ")
-    if pq is not None and not math.isnan(pq):
+    if validated(pq):
         print(f"validation PQ {pq:.4f} (things {result.metrics.get('val_PQ_th', float('nan')):.4f}, "
               f"stuff {result.metrics.get('val_PQ_st', float('nan')):.4f})")
     print(f"model: {result.model_uri}")

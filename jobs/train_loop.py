@@ -45,7 +45,7 @@ from detr.training_checkpoint import (Progress, TrainingParts, load_training_che
 from detr.weights import load_weights
 from jobs.config_files import build_dataclass
 from jobs.train_config import TrainJobConfig
-from jobs.train_progress import Clock, Reporter
+from jobs.train_progress import NOT_VALIDATED, Clock, Reporter, validated
 
 VAL_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100")
 """Validation's COCO numbers; with masks it also reports PQ (`PANOPTIC_STAT_NAMES`) at evaluation size."""
@@ -348,9 +348,9 @@ class Trainer:
             if has_val and due:
                 metrics.update(self.validate())
             else:
-                metrics["val_AP"] = float("nan")  # ranks below any real AP in Ray's checkpoint order
+                metrics["val_AP"] = NOT_VALIDATED  # ranks below any real AP in Ray's checkpoint order
                 if self.model_config.masks:
-                    metrics["val_PQ"] = float("nan")
+                    metrics["val_PQ"] = NOT_VALIDATED
             self._log(epoch, metrics)
             if self.reporter is not None:
                 self.reporter.epoch_end(epoch, metrics, self.train_seconds, last)
@@ -370,7 +370,8 @@ class Trainer:
             return
         rows = [(step, row) for step, row in self._step_rows if step > self.logged_until["step"]]
         if epoch > self.logged_until["epoch"]:
-            clean = {k: v for k, v in metrics.items() if not math.isnan(v)}  # NaN: not validated this epoch
+            clean = {k: v for k, v in metrics.items()  # not validated this epoch: no val_ entry
+                     if not math.isnan(v) and not (k.startswith("val_") and not validated(v))}
             rows.append((epoch, clean))
         self.run.log_metric_history(rows)
 

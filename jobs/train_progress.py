@@ -70,6 +70,17 @@ def step_line(epoch: int, epochs: int, step: int, loss: float, images_per_s: flo
     return "  ".join(parts)
 
 
+NOT_VALIDATED = -1.0
+"""The validation score (val_AP, val_PQ) an epoch reports when it did not validate: below any real score in Ray's
+checkpoint order. Not NaN: Ray Train keeps that order in a JSON state file where NaN turns into null, and a run
+resumed from it failed at its first checkpoint."""
+
+
+def validated(value: float | None) -> bool:
+    """Whether a reported validation score is one (not missing, NaN or NOT_VALIDATED)."""
+    return value is not None and not math.isnan(value) and value != NOT_VALIDATED
+
+
 def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], left: float | None) -> str:
     """One line per epoch: its mean loss, speed, validation (when it ran) and the time left."""
     parts = [f"epoch {epoch + 1}/{epochs} done", f"loss {metrics.get('epoch_train_loss', math.nan):.4f}",
@@ -77,7 +88,7 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], left: float |
              f"({metrics['train_images_per_s']:.1f} images/s)"]
     for name in ("val_AP", "val_AP50", "val_PQ"):
         value = metrics.get(name)
-        if value is not None and not math.isnan(value):
+        if validated(value):
             parts.append(f"{name[4:]} {value:.4f}")
     if left is not None:
         parts.append(f"{format_duration(left)} left")
@@ -100,7 +111,7 @@ class Reporter:
         self.clock.epoch_seconds.append(metrics["train_seconds"])
         self.clock.epoch_steps.append(int(metrics["train_steps"]))
         ap = metrics.get("val_AP")
-        if ap is not None and not math.isnan(ap):
+        if validated(ap):
             self.last_ap = ap
         left = 0.0 if last else self.clock.seconds_left(epoch, 0, 0.0, trained_seconds)
         self.queue.put(epoch_line(epoch, self.clock.epochs, metrics, left))

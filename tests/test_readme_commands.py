@@ -99,6 +99,9 @@ def test_the_readme_commands_run_as_written(ray_cluster, tmp_path, monkeypatch, 
     assert "moved alias 'champion' to v2" in promotions[1], promotions[1]
     assert "alias 'champion' moved back from v2 to v1" in printed["detr rollback"][0]
     assert re.search(r"labelled 48 images \(\d+ detections\), 0 errors", printed["detr label"][0]), printed["detr label"]
+    # Relative outputs land in the user's folder, also when Ray's workers write them (their working directory
+    # is not the driver's).
+    assert list((tmp_path / "data" / "shapes-parquet" / "data").glob("*.parquet"))
     manifest = json.loads((tmp_path / "labels" / "shapes" / "manifest.json").read_text())
     assert manifest["model"]["name"] == "shapes-detector" and manifest["model"]["version"] == "1"  # rolled back
     panoptic = printed["detr train"][2]

@@ -2,7 +2,7 @@
 
 Two models: an untrained one, registered as version 1, and one whose heads are fitted to the
 evaluation images' objects, registered as version 2, so one is clearly better. (The training job's
-own registration: tests/test_train_job.py and the README's commands, tests/test_readme_commands.py.)
+own registration: tests/test_topology_jobs.py and the README's commands, tests/test_readme_commands.py.)
 Promotion puts the first in place (no holder), moves the alias to the better
 one, refuses a candidate that fails the gate, records every decision on the
 version, and rollback restores the previous holder. The pyfunc model predicts

@@ -2,13 +2,16 @@
 Ray node that cannot see the driver's disk, MLflow on PostgreSQL with its artifacts on S3.
 
 The jobs run as a user runs them, `detr ...` in a process of their own. The module's data and trained model
-are shared by its tests, in file order: train (a worker killed on the isolated node), evaluate, promote and
-roll back, label (prefix and tar, detection and panoptic, re-runs, a killed driver), submit, the pyfunc model
-from the registry in a fresh process.
+are shared by its tests, in file order: train (submitted, fine-tuned from an official file, a worker killed on
+the isolated node, then resumed by a re-run), evaluate, promote and roll back, label (prefix and tar, detection
+and panoptic, two jobs at once, one of them submitted, re-runs, a killed driver), the pyfunc model from the
+registry in a fresh process.
 """
 from __future__ import annotations
 
+import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +52,7 @@ while time.time() < deadline:
         names = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))]
     except OSError:
         names = []
-    if any("checkpoint_" in n for n in names):
+    if any(n.endswith("checkpoint_manager_snapshot.json") for n in names):  # Ray Train registered a checkpoint
         break
     time.sleep(1)
 isolated = next(n.node_id for n in list_nodes(address=dashboard, detail=True) if resource in (n.resources_total or {}))
@@ -83,14 +86,30 @@ def test_ingest_reads_s3_and_writes_parquet_shards_to_s3(topology, shapes, inges
 @pytest.fixture(scope="module")
 def trained(topology, shapes, ingested):
     """`detr submit train` (a Ray job: its driver runs on the cluster, from the uploaded working directory) on
-    the ingested shards (validated on the S3 COCO JSON) with S3 storage, two workers spread over both nodes;
-    a worker on the isolated node is killed once the first checkpoint is on S3."""
+    the ingested shards (validated on the S3 COCO JSON) with S3 storage, two workers spread over both nodes,
+    fine-tuned from an official-layout checkpoint on S3 (91 classes: the class head is replaced) with an
+    average of the weights; a worker on the isolated node is killed once Ray Train registered the first checkpoint. Then the
+    same job run again from the driver's machine with one more epoch resumes the run from S3 (version 2), and a
+    third time does nothing."""
+    import torch
+
+    from detr import build_model, official_state_dict
+
+    torch.manual_seed(1)
+    official = build_model("tiny", num_classes=91, num_queries=8)
+    official_file = topology.driver_tmp / "official.pth"
+    torch.save({"model": official_state_dict(official)}, official_file)
+    official_uri = topology.uri("weights", "official.pth")
+    bucket, _, key = official_uri[len("s3://"):].partition("/")
+    topology.s3.client().upload_file(str(official_file), bucket, key)
     run_prefix = topology.uri("runs")
     config = topology.driver_tmp / "topology-train.yaml"
     config.write_text(
         f"data: {{train: {ingested['uri']}, val: {shapes['uri']}/val.json, transforms: small, "
         "batch_size: 2}\n"
         "model: {preset: tiny, num_queries: 8}\n"
+        f"init_from: {official_uri}\n"
+        "optimizer: {ema_decay: 0.5}\n"
         "schedule: {epochs: 3, max_steps_per_epoch: 3, eval_every: 3, log_images: 1, log_every_steps: 1}\n"
         "scaling: {num_workers: 2, placement_strategy: SPREAD}\n"
         f"storage: {{path: {run_prefix}, run_name: killed, max_failures: 2}}\n"
@@ -104,34 +123,78 @@ def trained(topology, shapes, ingested):
     finally:
         killed, killer_err = killer.communicate(timeout=120)
     assert done.stdout.strip().splitlines()[-1].endswith("SUCCEEDED"), done.stdout[-3000:]
-    return {"stdout": done.stdout, "killed": killed.strip(), "killer_err": killer_err, "run_prefix": run_prefix}
+    resumed = topology.detr("train", "--config", str(config), "--set", "schedule.epochs=4", timeout=900)
+    again = topology.detr("train", "--config", str(config), "--set", "schedule.epochs=4")
+    return {"stdout": done.stdout, "killed": killed.strip(), "killer_err": killer_err, "run_prefix": run_prefix,
+            "official": official, "resumed": resumed.stdout, "again": again.stdout}
 
 
 def test_training_on_s3_survives_a_killed_worker_and_registers_in_postgres(topology, trained):
     from mlflow.tracking import MlflowClient
 
+    from detr import load_checkpoint
+
     assert trained["killed"], f"no training worker was found on the isolated node: {trained['killer_err'][-2000:]}"
+    # The submitted job's log is the job's own progress: a line per step, the resumed worker group, each epoch.
+    printed = trained["stdout"]
+    assert "epoch 1/3  step 1  loss " in printed and "epoch 3/3 done  loss " in printed, printed[-3000:]
+    # (killed once the first checkpoint is registered: the second may be there too by then)
+    assert re.search(r"resumed from the checkpoint after epoch (1 \(step 3|2 \(step 6)\)", printed), printed[-3000:]
+    assert "RayTrainWorker" not in printed
     client = MlflowClient(topology.tracking_uri)
     version = client.get_model_version(MODEL, "1")
     run = client.get_run(version.run_id)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [0, 1, 2]
-    # One history although a worker died: every step once.
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 10))
-    checkpoints = topology.s3.keys(f"{trained['run_prefix']}/killed")
-    assert any("checkpoint_" in k and k.endswith("model.pt") for k in checkpoints)
+    assert version.tags["raydetr.train_run_id"] == run.info.run_id
+    params = run.data.params
+    assert params["model.hidden_dim"] == "64" and params["model.num_classes"] == "3"
+    assert params["job.scaling.num_workers"] == "2" and params["job.data.train"].startswith("s3://")
+    for key in ("train_loss_ce", "train_loss_bbox", "train_loss_giou", "lr_transformer", "lr_backbone",
+                "train_images_per_s", "val_AP", "val_AP50"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "train_config.yaml" in artifacts and len(client.list_artifacts(run.info.run_id, "detections")) == 1
+    # One history although a worker died, and although the run was resumed from another machine: every step once.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [0, 1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 13))
+    assert "resumed from the checkpoint after epoch 3 (step 9)" in trained["resumed"]
+    assert f"model: models:/{MODEL}/2" in trained["resumed"] and "finished already" in trained["again"]
+    assert client.get_model_version(MODEL, "2").run_id == run.info.run_id
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == [1, 2]
     # The model's files went through the tracking server to S3, not to anyone's disk.
     model_keys = topology.s3.keys("s3://raydetr-mlflow/artifacts")
     assert any(k.endswith("MLmodel") for k in model_keys) and any("detections" in k for k in model_keys)
+
+    # The checkpoints are on S3. model.pt holds the weights' average (what was validated and registered), the
+    # state file the weights as trained; the average went on through the kill and the resume: 3 updates an epoch.
+    keys = topology.s3.keys(f"{trained['run_prefix']}/killed")
+    with topology.s3.environment():
+        import torch
+
+        from pipelines import storage
+
+        def checkpoint_file(epoch_dir: str, name: str) -> bytes:
+            return storage.read_bytes(f"{trained['run_prefix']}/killed/{epoch_dir}/{name}")
+
+        # The newest checkpoint (their folders are named by time): the fourth epoch's. (One: a state file with
+        # the optimizer's is over 100 MB, slow through the test's proxy.)
+        last = sorted({k.split("/")[-2] for k in keys if "checkpoint_" in k and k.endswith("model.pt")})[-1]
+        last_state = torch.load(io.BytesIO(checkpoint_file(last, "train_state.pt")), map_location="cpu",
+                                weights_only=True)
+        model, metadata = load_checkpoint(checkpoint_file(last, "model.pt"))
+    assert last_state["epoch"] == 4 and last_state["ema_updates"] == 12 and metadata["ema_decay"] == 0.5
+    assert model.config.num_queries == 8 and model.config.num_classes == 3 and model.class_embed.weight.shape == (4, 64)
+    assert [c["id"] for c in metadata["categories"]] == [1, 2] and metadata["mlflow_run_id"] == run.info.run_id
+    # The stem never trains: it holds the official file's weights; the trained weights differ from the average.
+    official = trained["official"]
+    assert torch.equal(model.backbone.body.conv1.weight, official.backbone.body.conv1.weight)
+    assert not torch.allclose(last_state["trained_model"]["class_embed.weight"], model.class_embed.weight)
 
 
 def test_evaluate_promote_and_rollback_with_actors_on_the_isolated_node(topology, shapes, trained):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(topology.tracking_uri)
-    v1 = client.get_model_version(MODEL, "1")
-    # v2: the same logged model, registered again
-    client.create_model_version(MODEL, v1.source, run_id=v1.run_id, model_id=v1.source.rsplit("/", 1)[1])
+    # v1 after 3 epochs and v2 after 4 (the `trained` fixture)
     val = f"{shapes['uri']}/val.json"
     # Ray Data starts an actor pool's actors as the data flows: on so small a set one actor (on the head) can do
     # all the work before the second is placed. Waiting for both makes the isolated node hold one.
@@ -142,7 +205,7 @@ def test_evaluate_promote_and_rollback_with_actors_on_the_isolated_node(topology
 
     first = topology.detr("promote", "--name", MODEL, "--candidate", "1", "--data", val)
     assert "moved alias 'champion' to v1" in first.stdout
-    second = topology.detr("promote", "--name", MODEL, "--candidate", "2", "--data", val, "--min-gain", "0")
+    second = topology.detr("promote", "--name", MODEL, "--candidate", "2", "--data", val, "--min-gain", "-1")
     assert "moved alias 'champion' to v2" in second.stdout
     assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
     topology.detr("rollback", "--name", MODEL, "--alias", "champion")
@@ -156,7 +219,7 @@ def _label_rows(topology, output: str, kind: str = "labels") -> list[dict]:
         return LabelOutput(output).read(kind).to_pylist()
 
 
-def test_label_an_s3_prefix_with_two_jobs_at_once_then_more_images_exactly_once(topology, shapes, trained):
+def test_label_an_s3_prefix_with_two_jobs_at_once_one_submitted_then_more_images_exactly_once(topology, shapes, trained):
     # The prefix is listed by a task of the job (never by the driver): nested folders are followed, a broken
     # image becomes an error row, a text file is skipped. Two jobs write the output at once (one labels a
     # sub-folder that the other's prefix holds too); images that arrive later are the only ones a re-run
@@ -172,12 +235,16 @@ def test_label_an_s3_prefix_with_two_jobs_at_once_then_more_images_exactly_once(
     topology.s3.put(f"{photos}notes.txt", b"not an image")
     common = ("--model", f"models:/{MODEL}@champion", "--output", output, "--cpus-per-actor", "1",
               "--score-threshold", "0.0", "--top-k", "3", "--rows-per-file", "2")
-    jobs = [subprocess.Popen([str(BIN / "detr"), "label", "--input", prefix, *common], env=topology.env(),
+    # One job runs its driver here, the other is submitted to the cluster (`detr submit label`: its driver runs
+    # on the head, from the uploaded working directory; training was submitted too, in the `trained` fixture).
+    submit = ["submit", "label", "--address", topology.cluster.dashboard, "--no-requirements", "--wait", "--"]
+    jobs = [subprocess.Popen([str(BIN / "detr"), *how, "--input", prefix, *common], env=topology.env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=topology.driver_tmp)
-            for prefix in (photos, f"{photos}day1/")]
-    outputs = [job.communicate(timeout=600)[0] for job in jobs]
+            for how, prefix in ((["label"], photos), ([*submit], f"{photos}day1/"))]
+    outputs = [job.communicate(timeout=900)[0] for job in jobs]
     topology.logs += outputs
     assert [job.returncode for job in jobs] == [0, 0], outputs
+    assert outputs[1].strip().splitlines()[-1].endswith("SUCCEEDED"), outputs[1][-3000:]
     rows = _label_rows(topology, output)
     assert sorted(r["key"].rsplit("/", 1)[1] for r in rows) == sorted(first)  # both jobs' rows, each image once
     runs = _manifest(topology, output)["runs"]
@@ -243,16 +310,6 @@ def test_panoptic_labelling_of_s3_images_with_a_checkpoint_on_the_drivers_disk(t
     assert len(rows) == len(images) and all(r["segments"] for r in rows)
     pngs = topology.s3.keys(f"{output}/panoptic")
     assert sorted(Path(k).name for k in pngs if k.endswith(".png")) == sorted(Path(r["panoptic_file"]).name for r in rows)
-
-
-def test_submitted_labelling_runs_on_the_cluster(topology, shapes, trained):
-    """Labelling as a Ray job (training was submitted too: the `trained` fixture)."""
-    output = topology.uri("labels", "submitted")
-    out = topology.detr("submit", "label", "--address", topology.cluster.dashboard, "--no-requirements", "--wait",
-                        "--", "--model", f"models:/{MODEL}/1", "--input", f"{shapes['uri']}/images/", "--output",
-                        output, timeout=900).stdout
-    assert out.strip().splitlines()[-1].endswith("SUCCEEDED"), out[-3000:]
-    assert len(_label_rows(topology, output)) == len(shapes["images"])
 
 
 PREDICT = """

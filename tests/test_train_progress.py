@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from jobs.train_progress import Clock, epoch_line, format_duration, step_line
+from jobs.train_progress import NOT_VALIDATED, Clock, epoch_line, format_duration, step_line, validated
 
 
 def test_durations_read_as_a_person_writes_them():
@@ -35,3 +35,7 @@ def test_lines_say_step_loss_speed_time_left_and_validation():
                "val_AP": 0.25, "val_AP50": 0.5, "val_PQ": math.nan}
     assert epoch_line(0, 3, metrics, 140.0) == ("epoch 1/3 done  loss 2.5000  540 images in 1m10s (7.7 images/s)  "
                                                 "AP 0.2500  AP50 0.5000  2m20s left")
+    # An epoch that did not validate reports NOT_VALIDATED (Ray's checkpoint order; NaN did not survive its
+    # state file): no AP in the line.
+    assert epoch_line(0, 3, dict(metrics, val_AP=NOT_VALIDATED, val_AP50=NOT_VALIDATED), None).endswith("images/s)")
+    assert not validated(NOT_VALIDATED) and not validated(math.nan) and validated(0.0)

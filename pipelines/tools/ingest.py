@@ -146,6 +146,7 @@ def ingest(source: Source, out: str, options: IngestOptions = IngestOptions(), c
     """Run the ingest as a Ray Data job (one task per unit); returns the manifest and summary."""
     import ray
 
+    out = storage.absolute(out)  # the tasks' working directory is not the driver's: a relative path went astray
     planning_errors: list[ErrorRecord] = list(source.planning_errors)
     storage.write_bytes_atomic(storage.join(out, "errors", "planning.parquet"), _table_bytes(errors_to_table(planning_errors)))
     units_ds = ray.data.from_items(
