@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from detr.errors import RaydetrError
 from jobs.cli import add_eval_size_arguments, module_main
-from pipelines.labelling.options import PRECISIONS, LabelOptions
+from pipelines.labelling.options import PRECISIONS, RUNTIMES, LabelOptions
 
 if TYPE_CHECKING:
     from jobs.model_sources import LoadedModel
@@ -74,6 +74,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default=DEFAULTS.precision,
                         help="bfloat16: several times faster on CPUs with AMX and on GPUs, scores within about 1e-2 "
                              "of float32's (default: %(default)s)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=DEFAULTS.runtime,
+                        help="where the model runs: PyTorch, or its ONNX export (made in each actor) in ONNX Runtime "
+                             "or OpenVINO, faster on CPUs (pip install 'raydetr[onnx]' / 'raydetr[openvino]'; "
+                             "default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=DEFAULTS.concurrency, help="model actors")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="images per forward pass")
     parser.add_argument("--cpus-per-actor", type=float, default=DEFAULTS.cpus_per_actor,
@@ -160,6 +164,10 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     # torch, loading the model, scanning the output and starting the actors, and this driver never holds it
     # or its records.
     check_model_spec(model)
+    if options.runtime != "torch":
+        from pipelines.inference.runtimes import check_runtime
+
+        check_runtime(options.runtime)  # not installed: one line, before anything starts
     source = open_source(input_path, kind, images=images, stream_listing=True,
                          allow_outside_paths=options.allow_outside_paths)
     check_reachable(output)
@@ -180,6 +188,10 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     options = options.for_model(default_score_threshold(detector.model.config), loaded.transforms)
     transforms = options.transforms(loaded.transforms)
     check_task(options, loaded, model, coco_panoptic_json)
+    if options.runtime != "torch":
+        from pipelines.inference.runtimes import check_model_runs_in
+
+        check_model_runs_in(options.runtime, detector.model.config)
     options = dataclasses.replace(options, classes=parse_classes(classes, loaded.categories)) if classes else options
     gpus = _gpus_per_actor(options.gpus_per_actor)
     check_cluster_fits(options, gpus, ray.cluster_resources())
@@ -274,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"MLflow registry: {resolve_tracking_uri(args.tracking_uri)}", flush=True)  # which store, said first
     options = LabelOptions(
         task=args.task, panoptic_threshold=args.panoptic_threshold, score_threshold=args.score_threshold,
-        top_k=args.top_k, precision=args.precision, batch_size=args.batch_size,
+        top_k=args.top_k, precision=args.precision, runtime=args.runtime, batch_size=args.batch_size,
         concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
         rows_per_file=args.rows_per_file, commit_seconds=args.commit_seconds, draw=args.draw,
         max_pixels=args.max_pixels, allow_outside_paths=args.allow_outside_paths,

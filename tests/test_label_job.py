@@ -209,6 +209,25 @@ def test_label_a_tar_archive_with_a_class_filter_at_a_smaller_size(ray_cluster, 
     assert unfiltered - {1, 3}  # the model's best four include other classes: the filter removed them
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_an_exported_runtime_labels_what_pytorch_does(ray_cluster, checkpoint, tmp_path, runtime):
+    """Each actor exports the model and runs it in the runtime; the rows equal direct PyTorch calls (to 1e-3 in
+    the boxes), the manifest says which runtime made them, and a re-run with another runtime is refused."""
+    from detr.errors import RaydetrError
+    from jobs.label import label
+    from pipelines.labelling.options import LabelOptions
+
+    synthetic_images(tmp_path / "shapes", 6, seed=7)
+    out = str(tmp_path / "out")
+    options = LabelOptions(score_threshold=0.0, top_k=4, batch_size=4, concurrency=1, runtime=runtime)
+    assert label(checkpoint, str(tmp_path / "shapes" / "images"), out, options).counts.labelled == 6
+    rows = LabelOutput(out).read(LABELS).to_pylist()
+    assert assert_rows_match_direct_calls(rows, lambda key: Path(key).read_bytes(), checkpoint, 0.0, 4) > 0
+    assert LabelOutput(out).read_manifest()["settings"]["runtime"] == runtime
+    with pytest.raises(RaydetrError, match=f"runtime '{runtime}' \\(now 'torch'\\)"):
+        label(checkpoint, str(tmp_path / "shapes" / "images"), out, dataclasses.replace(options, runtime="torch"))
+
+
 @pytest.mark.mlflow
 def test_label_ingested_parquet_with_a_registered_model(ray_cluster, mlflow_server, checkpoint, tmp_path):
     from mlflow.tracking import MlflowClient

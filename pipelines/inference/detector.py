@@ -10,7 +10,8 @@ grouped into batches does not change their detections. The Detector runs an
 inference copy of the model (`detr.inference_model`: norms folded into the
 convolutions, channels-last; bfloat16 weights with `precision="bfloat16"`), which
 gives the original's outputs to float32 rounding, faster; the model passed in is
-left as it is.
+left as it is. With `runtime="onnxruntime"` or `"openvino"` the forward pass runs the model's ONNX export
+in that runtime instead (`pipelines.inference.runtimes`); everything else stays the same.
 """
 from __future__ import annotations
 
@@ -78,8 +79,18 @@ class Detector:
     device: torch.device | None = None
     precision: str = "float32"  # or "bfloat16" (detr.PRECISIONS): faster on AMX CPUs and GPUs, ~1e-2 in scores
     optimize: bool = True  # run an inference copy (detr.inference_model); False: the model as given
+    runtime: str = "torch"  # or "onnxruntime", "openvino" (pipelines.inference.runtimes.RUNTIMES): the export runs
+    threads: int | None = None  # the exported model's threads (None: torch's); the torch runtime uses torch's
 
     def __post_init__(self) -> None:
+        self._runner = None
+        if self.runtime != "torch":
+            from pipelines.inference.runtimes import exported_runner
+
+            if self.precision != "float32":
+                raise RaydetrError(f"the {self.runtime} runtime runs float32 models; precision {self.precision} "
+                                   "is the torch runtime's")
+            self._runner = exported_runner(self.runtime, self.model, self.threads)
         self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         settings = self.model.inference_settings
         if settings is not None:  # made by the caller (from_checkpoint converts the model it loaded in place)
@@ -116,13 +127,13 @@ class Detector:
     @classmethod
     def in_actor(cls, checkpoint: "bytes | ray.ObjectRef", threads: int = 1, **options: Any) -> "Detector":
         """`from_checkpoint` inside a Ray actor: the checkpoint's bytes, or their object-store reference (so
-        an actor on any node loads a model the driver downloaded), with `threads` torch threads."""
+        an actor on any node loads a model the driver downloaded), with `threads` threads."""
         torch.set_num_threads(threads)
         if not isinstance(checkpoint, (bytes, bytearray, memoryview)):
             import ray
 
             checkpoint = ray.get(checkpoint)
-        return cls.from_checkpoint(bytes(checkpoint), **options)
+        return cls.from_checkpoint(bytes(checkpoint), threads=threads, **options)
 
     def postprocess(self, score_threshold: float | None = None, top_k: int | None = None) -> PostProcess:
         """Detections from this model's outputs, scored as it was trained (sigmoids after the focal loss)."""
@@ -164,5 +175,8 @@ class Detector:
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> dict:
         """The model's raw outputs for a padded, normalised batch (`detr.forward_inference`: inputs moved to
-        the model's device, precision and memory format; main outputs in float32)."""
+        the model's device, precision and memory format; main outputs in float32). An exported model computes
+        every query's mask (`mask_queries` selects nothing there)."""
+        if self._runner is not None:
+            return self._runner(images, mask)
         return forward_inference(self.model, images, mask, **kwargs)

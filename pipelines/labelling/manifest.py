@@ -25,9 +25,9 @@ before lack this field: their keys are paths as they were typed."""
 PATH_KEYED_KINDS = ("folder", "archive")
 
 # What a setting was before the manifest recorded it: outputs made before tasks existed hold detections,
-# and before precisions existed, float32 ones. Model-dependent ones (the evaluation size: the model's own)
-# come from the job as `model_defaults`.
-SETTING_DEFAULTS = {"task": "detection", "precision": "float32"}
+# before precisions existed, float32 ones, and before runtimes existed, PyTorch's. Model-dependent ones (the
+# evaluation size: the model's own) come from the job as `model_defaults`.
+SETTING_DEFAULTS = {"task": "detection", "precision": "float32", "runtime": "torch"}
 
 
 def _now() -> str:

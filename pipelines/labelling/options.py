@@ -1,7 +1,7 @@
 """The labelling job's settings: one dataclass holds every default, and the class filter's parser.
 
 Settings that change what a row says (the task, threshold, top-k, classes, the
-model's precision and evaluation size, and the panoptic threshold of `--task panoptic`) are recorded in the output's
+model's precision, runtime and evaluation size, and the panoptic threshold of `--task panoptic`) are recorded in the output's
 manifest; a re-run into the same output must use the same ones, so that every
 row of a dataset means the same thing.
 """
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 TASKS = ("detection", "panoptic")
 PRECISIONS = ("float32", "bfloat16")  # detr.PRECISIONS, named here so the CLI does not import torch
+RUNTIMES = ("torch", "onnxruntime", "openvino")  # pipelines.inference.runtimes.RUNTIMES, likewise
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class LabelOptions:
     top_k: int | None = None  # then keep at most this many per image, best first
     classes: tuple[int, ...] | None = None  # category ids to keep (None: all)
     precision: str = "float32"  # the model's weights and activations (bfloat16: faster, scores within ~1e-2)
+    runtime: str = "torch"  # where the model runs: PyTorch, or its ONNX export in onnxruntime or openvino
     eval_size: int | None = None  # shorter side the images are resized to (None: the model's own)
     eval_max_size: int | None = None  # longer side at most (None: the model's ratio to the shorter side)
     batch_size: int = 8  # images per forward pass
@@ -50,6 +52,10 @@ class LabelOptions:
             problems.append(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            problems.append(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        elif self.runtime != "torch" and self.precision != "float32":
+            problems.append(f"the {self.runtime} runtime runs float32 models (precision {self.precision} is torch's)")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
         for name in ("batch_size", "concurrency", "rows_per_file", "max_pixels"):
@@ -92,7 +98,8 @@ class LabelOptions:
     def row_settings(self) -> dict:
         """The settings that shape the rows (recorded in the manifest, checked on re-runs); the panoptic
         threshold only for the panoptic task (it changes nothing in detection rows)."""
-        names = ("task", "score_threshold", "top_k", "classes", "precision", "eval_size", "eval_max_size") + (
+        names = ("task", "score_threshold", "top_k", "classes", "precision", "runtime", "eval_size",
+                 "eval_max_size") + (
             ("panoptic_threshold",) if self.task == "panoptic" else ())
         settings = asdict(self)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items() if k in names}

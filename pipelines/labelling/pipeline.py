@@ -97,7 +97,7 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
             # ~100 MB, a ResNet-50 DETR is 160 MB) and copied for every actor; each actor fetches this once.
             "checkpoint": ray.put(checkpoint), "score_threshold": options.score_threshold, "top_k": options.top_k,
             "classes": options.classes, "draw": options.draw, "threads": options.torch_threads,
-            "precision": options.precision, **task_options,
+            "precision": options.precision, "runtime": options.runtime, **task_options,
         },
     )
     limits = results.context.execution_options.resource_limits

@@ -52,9 +52,10 @@ class LabelPredictor:
 
     def __init__(self, checkpoint: "bytes | ray.ObjectRef", *, score_threshold: float | None, top_k: int | None,
                  classes: Sequence[int] | None, draw: int = 0, threads: int = 1, precision: str = "float32",
-                 max_waste: float = DEFAULT_MAX_WASTE) -> None:
+                 runtime: str = "torch", max_waste: float = DEFAULT_MAX_WASTE) -> None:
         # top_k is applied after the class filter (select_detections), so the Detector keeps them all.
-        self.detector = Detector.in_actor(checkpoint, threads, score_threshold=score_threshold, precision=precision)
+        self.detector = Detector.in_actor(checkpoint, threads, score_threshold=score_threshold, precision=precision,
+                                          runtime=runtime)
         self.classes, self.top_k, self.max_waste = classes, top_k, max_waste
         self.draw_left = draw  # each actor draws its first N images; the driver keeps the first N overall
 

@@ -1,0 +1,144 @@
+"""Exported models in ONNX Runtime and OpenVINO give the PyTorch model's outputs and detections.
+
+For a random tiny model with non-trivial norms, a focal-loss (sigmoid-scored) two-stage model with masks, a
+panoptic model and the official tiny reference (../shared/reference): logits, boxes and masks equal PyTorch's
+to 1e-4 on a padded batch of two sizes, the post-processed detections match, and an image gives the same
+detections alone as inside the padded batch, in every runtime.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import detr
+from detr import from_official, pad_images
+from pipelines.inference.detector import Detector
+from pipelines.training.transforms import TransformsConfig
+from test_inference_model import CONFIGS, model_with_statistics
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
+EXPORTED = ("onnxruntime", "openvino")
+
+
+def official_tiny() -> torch.nn.Module:
+    reference = torch.load(SHARED / "official_tiny_r18.pt", weights_only=True)
+    config = reference["config"]
+    return from_official(reference["checkpoint"], nheads=config["nheads"], dilation=config["dilation"],
+                         aux_loss=config["aux_loss"], padding_invariant=True).eval()
+
+
+def two_stage_with_distinct_cells() -> torch.nn.Module:
+    """The fast recipe's panoptic model (focal loss, two-stage queries from the encoder's best cells, NMS among
+    them), its cells scored far apart as a trained model's are: a random one's cell scores tie to 1e-7, and
+    which of two tied cells a runtime's rounding picks first is not a property of the export."""
+    model = model_with_statistics(CONFIGS["fast_panoptic_stride8"])
+    with torch.no_grad():
+        detr.detector_of(model).dense_head.class_embed.weight.mul_(50.0)
+    return model
+
+
+MODELS = {
+    "tiny": lambda: model_with_statistics(CONFIGS["tiny"]),
+    "fast_panoptic_sigmoid": two_stage_with_distinct_cells,
+    "tiny_panoptic": lambda: model_with_statistics(CONFIGS["tiny_panoptic"]),
+    "official_tiny_r18": official_tiny,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((70, 90), (96, 64))]
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_an_exported_model_gives_pytorchs_outputs_and_detections(model, runtime):
+    from detr.errors import RaydetrError
+
+    transforms = TransformsConfig.small()
+    if runtime == "openvino" and model.config.two_stage is not None and model.config.two_stage.nms > 0:
+        with pytest.raises(RaydetrError, match="openvino runtime does not run a two-stage model with proposal NMS"):
+            Detector(model, transforms, runtime=runtime)
+        model = model_with_statistics(model.config.replace(two_stage=detr.TwoStage(nms=0.0)))  # without: it does
+    reference = Detector(model, transforms, score_threshold=0.0, optimize=False)
+    exported = Detector(model, transforms, score_threshold=0.0, runtime=runtime, threads=2)
+    pictures = images()
+    resized = [reference.preprocessing.resize(p) for p in pictures]
+    batch, mask = pad_images([reference.preprocessing.normalize(r) for r in resized])
+    assert mask.any()  # the batch is padded
+    expected, got = reference.forward(batch, mask), exported.forward(batch, mask)
+    names = ["pred_logits", "pred_boxes"] + (["pred_masks"] if model.config.masks else [])
+    assert sorted(k for k in got) == sorted(names)
+    if model.config.two_stage is not None:  # queries are the encoder's best cells: match them up first
+        got = matched_queries(got, expected)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4)
+    # Post-processed detections match, and an image alone gives those it gets inside the padded batch.
+    together = exported.detect(pictures)
+    for picture, ours, theirs in zip(pictures, together, reference.detect(pictures)):
+        alone = exported.detect([picture])[0]
+        for det in (theirs, alone):
+            assert_same_detections(ours, det)
+
+
+def matched_queries(got: dict, expected: dict) -> dict:
+    """`got`'s queries reordered to match `expected`'s. A two-stage model's queries start at the encoder's
+    best-scoring cells; a random model's cell scores nearly tie, so a runtime's rounding (1e-6) may pick them in
+    another order: the same predictions, in other query slots."""
+    from scipy.optimize import linear_sum_assignment
+
+    order = []
+    for image in range(got["pred_boxes"].shape[0]):
+        cost = torch.cdist(got["pred_boxes"][image], expected["pred_boxes"][image], p=1)
+        cost = cost + torch.cdist(got["pred_logits"][image], expected["pred_logits"][image], p=1)
+        rows, cols = linear_sum_assignment(cost.numpy())
+        order.append(torch.as_tensor(rows[cols.argsort()]))
+    return {k: torch.stack([v[i][order[i]] for i in range(len(order))]) for k, v in got.items()}
+
+
+def assert_same_detections(a: dict, b: dict) -> None:
+    """The same set of (label, score, box): a random model's scores nearly tie (1e-7 apart), so the order of
+    equal-looking detections may differ with float rounding; each is matched to its counterpart."""
+    from scipy.optimize import linear_sum_assignment
+
+    assert len(a["labels"]) == len(b["labels"])
+    cost = (a["boxes"][:, None] - b["boxes"][None]).abs().sum(-1) + 1e6 * (a["labels"][:, None] != b["labels"][None])
+    rows, cols = linear_sum_assignment(cost.numpy())
+    torch.testing.assert_close(a["boxes"][rows], b["boxes"][cols], rtol=0, atol=1e-2)  # pixels
+    torch.testing.assert_close(a["scores"][rows], b["scores"][cols], rtol=0, atol=1e-4)
+    assert torch.equal(a["labels"][rows], b["labels"][cols])
+
+
+def test_a_runtime_that_is_unknown_or_missing_is_one_line(monkeypatch):
+    import importlib.util
+
+    from detr.errors import RaydetrError
+    from pipelines.inference.runtimes import RUNTIMES, check_runtime
+    from pipelines.labelling.options import RUNTIMES as LABEL_RUNTIMES
+
+    assert LABEL_RUNTIMES == RUNTIMES  # named twice so that the command line does not import torch
+    with pytest.raises(RaydetrError, match="unknown runtime 'tensorrt'; choose one of torch, onnxruntime, openvino"):
+        check_runtime("tensorrt")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(RaydetrError, match=r"runtime 'openvino' needs openvino, which is not installed: "
+                                           r"pip install 'raydetr\[openvino\]'"):
+        check_runtime("openvino")
+    check_runtime("onnxruntime")
+
+
+def test_a_model_that_is_not_padding_invariant_is_not_exported(tmp_path):
+    from detr.errors import RaydetrError
+    from detr.export import export_onnx
+
+    model = detr.build_model(CONFIGS["tiny_official_padding"]).eval()
+    with pytest.raises(RaydetrError, match="not padding-invariant"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
