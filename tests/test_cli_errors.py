@@ -22,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      "detr label: error: model 'gone.pt': no such file, and not an MLflow URI (models:/..., runs:/...)"),
     (["evaluate", "--model", "gone.pt", "--data", "data.json"],
      "detr evaluate: error: model 'gone.pt': no such file, and not an MLflow URI (models:/..., runs:/...)"),
+    (["export", "--model", "gone.pt", "--output", "out"],
+     "detr export: error: model 'gone.pt': no such file, and not an MLflow URI (models:/..., runs:/...)"),
 ])
 def test_a_missing_input_is_one_line_before_anything_starts(tmp_path, argv, message):
     (tmp_path / "train.yaml").write_text("data: {train: nope.json}\n")

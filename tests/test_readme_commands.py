@@ -66,7 +66,8 @@ def test_the_readme_commands_run_as_written(ray_cluster, tmp_path, monkeypatch, 
     commands = readme_commands()
     assert [" ".join(c.split()[:2]) for c in commands] == [
         "detr make-dataset", "detr ingest", "detr train", "detr train", "detr evaluate", "detr promote",
-        "detr promote", "detr rollback", "detr label", "detr make-dataset", "detr train", "detr evaluate"]
+        "detr promote", "detr rollback", "detr label", "detr export", "detr make-dataset", "detr train",
+        "detr evaluate"]
     commands = commands[:-1]  # the panoptic model's evaluation: see the module's docstring
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
@@ -104,5 +105,7 @@ def test_the_readme_commands_run_as_written(ray_cluster, tmp_path, monkeypatch, 
     assert list((tmp_path / "data" / "shapes-parquet" / "data").glob("*.parquet"))
     manifest = json.loads((tmp_path / "labels" / "shapes" / "manifest.json").read_text())
     assert manifest["model"]["name"] == "shapes-detector" and manifest["model"]["version"] == "1"  # rolled back
+    export = json.loads((tmp_path / "exports" / "shapes" / "raydetr_export.json").read_text())
+    assert export["model"]["name"] == "shapes-detector" and export["model"]["version"] == "1"
     panoptic = printed["detr train"][2]
     assert "recipe: fast_panoptic" in panoptic and "\n  mask_head:\n" in panoptic, panoptic

@@ -142,3 +142,51 @@ def test_a_model_that_is_not_padding_invariant_is_not_exported(tmp_path):
     with pytest.raises(RaydetrError, match="not padding-invariant"):
         export_onnx(model, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("export_format", ["onnx", "openvino"])
+def test_detr_export_writes_a_folder_that_describes_and_checks_itself(tmp_path, export_format):
+    """`detr export` on one of our checkpoints: the graph, the metadata a runtime user needs, a check against
+    PyTorch; the graph alone (no raydetr) reproduces the model on a padded batch; a broken folder is refused."""
+    import json
+
+    import onnxruntime as ort
+
+    from detr.errors import RaydetrError
+    from detr.export import example_batch
+    from jobs.cli import main as detr_cli
+    from pipelines.inference.detector import transforms_to_metadata
+    from pipelines.inference.export_folder import read_export
+
+    model = model_with_statistics(CONFIGS["tiny"])
+    transforms = TransformsConfig.small()
+    categories = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
+    checkpoint = detr.save_checkpoint(model, tmp_path / "tiny.pt", {"categories": categories,
+                                                                     "transforms": transforms_to_metadata(transforms)})
+    out = tmp_path / "export"
+    assert detr_cli(["export", "--model", str(checkpoint), "--format", export_format, "--output", str(out)]) == 0
+    described = read_export(str(out))
+    assert list(described["outputs"]) == ["pred_logits", "pred_boxes"] and described["scores"] == "softmax"
+    assert described["categories"] == categories and described["default_score_threshold"] == 0.5
+    assert described["preprocessing"]["eval_size"] == transforms.eval_size
+    assert described["model"]["sha256"] and max(described["check"]["max_abs_difference"].values()) <= 1e-4
+    images, mask = example_batch(((80, 60), (64, 100)))
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, boxes = session.run(None, {"images": images.numpy(), "mask": mask.numpy()})
+    with torch.no_grad():
+        expected = model(images, mask)
+    np.testing.assert_allclose(logits, expected["pred_logits"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(boxes, expected["pred_boxes"].numpy(), atol=1e-4)
+
+    if export_format == "openvino":
+        assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
+        (out / "model.bin").unlink()
+        with pytest.raises(RaydetrError, match="the export is incomplete: model.bin missing"):
+            read_export(str(out))
+    else:
+        meta = out / "raydetr_export.json"
+        meta.write_text(json.dumps(dict(described, format_version=99)))
+        with pytest.raises(RaydetrError, match="export format version 99 is newer"):
+            read_export(str(out))
+        with pytest.raises(RaydetrError, match="not an export folder"):
+            read_export(str(tmp_path))

@@ -1,0 +1,126 @@
+"""An export folder: a model's graph for a runtime plus everything needed to run it without raydetr.
+
+    OUT/model.onnx            the graph (detr.export: dynamic batch and size, padding mask as an input)
+    OUT/model.xml, model.bin  with --format openvino: OpenVINO's IR of the same graph
+    OUT/raydetr_export.json   what a runtime user needs: inputs and outputs, the preprocessing (evaluation
+                              size, normalisation), the classes, how scores are made (softmax or sigmoid) and
+                              the default threshold, and which model it came from
+
+Why a folder that describes itself: a team that runs the graph on a CPU fleet in its own service needs the
+preprocessing and the score semantics as much as the weights. Writing it checks the graph in its runtime
+against PyTorch on a padded batch: an export that does not reproduce the model is refused, not written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+
+from detr.errors import RaydetrError
+
+FORMATS = ("onnx", "openvino")
+METADATA_FILE = "raydetr_export.json"
+FORMAT_NAME = "raydetr-export"
+FORMAT_VERSION = 1
+TOLERANCE = 1e-4
+"""Largest difference allowed between the runtime's outputs and PyTorch's (logits, boxes, masks)."""
+
+
+def metadata(detector, model_identity: Mapping[str, str], export_format: str, outputs: tuple[str, ...]) -> dict:
+    """The folder's description of the model it holds."""
+    from detr.postprocess import default_score_threshold, scored_by_sigmoid
+    from pipelines.inference.detector import transforms_to_metadata
+
+    config = detector.model.config
+    transforms = detector.transforms
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "export_format": export_format,
+        "files": {"onnx": "model.onnx", **({"openvino": "model.xml"} if export_format == "openvino" else {})},
+        "inputs": {"images": "float32 [batch, 3, height, width]: RGB scaled to [0, 1], minus mean, over std, "
+                             "zero-padded at the bottom and right",
+                   "mask": "bool [batch, height, width]: True on padding"},
+        "outputs": {name: _OUTPUT_TEXT[name] for name in outputs},
+        "preprocessing": {"eval_size": transforms.eval_size, "eval_max_size": transforms.eval_max_size,
+                          "mean": list(transforms.mean), "std": list(transforms.std)},
+        "scores": "sigmoid" if scored_by_sigmoid(config) else "softmax",
+        "default_score_threshold": default_score_threshold(config),
+        "categories": detector.categories or [],
+        "model": dict(model_identity),
+        "config": config.to_dict(),
+        "transforms": transforms_to_metadata(transforms),
+    }
+
+
+_OUTPUT_TEXT = {
+    "pred_logits": "float32 [batch, queries, classes + 1]: class logits, the last 'no object'",
+    "pred_boxes": "float32 [batch, queries, 4]: (cx, cy, w, h) in [0, 1] of each image's own unpadded size",
+    "pred_masks": "float32 [batch, queries, height / 4, width / 4]: mask logits of every query",
+}
+
+
+def write_export(detector, model_identity: Mapping[str, str], out: str, export_format: str = "onnx",
+                 threads: int | None = None) -> dict:
+    """Export `detector`'s model into the folder `out` (created; files of an earlier export replaced), check
+    the graph in its runtime against PyTorch, and write the metadata last. Returns the metadata, with the
+    largest differences measured under `check`."""
+    from detr.export import example_batch, export_onnx
+    from pipelines.inference.runtimes import check_model_runs_in, check_runtime, file_runner
+
+    if export_format not in FORMATS:
+        raise RaydetrError(f"unknown export format {export_format!r}; choose one of {', '.join(FORMATS)}")
+    runtime = "onnxruntime" if export_format == "onnx" else "openvino"
+    check_runtime(runtime)
+    check_model_runs_in(runtime, detector.model.config)
+    os.makedirs(out, exist_ok=True)
+    for name in (METADATA_FILE, "model.onnx", "model.xml", "model.bin"):  # a half-written folder is no export
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    onnx_file = os.path.join(out, "model.onnx")
+    outputs = export_onnx(detector.model, onnx_file)
+    model_file = onnx_file
+    if export_format == "openvino":
+        import openvino as ov
+
+        model_file = os.path.join(out, "model.xml")
+        ov.save_model(ov.convert_model(onnx_file), model_file, compress_to_fp16=False)
+    images, mask = example_batch(((70, 90), (96, 64)))  # padded, and other sizes than the graph was traced at
+    with torch.inference_mode():
+        expected = detector.forward(images, mask)
+    got = file_runner(runtime, model_file, threads or torch.get_num_threads())(images, mask)
+    differences = {name: float((got[name] - expected[name]).abs().max()) for name in outputs}
+    worst = max(differences, key=differences.get)
+    if differences[worst] > TOLERANCE:
+        raise RaydetrError(f"the {export_format} export of {model_identity.get('uri', 'the model')} does not "
+                           f"reproduce it in {runtime}: {worst} differs by {differences[worst]:.2g} "
+                           f"(at most {TOLERANCE:g}); nothing was written")
+    described = metadata(detector, model_identity, export_format, outputs)
+    described["check"] = {"runtime": runtime, "max_abs_difference": differences}
+    with open(os.path.join(out, METADATA_FILE), "w") as f:
+        json.dump(described, f, indent=2)
+    return described
+
+
+def read_export(folder: str) -> dict[str, Any]:
+    """The metadata of an export folder, checked: ours, a version this raydetr reads, its files present."""
+    path = os.path.join(folder, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise RaydetrError(f"{folder}: not an export folder (no {METADATA_FILE}; `detr export` writes one)")
+    with open(path) as f:
+        described = json.load(f)
+    if described.get("format") != FORMAT_NAME:
+        raise RaydetrError(f"{path}: not a raydetr export (format {described.get('format')!r})")
+    if described.get("format_version", 0) > FORMAT_VERSION:
+        raise RaydetrError(f"{path}: export format version {described['format_version']} is newer than this "
+                           f"raydetr reads ({FORMAT_VERSION}); upgrade raydetr or export again")
+    missing = [name for name in described.get("files", {}).values() if not os.path.isfile(os.path.join(folder, name))]
+    if described.get("export_format") == "openvino" and "model.xml" not in missing and not os.path.isfile(
+            os.path.join(folder, "model.bin")):
+        missing.append("model.bin")
+    if missing:
+        raise RaydetrError(f"{folder}: the export is incomplete: {', '.join(missing)} missing")
+    return described
+
+
+__all__ = ["FORMATS", "METADATA_FILE", "read_export", "write_export"]
