@@ -45,7 +45,8 @@ def signature(panoptic: bool = False, score_threshold: float = 0.5, eval_size: i
         ColSpec(DataType.string, "error"),
     ])
     params = [ParamSpec("score_threshold", DataType.double, score_threshold), ParamSpec("top_k", DataType.long, 100),
-              ParamSpec("eval_size", DataType.long, eval_size), ParamSpec("eval_max_size", DataType.long, 0)]
+              ParamSpec("eval_size", DataType.long, eval_size), ParamSpec("eval_max_size", DataType.long, 0),
+              ParamSpec("runtime", DataType.string, "torch")]
     if panoptic:
         params.append(ParamSpec("panoptic_threshold", DataType.double, PANOPTIC_THRESHOLD))
     params = ParamSchema(params)

@@ -8,7 +8,9 @@ and returns one row per input row: `boxes` (xyxy in the image's pixels),
 back). Params: `score_threshold` (default: the model's, `detr.default_score_threshold`: 0.5 for softmax
 scores, 0.2 for a focal-loss model's sigmoid scores), `top_k` (default 100), and `eval_size` /
 `eval_max_size`: the shorter side images are resized to and the longer side's cap (default: the model's
-own; `eval_max_size` 0 keeps the model's ratio), to trade accuracy for speed.
+own; `eval_max_size` 0 keeps the model's ratio), to trade accuracy for speed, and `runtime`: `torch` (default),
+or `onnxruntime` / `openvino` to run the model's ONNX export there (made on first use; the runtime must be
+installed where the model is served: `raydetr[onnx]`, `raydetr[openvino]`).
 A model with masks (panoptic) also returns `segments`: a JSON list per image of
 {"id", "category_id", "label_name", "isthing", "area", "score", "bbox", "rle"}
 (COCO RLE of the segment's pixels), from the panoptic merge with param
@@ -32,19 +34,22 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         from pipelines.inference.detector import Detector
 
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"])
-        self.sized = {}
+        self.sized, self.exported = {}, {"torch": self.detector}
 
-    def detector_at(self, size: int, max_size: int):
-        """The detector at this evaluation size (the same model; kept per size asked)."""
+    def detector_at(self, size: int, max_size: int, runtime: str = "torch"):
+        """The detector at this evaluation size in this runtime (the same model; kept per size and runtime
+        asked: a runtime's export is made once, on first use)."""
         import dataclasses
 
+        if runtime not in self.exported:
+            self.exported[runtime] = dataclasses.replace(self.detector, runtime=runtime)
+        base = self.exported[runtime]
         own = self.detector.transforms
         if (size, max_size or own.eval_max_size) == (own.eval_size, own.eval_max_size):
-            return self.detector
-        if (size, max_size) not in self.sized:
-            transforms = own.at_eval_size(size, max_size or None)
-            self.sized[(size, max_size)] = dataclasses.replace(self.detector, transforms=transforms)
-        return self.sized[(size, max_size)]
+            return base
+        if (size, max_size, runtime) not in self.sized:
+            self.sized[(size, max_size, runtime)] = base.with_transforms(own.at_eval_size(size, max_size or None))
+        return self.sized[(size, max_size, runtime)]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from detr.postprocess import default_score_threshold
@@ -56,7 +61,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         threshold = float(params.get("score_threshold", default_score_threshold(self.detector.model.config)))
         top_k = int(params.get("top_k", 100))
         detector = self.detector_at(int(params.get("eval_size", self.detector.transforms.eval_size)),
-                                    int(params.get("eval_max_size", 0)))
+                                    int(params.get("eval_max_size", 0)), str(params.get("runtime", "torch")))
         panoptic = bool(self.detector.model.config.masks)
         columns = ["boxes", "scores", "labels", "label_names", "width", "height", "error"]
         if panoptic:

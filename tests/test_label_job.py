@@ -138,8 +138,8 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     manifest = LabelOutput(out).read_manifest()
     assert manifest["status"] == "complete" and manifest["settings"] == {"task": "detection", "score_threshold": 0.2,
                                                                          "top_k": 5, "classes": None,
-                                                                         "precision": "float32", "eval_size": 128,
-                                                                         "eval_max_size": 213}
+                                                                         "precision": "float32", "runtime": "torch",
+                                                                         "eval_size": 128, "eval_max_size": 213}
     assert manifest["totals"]["images_labelled"] == 16 and manifest["totals"]["detections"] == compared
     run = manifest["runs"][-1]
     assert 0 < run["first_rows_seconds"] <= run["seconds"]  # start-up, then the steady rate after it, when rows

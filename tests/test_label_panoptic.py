@@ -159,7 +159,7 @@ def test_the_task_is_a_row_setting_a_rerun_must_keep():
     detection = LabelOptions().for_model(0.5, TransformsConfig.small()).row_settings()
     panoptic = LabelOptions(task="panoptic").for_model(0.5, TransformsConfig.small()).row_settings()
     assert detection == {"task": "detection", "score_threshold": 0.5, "top_k": None, "classes": None,
-                         "precision": "float32", "eval_size": 128, "eval_max_size": 213}
+                         "precision": "float32", "runtime": "torch", "eval_size": 128, "eval_max_size": 213}
     assert panoptic == {**detection, "task": "panoptic", "panoptic_threshold": 0.85}
     with pytest.raises(ValueError, match="task 'detection' \\(now 'panoptic'\\)"):
         check_compatible(new_manifest(model, detection), model, panoptic, "out")

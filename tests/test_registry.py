@@ -170,6 +170,15 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, m
     params = {p.name: p.default for p in loaded.metadata.signature.params.params}
     assert (params["eval_size"], params["eval_max_size"]) == (800, 0)  # the model's own size (the paper's)
     smaller = loaded.predict(frame[:1], params={"score_threshold": 0.0, "top_k": 5, "eval_size": 32})
+    # In ONNX Runtime (the model's export, made on first use): the same detections (matched one to one: a random
+    # model's scores nearly tie, and their order may differ with rounding).
+    from scipy.optimize import linear_sum_assignment
+
+    exported = loaded.predict(frame[:1], params={"score_threshold": 0.0, "top_k": 5, "runtime": "onnxruntime"})
+    ours, theirs = (np.array(list(f["boxes"][0]), dtype=float) for f in (exported, out))
+    rows, cols = linear_sum_assignment(np.abs(ours[:, None] - theirs[None]).sum(-1))
+    np.testing.assert_allclose(ours[rows], theirs[cols], atol=1e-3)
+    np.testing.assert_allclose(sorted(exported["scores"][0]), sorted(out["scores"][0]), atol=1e-4)
     # A job that loads a registered model downloads it to a temporary folder, and removes it, also when the
     # download fails.
     import tempfile

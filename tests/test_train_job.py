@@ -2,7 +2,7 @@
 the cluster has CPUs.
 
 The job itself runs where its users run it: two workers on the production topology (tests/test_topology_jobs.py:
-fine-tuned from an official file, params, metrics, artifacts and the checkpoint on S3, a killed worker, a
+fine-tuned from a checkpoint of another class count, params, metrics, artifacts and the checkpoint on S3, a killed worker, a
 re-run that resumes, a finished run re-run), the README's two trainings (tests/test_readme_commands.py: one
 and two workers, what the command prints), and a panoptic model (tests/test_panoptic_jobs.py). Two DDP workers
 with half a batch each compute one worker's loss and gradients: tests/test_distributed_loss.py.

@@ -15,6 +15,7 @@ in that runtime instead (`pipelines.inference.runtimes`); everything else stays 
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -134,6 +135,13 @@ class Detector:
 
             checkpoint = ray.get(checkpoint)
         return cls.from_checkpoint(bytes(checkpoint), threads=threads, **options)
+
+    def with_transforms(self, transforms: TransformsConfig) -> "Detector":
+        """This detector with other preprocessing (another evaluation size): the same model, runtime and
+        post-processing, nothing rebuilt or exported again (the exported graph takes any size)."""
+        other = copy.copy(self)
+        other.transforms, other.preprocessing = transforms, EvalPreprocessing(transforms)
+        return other
 
     def postprocess(self, score_threshold: float | None = None, top_k: int | None = None) -> PostProcess:
         """Detections from this model's outputs, scored as it was trained (sigmoids after the focal loss)."""
