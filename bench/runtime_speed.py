@@ -49,7 +49,7 @@ def matmul_rate(threads: int, n: int = 2048) -> float:
 def model_flops(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # (its module tracker needs autograd on)
         model(images, mask)
     return float(counter.get_total_flops())
 
