@@ -63,7 +63,7 @@ def check_model_spec(spec: str) -> None:
     starts Ray or a tracking database for nothing); a file on an object store is looked up there."""
     if is_mlflow_uri(spec):
         return
-    if has_scheme(spec):
+    if _on_object_store(spec):
         from pipelines import storage
 
         if not storage.exists(spec) or storage.is_dir(spec):
@@ -72,14 +72,17 @@ def check_model_spec(spec: str) -> None:
         raise FileNotFoundError(f"model {spec!r}: no such file, and not an MLflow URI (models:/..., runs:/...)")
 
 
-def has_scheme(spec: str) -> bool:
-    return "://" in spec and not is_mlflow_uri(spec)
+def _on_object_store(spec: str) -> bool:
+    """A URI (`pipelines.storage.has_scheme`) that is not MLflow's."""
+    from pipelines.storage import has_scheme
+
+    return has_scheme(spec) and not is_mlflow_uri(spec)
 
 
 def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | None = None) -> ResolvedModel:
     """Turn a model argument into a local checkpoint path (downloading MLflow models and files on object
     stores)."""
-    if has_scheme(spec):
+    if _on_object_store(spec):
         return _download_file(spec, cache_dir)
     if not is_mlflow_uri(spec):
         check_model_spec(spec)

@@ -28,6 +28,7 @@ from typing import Any
 from detr.errors import RaydetrError
 from jobs.cli import module_main
 from jobs.ray_session import connect, restore_working_directory
+from jobs.train_progress import validated
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -144,8 +145,6 @@ def score_metric(model_config) -> str:
 
 def _best_checkpoint(result, score: str = "val_AP"):
     """The checkpoint with the best validation score, else the latest."""
-    from jobs.train_progress import validated
-
     best = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if validated(m.get(score))]
     if best:
         return max(best, key=lambda cm: cm[1][score])
@@ -216,7 +215,7 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None, ver
     from jobs.config_files import flatten, to_plain
     from jobs.mlflow_model import log_detector_model
     from jobs.train_loop import train_loop_per_worker
-    from jobs.train_progress import ProgressQueue, validated
+    from jobs.train_progress import ProgressQueue
     from pipelines import storage
     from pipelines.inference.detector import transforms_to_metadata
     from pipelines.placement import nodes_that_cannot_see
@@ -366,8 +365,6 @@ def run(args: argparse.Namespace) -> int:
         print(resolved_config_text(config), end="")
         return 0
     result = train(config, address=args.address, verbose=args.verbose)
-    from jobs.train_progress import validated
-
     ap = result.metrics.get("val_AP")
     print(f"training finished: MLflow run {result.run_id}; best checkpoint {result.checkpoint_dir}")
     if validated(ap):

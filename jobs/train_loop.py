@@ -371,7 +371,7 @@ class Trainer:
         rows = [(step, row) for step, row in self._step_rows if step > self.logged_until["step"]]
         if epoch > self.logged_until["epoch"]:
             clean = {k: v for k, v in metrics.items()  # not validated this epoch: no val_ entry
-                     if not math.isnan(v) and not (k.startswith("val_") and not validated(v))}
+                     if (validated(v) if k.startswith("val_") else not math.isnan(v))}
             rows.append((epoch, clean))
         self.run.log_metric_history(rows)
 
