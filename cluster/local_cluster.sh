@@ -92,7 +92,8 @@ PY
   stop)
     # Only this cluster's nodes (not `ray stop`, which stops every Ray on the machine): their processes name
     # its temp folders ($ROOT for the head, $ROOT-worker-N for the workers) on their command lines.
-    ROOT="$(cd "$STATE_DIR" 2>/dev/null && pwd)/ray"
+    STATE_PATH="$(cd "$STATE_DIR" 2>/dev/null && pwd)" || { echo "no local Ray cluster in $STATE_DIR"; exit 0; }
+    ROOT="$STATE_PATH/ray"
     pkill -TERM -f -- "$ROOT" || true  # then ten seconds, as `ray stop` gives its own grace period, before SIGKILL
     for _ in $(seq 1 10); do pgrep -f -- "$ROOT" > /dev/null || break; sleep 1; done
     pkill -KILL -f -- "$ROOT" || true

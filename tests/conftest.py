@@ -9,6 +9,25 @@ import pytest
 pytest_plugins = ("mlflow_fixtures", "topology")
 
 
+CLUSTER_FIXTURES = {"ray_cluster", "mlflow_server", "topology", "s3_server"}
+"""Session fixtures that start servers and clusters: their tests run in one process."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), every test that uses a cluster or a server
+    goes to one worker, in order, so each cluster starts once; the tests that need neither run beside them on the
+    other worker, in the CPU time the cluster's tests leave idle while processes start and servers answer."""
+    # On the controller `--dist` says so (the option exists where pytest-xdist is installed); a worker, which
+    # collects the tests the controller hands out, runs with `dist` "no" and has `workerinput`.
+    if config.getoption("dist", "no") == "no" and not hasattr(config, "workerinput"):
+        return
+    for item in items:
+        if CLUSTER_FIXTURES & set(item.fixturenames) or any(item.get_closest_marker(m) for m in ("ray", "mlflow",
+                                                                                                  "topology")):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Code run in-process (a labelling actor, an evaluation actor) sets torch's thread count for its

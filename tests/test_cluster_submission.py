@@ -46,21 +46,27 @@ def cluster_and_server(tmp_path):
     cluster_dir = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
     env = _env(tmp_path, cluster_dir)
     gcs_port, dashboard_port, mlflow_port = _free_port(), _free_port(), _free_port()
-    started = []
-    try:
-        _run(["bash", "cluster/mlflow_server.sh", "start", "--port", str(mlflow_port), "--auth"], env)
-        started.append("mlflow")
+    # Both at once, as two terminals would (each waits for its own service to answer).
+    starts = {
+        "mlflow": ["bash", "cluster/mlflow_server.sh", "start", "--port", str(mlflow_port), "--auth"],
         # Ports of its own, as a second cluster on a machine needs (the session's cluster runs beside it).
-        _run(["bash", "cluster/local_cluster.sh", "start", "--workers", "1", "--cpus-per-node", "2",
-              "--port", str(gcs_port), "--dashboard-port", str(dashboard_port), "--client-port", str(_free_port()),
-              "--agent-port", str(_free_port())], env)
-        started.append("ray")
+        "ray": ["bash", "cluster/local_cluster.sh", "start", "--workers", "1", "--cpus-per-node", "2", "--port",
+                str(gcs_port), "--dashboard-port", str(dashboard_port), "--client-port", str(_free_port()),
+                "--agent-port", str(_free_port())],
+    }
+    running = {name: subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True) for name, command in starts.items()}
+    try:
+        printed = {name: process.communicate(timeout=600)[0] for name, process in running.items()}
+        for name, process in running.items():
+            assert process.returncode == 0, f"{starts[name]} failed:\n{printed[name][-4000:]}"
         yield env, f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{mlflow_port}"
     finally:
-        if "ray" in started:
-            subprocess.run(["bash", "cluster/local_cluster.sh", "stop"], env=env, cwd=ROOT, capture_output=True)
-        if "mlflow" in started:
-            subprocess.run(["bash", "cluster/mlflow_server.sh", "stop"], env=env, cwd=ROOT, capture_output=True)
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+        subprocess.run(["bash", "cluster/local_cluster.sh", "stop"], env=env, cwd=ROOT, capture_output=True)
+        subprocess.run(["bash", "cluster/mlflow_server.sh", "stop"], env=env, cwd=ROOT, capture_output=True)
         shutil.rmtree(cluster_dir, ignore_errors=True)
 
 
@@ -78,20 +84,24 @@ def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluste
     root = Path(env["RAYDETR_CLUSTER_DIR"]) / "ray"
     assert (root.parent / "ray-worker-1").is_dir()  # the worker node's own sessions and runtime environments
     assert requests.get(f"{tracking}/health", timeout=10).status_code == 200
-    # A team server is closed: a job without credentials stops at once with one line that says what to set.
+    # A team server is closed: a job without credentials stops at once with one line that says what to set. The
+    # three refusals run at once (each is a fresh `detr` process).
     anonymous = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_")}
-    refused = subprocess.run([sys.executable, "-m", "jobs.cli", "rollback", "--name", "m", "--tracking-uri", tracking],
-                             env=anonymous, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1 and refused.stderr.strip() == (
-        f"detr rollback: error: MLflow tracking server {tracking} needs credentials: set MLFLOW_TRACKING_USERNAME "
-        "and MLFLOW_TRACKING_PASSWORD in the job's environment (never in a config or on the command line)")
     password_file = Path(env["RAYDETR_MLFLOW_DIR"]) / "auth" / "admin_password"
     assert oct(password_file.stat().st_mode & 0o777) == "0o600"
     admin = {**anonymous, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password_file.read_text().strip()}
-    wrong = subprocess.run([sys.executable, "-m", "jobs.cli", "rollback", "--name", "m", "--tracking-uri", tracking],
-                           env={**admin, "MLFLOW_TRACKING_PASSWORD": "guess"}, cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
-    assert "refused the password of user 'admin'" in wrong.stderr
+    rollback = [sys.executable, "-m", "jobs.cli", "rollback", "--name", "m", "--tracking-uri", tracking]
+    calls = {"refused": (rollback, anonymous), "wrong": (rollback, {**admin, "MLFLOW_TRACKING_PASSWORD": "guess"}),
+             "unknown": ([sys.executable, "-m", "jobs.cli", "jobs", "logs", "nonexistent", "--address", address], env)}
+    running = {name: subprocess.Popen(command, env=call_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for name, (command, call_env) in calls.items()}
+    done = {name: (process.communicate(timeout=120)[1].strip(), process.returncode) for name, process in running.items()}
+    assert done["refused"] == (
+        f"detr rollback: error: MLflow tracking server {tracking} needs credentials: set MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD in the job's environment (never in a config or on the command line)", 1)
+    assert "refused the password of user 'admin'" in done["wrong"][0]
+    assert done["unknown"] == (
+        f"detr jobs: error: no job 'nonexistent' on the cluster at {address} (`detr jobs list` shows its jobs)", 1)
     from mlflow.tracking import MlflowClient
 
     from jobs.tracking import ensure_tracking_available
@@ -102,10 +112,6 @@ def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluste
     experiment = MlflowClient(tracking).create_experiment("with-credentials")
     assert MlflowClient(tracking).get_experiment(experiment).name == "with-credentials"
     assert requests.get(f"{address}/api/version", timeout=10).status_code in (200, 401)
-    unknown = subprocess.run([sys.executable, "-m", "jobs.cli", "jobs", "logs", "nonexistent", "--address", address],
-                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 1 and unknown.stderr.strip() == (
-        f"detr jobs: error: no job 'nonexistent' on the cluster at {address} (`detr jobs list` shows its jobs)")
 
     # Two submissions at once with the pinned requirements: every node builds the job's pip environment, each in
     # a folder of its own (nodes sharing one raced, and a first submission failed with `No module named 'ray'`).

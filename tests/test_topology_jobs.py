@@ -264,10 +264,15 @@ def _manifest(topology, output: str) -> dict:
 
 
 def test_label_an_s3_tar_with_a_killed_driver_then_resume(topology, shapes, trained):
+    from messy_data import corrupt_jpeg
+
     archive = topology.driver_tmp / "images.tar"
     with tarfile.open(archive, "w") as tar:
         for name in shapes["images"]:
             tar.add(shapes["local"] / "images" / name, arcname=f"photos/{name}")
+        broken = tarfile.TarInfo("photos/broken.jpg")
+        broken.size = len(corrupt_jpeg())
+        tar.addfile(broken, io.BytesIO(corrupt_jpeg()))
     tar_uri = topology.uri("archives", "images.tar")
     bucket, _, key = tar_uri[len("s3://"):].partition("/")
     topology.s3.client().upload_file(str(archive), bucket, key)
@@ -287,11 +292,18 @@ def test_label_an_s3_tar_with_a_killed_driver_then_resume(topology, shapes, trai
     topology.logs.append(driver.communicate()[0])
     partial = _label_rows(topology, output)
     assert 0 < len(partial) <= len(shapes["images"])
-    topology.detr(*args[1:])
-    rows = _label_rows(topology, output)
+    killed_midway = len(partial) < len(shapes["images"])  # (the last commit can beat the kill on a busy machine)
+    assert _manifest(topology, output)["status"] == ("running" if killed_midway else "complete")
+    resumed = topology.detr(*args[1:])
+    assert f"labelled {len(shapes['images']) - len(partial)} images" in resumed.stdout, resumed.stdout[-2000:]
+    rows, errors = _label_rows(topology, output), _label_rows(topology, output, "errors")
     keys = [r["key"] for r in rows]
-    assert len(keys) == len(set(keys)) == len(shapes["images"])
+    assert len(keys) == len(set(keys)) == len(shapes["images"])  # every image exactly once, none lost
     assert {k.split("!", 1)[1] for k in keys} == {f"photos/{n}" for n in shapes["images"]}
+    assert [e["image"].split("!", 1)[1] for e in errors] == ["photos/broken.jpg"]
+    manifest = _manifest(topology, output)
+    assert [r["status"] for r in manifest["runs"]] == ["running" if killed_midway else "complete", "complete"]
+    assert manifest["totals"]["images_labelled"] == len(shapes["images"]) and manifest["totals"]["errors"] == 1
 
 
 def test_panoptic_labelling_of_s3_images_with_a_checkpoint_on_the_drivers_disk(topology, tmp_path):
