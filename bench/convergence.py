@@ -14,7 +14,8 @@ model and criterion, `detr.engine.train_step`, `detr.evaluation.evaluate_coco`
 an evaluation on the val split, so both see the same machine load; the budget counts
 training wall-clock time only (data loading included, evaluation excluded), with torch
 limited to `--threads` threads. Prints AP/AP50 per recipe and minute and the final AP50
-ratio, and writes the curves as a PNG and the numbers as JSON under `--out`.
+ratio, and writes the curves as a PNG and the numbers as JSON under `--out`; `--save-models` also writes each
+recipe's final model there as a raydetr checkpoint (what bench/export_accuracy.py evaluates).
 """
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ from detr.evaluation import evaluate_coco  # noqa: E402
 from detr.optim import build_optimizer, build_warmup_scheduler  # noqa: E402
 from jobs.config_files import build_dataclass  # noqa: E402
 from jobs.recipes import RECIPES, apply_recipe  # noqa: E402
+from jobs.synthetic_data import SyntheticConfig, write_dataset  # noqa: E402
 from jobs.train_config import TrainJobConfig  # noqa: E402
 from pipelines.sources import open_source  # noqa: E402
-from jobs.synthetic_data import SyntheticConfig, write_dataset  # noqa: E402
-from pipelines.training.torch_dataset import DetectionTorchDataset, collate_skipping_rejected, endless_batches  # noqa: E402
+from pipelines.training.torch_dataset import (DetectionTorchDataset, collate_skipping_rejected,  # noqa: E402
+                                              endless_batches)
 from pipelines.training.transforms import TransformsConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,6 +93,7 @@ class RecipeRun:
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.warmup = build_warmup_scheduler(self.optimizer, job.optimizer)
         transforms = TransformsConfig.preset(job.data.transforms)
+        self.transforms, self.categories = transforms, source.categories
         train_set = DetectionTorchDataset(source, train=True, transforms=transforms, seed=self.seed)
         # One loader process decodes and augments while the model trains, as Ray Data's tasks do in `detr train`.
         self.batches = endless_batches(train_set, job.data.batch_size, self.seed, workers=1)
@@ -148,6 +151,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=RESULTS / "shapes", help="dataset folder (written if absent)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--save-models", action="store_true", help="write each recipe's final model under --out")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -179,6 +183,14 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {run.name: {"steps": run.steps, "history": run.history} for run in runs}, indent=1))
     print(f"plot: {args.out / f'{stem}.png'}")
+    if args.save_models:
+        from detr import save_checkpoint
+        from pipelines.inference.detector import transforms_to_metadata
+
+        for run in runs:
+            path = save_checkpoint(run.model, args.out / f"{stem}_{run.name}.pt", {
+                "categories": run.categories, "transforms": transforms_to_metadata(run.transforms)})
+            print(f"model: {path}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Rows, all in one run on the same random weights:
 - `official, onnxruntime plain export`: what a user builds by hand: `torch.onnx.export` of that model and an
   ONNX Runtime session with default options;
 - `raydetr, torch`: the Detector's inference copy (norms folded, channels-last);
-- `raydetr, onnxruntime` and `raydetr, openvino`: `detr.export`'s graph (`pipelines.inference.runtimes`).
+- `raydetr, onnxruntime` and `raydetr, openvino`: `detr.export`'s graph (`pipelines.inference.runtimes`);
+- `... int8`: that graph quantised (`detr export --precision int8`: `pipelines.inference.quantize`), calibrated
+  here on a few random images (speed does not depend on the ranges; the AP it costs: bench/export_accuracy.py).
 The floor is the model's float32 FLOPs (counted by torch's FlopCounterMode) over a large matmul's measured
 rate on these threads: no float32 implementation can beat it by much. Prints a table; figures belong in
 bench/RESULTS.md with the date and the CPU.
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runtimes", default="onnxruntime,openvino")
+    parser.add_argument("--no-int8", action="store_true", help="leave out the int8 rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from pipelines.inference.runtimes import file_runner
@@ -99,13 +102,22 @@ def main() -> None:
     rate = matmul_rate(args.threads)
     print(f"# {args.preset}, {args.threads} threads, torch {torch.__version__}; float32 matmul "
           f"{rate / 1e9:.0f} GFLOP/s")
-    print(f"{'size':<10} {'batch':>5}  {'path':<36} {'s/image':>8} {'vs official':>11} {'vs floor':>8}")
+    print(f"{'size':<10} {'batch':>5}  {'path':<36} {'s/image':>8} {'vs official':>11} {'vs plain':>8} "
+          f"{'vs floor':>8}")
     with tempfile.TemporaryDirectory() as folder:
         plain_file, our_file = os.path.join(folder, "plain.onnx"), os.path.join(folder, "ours.onnx")
         probe = pad_images([torch.randn(3, 96, 128), torch.randn(3, 128, 96)])
         plain = plain_onnx_session(official, *probe, plain_file, args.threads)
         export_onnx(ours, our_file)
         runners = {name: file_runner(name, our_file, args.threads) for name in args.runtimes.split(",") if name}
+        if not args.no_int8:
+            from pipelines.inference.quantize import quantize_onnx
+
+            int8_file = os.path.join(folder, "int8.onnx")
+            h, w = (int(v) for v in args.sizes.split(",")[0].split("x"))
+            quantize_onnx(our_file, int8_file, [pad_images([torch.randn(3, h, w)]) for _ in range(4)])
+            runners.update({f"{name} int8": file_runner(name, int8_file, args.threads)
+                            for name in args.runtimes.split(",") if name})
         for size in args.sizes.split(","):
             h, w = (int(v) for v in size.split("x"))
             flops = model_flops(official, *pad_images([torch.randn(3, h, w)]))
@@ -116,13 +128,16 @@ def main() -> None:
                          "official, onnxruntime plain export": lambda: plain(images, mask),
                          "raydetr, torch": lambda: fast(images.contiguous(memory_format=torch.channels_last), mask)}
                 paths.update({f"raydetr, {name}": (lambda r=r: r(images, mask)) for name, r in runners.items()})
-                baseline = None
+                baseline = plain_seconds = None
                 for name, fn in paths.items():
                     with torch.inference_mode():
                         seconds = median_seconds(fn, args.repeats) / batch
                     baseline = baseline or seconds
+                    if name == "official, onnxruntime plain export":
+                        plain_seconds = seconds
+                    versus_plain = f"{plain_seconds / seconds:>7.2f}x" if plain_seconds else f"{'':>8}"
                     print(f"{size:<10} {batch:>5}  {name:<36} {seconds:>8.3f} {baseline / seconds:>10.2f}x "
-                          f"{seconds / floor:>7.2f}x", flush=True)
+                          f"{versus_plain} {seconds / floor:>7.2f}x", flush=True)
             print(f"# {size}: {flops / 1e9:.0f} GFLOP per image, floor {floor:.3f} s")
 
 

@@ -18,7 +18,9 @@ version, run) and the dataset's content digest, with a per-class table and a
 precision-recall plot as artifacts. An evaluation of the same registered model
 version on data with the same digest (and at the same evaluation size) is reused instead of recomputed
 (unless `--force`). `--eval-size` evaluates at another shorter side than the model's own (the
-speed/accuracy trade); the size is a param and tag of the run.
+speed/accuracy trade); the size is a param and tag of the run. `--runtime onnxruntime|openvino` evaluates
+the model's ONNX export in that runtime (what a CPU fleet labelling with `detr label --runtime` gets); the
+runtime is a param and tag of the run, and an evaluation in one runtime is never reused for another.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from detr.config import PANOPTIC_THRESHOLD
 from detr.errors import RaydetrError
 from jobs.cli import add_eval_size_arguments, module_main
 from jobs.ray_session import connect
+from pipelines.labelling.options import RUNTIMES
 
 EVAL_EXPERIMENT = "raydetr-evaluations"
 TAG_JOB = "raydetr.job"
@@ -43,6 +46,8 @@ TAG_MODEL_URI = "raydetr.model_uri"
 TAG_TASK = "raydetr.task"
 TAG_EVAL_SIZE = "raydetr.eval_size"
 """Shorter x longer side images were evaluated at, e.g. "800x1333"; runs from before it are at the model's own."""
+TAG_RUNTIME = "raydetr.runtime"
+"""Where the model ran (pipelines.inference.runtimes.RUNTIMES); runs without it ran in PyTorch."""
 TASKS = ("detection", "panoptic")
 HEADLINE = {"detection": "AP", "panoptic": "PQ"}
 """The number each evaluation task tags the model version with."""
@@ -55,6 +60,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     add_eval_size_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=1, help="model actors (each loads the model once)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="where the model runs: PyTorch, or its ONNX export in ONNX Runtime or OpenVINO "
+                             "(the raydetr[onnx] / raydetr[openvino] extras)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--experiment", default=EVAL_EXPERIMENT)
     parser.add_argument("--no-mlflow", action="store_true", help="print the metrics without logging them")
@@ -84,6 +92,7 @@ class EvalResult:
     """Shorter x longer side the images were resized to ("800x1333")."""
     own_size: bool = True
     """Whether that is the model's own evaluation size."""
+    runtime: str = "torch"
 
 
 def size_text(transforms) -> str:
@@ -91,9 +100,9 @@ def size_text(transforms) -> str:
 
 
 def find_evaluation(tracking_uri: str, model_name: str, version: str, digest: str, task: str = "detection",
-                    eval_size: str = "", own_size: str = ""):
+                    eval_size: str = "", own_size: str = "", runtime: str = "torch"):
     """The latest finished evaluation run of this model version on data with this digest at this evaluation
-    size (runs without a size were at the model's own, `own_size`), or None."""
+    size (runs without a size were at the model's own, `own_size`) in this runtime, or None."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -108,7 +117,7 @@ def find_evaluation(tracking_uri: str, model_name: str, version: str, digest: st
     runs = client.search_runs(experiments, query, order_by=["attributes.start_time DESC"], max_results=20)
     # Runs from before tasks existed carry no task tag: they are detection evaluations.
     runs = [r for r in runs if r.data.tags.get(TAG_TASK, "detection") == task
-            and r.data.tags.get(TAG_EVAL_SIZE, own_size) == eval_size]
+            and r.data.tags.get(TAG_EVAL_SIZE, own_size) == eval_size and r.data.tags.get(TAG_RUNTIME, "torch") == runtime]
     return runs[0] if runs else None
 
 
@@ -122,13 +131,14 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
     panoptic = result.task == "panoptic"
     tags = {TAG_JOB: "evaluate", TAG_DIGEST: result.digest, TAG_MODEL_URI: model.uri, TAG_MODEL_NAME: model.name,
             TAG_MODEL_VERSION: model.version, "raydetr.model_run_id": model.run_id, "raydetr.data_source": data,
-            TAG_EVAL_SIZE: result.eval_size}
+            TAG_EVAL_SIZE: result.eval_size, TAG_RUNTIME: result.runtime}
     if panoptic:
         tags[TAG_TASK] = "panoptic"
     prefix = "panoptic-eval" if panoptic else "eval"
     run = TrackedRun.start(tracking_uri, experiment, f"{prefix}-{model.name}-v{model.version or 'file'}", tags=tags)
     run.log_params({"model": model.uri, "data": data, "dataset_digest": result.digest, "images": result.images,
-                    "eval_size": result.eval_size, **({"task": "panoptic"} if panoptic else {})})
+                    "eval_size": result.eval_size, "runtime": result.runtime,
+                    **({"task": "panoptic"} if panoptic else {})})
     headline = HEADLINE[result.task]
     names = {int(c["id"]): str(c["name"]) for c in result.categories}
     per_class = {f"{headline}_class/{names.get(k, k)}": v[headline] for k, v in result.per_class.items()}
@@ -145,8 +155,9 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
         from mlflow.tracking import MlflowClient
 
         size = "" if result.own_size else f"{result.eval_size}."
+        runtime = "" if result.runtime == "torch" else f"{result.runtime}."
         MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_model_version_tag(
-            model.name, model.version, f"raydetr.eval.{result.digest[:12]}.{size}{headline}",
+            model.name, model.version, f"raydetr.eval.{result.digest[:12]}.{size}{runtime}{headline}",
             f"{result.metrics[headline]:.6f}")
     return run.run_id
 
@@ -168,6 +179,7 @@ def evaluate(
     allow_outside_paths: bool = False,
     eval_size: int | None = None,
     eval_max_size: int | None = None,
+    runtime: str = "torch",
 ) -> EvalResult:
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
     if task not in TASKS:
@@ -175,7 +187,10 @@ def evaluate(
     if eval_max_size is not None and eval_size is None:
         raise RaydetrError("--eval-max-size needs --eval-size")
     from jobs.model_sources import check_model_spec
+    from pipelines.inference.runtimes import check_model_runs_in, check_runtime
     from pipelines.sources import open_source
+
+    check_runtime(runtime)  # not installed: one line, before anything starts
 
     check_model_spec(model_spec)  # inputs first: a missing file is one line, before tracking or Ray start
     source = open_source(data, images=images, allow_outside_paths=allow_outside_paths)
@@ -184,7 +199,7 @@ def evaluate(
 
     from detr.evaluation import STAT_NAMES
     from detr.panoptic_evaluation import PANOPTIC_STAT_NAMES
-    from jobs.model_sources import load_model
+    from jobs.model_sources import load_detector
     from jobs.tracking import ensure_tracking_available, resolve_tracking_uri
     from pipelines.evaluation.detection import score_detection
     from pipelines.evaluation.panoptic import score_panoptic
@@ -194,19 +209,20 @@ def evaluate(
     uri = resolve_tracking_uri(tracking_uri)
     if log_to_mlflow:
         ensure_tracking_available(uri)
-    loaded = load_model(model_spec, uri)
+    loaded, detector = load_detector(model_spec, uri)
     if task == "panoptic" and not loaded.masks:
         raise RaydetrError(f"--task panoptic needs a model with masks; {model_spec} has none (DETRConfig.masks)")
+    check_model_runs_in(runtime, detector.model.config)
     model = loaded.resolved
     transforms = loaded.transforms if eval_size is None else loaded.transforms.at_eval_size(eval_size, eval_max_size)
-    sized = {"eval_size": size_text(transforms), "own_size": transforms == loaded.transforms}
+    sized = {"eval_size": size_text(transforms), "own_size": transforms == loaded.transforms, "runtime": runtime}
     connect(address)
     digest = dataset_digest(source)
     if task == "panoptic" and not source.is_panoptic:
         raise RaydetrError(f"{data}: --task panoptic needs a COCO panoptic dataset (a JSON with segments_info)")
     if reuse and log_to_mlflow and model.version:
         previous = find_evaluation(uri, model.name, model.version, digest.digest, task, sized["eval_size"],
-                                   size_text(loaded.transforms))
+                                   size_text(loaded.transforms), runtime)
         if previous is not None:
             names = STAT_NAMES if task == "detection" else PANOPTIC_STAT_NAMES
             metrics = {k: previous.data.metrics[k] for k in names if k in previous.data.metrics}
@@ -215,7 +231,7 @@ def evaluate(
 
     checkpoint = ray.put(loaded.checkpoint)  # actors on any node load the model from the object store
     dataset = build_detection_dataset(source, train=False, transforms=transforms, seed=0, shuffle=False)
-    options = {"batch_size": batch_size, "concurrency": concurrency}
+    options = {"batch_size": batch_size, "concurrency": concurrency, "runtime": runtime}
     if task == "panoptic":
         scores = score_panoptic(dataset, source, checkpoint, panoptic_threshold, **options)
         categories = source.categories or []
@@ -233,7 +249,8 @@ def evaluate(
 
 def format_result(result: EvalResult) -> str:
     names = {int(c["id"]): str(c["name"]) for c in result.categories}
-    lines = [f"dataset digest {result.digest} ({result.images} images at {result.eval_size})"
+    runtime = "" if result.runtime == "torch" else f", in {result.runtime}"
+    lines = [f"dataset digest {result.digest} ({result.images} images at {result.eval_size}{runtime})"
              + (f"; reused evaluation run {result.run_id}" if result.reused else "")]
     lines += [f"  {name:<10} {value:7.4f}" for name, value in result.metrics.items()]
     if result.per_class and result.task == "panoptic":
@@ -260,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
                       log_to_mlflow=not args.no_mlflow, reuse=not args.force, address=args.address,
                       task=args.task, panoptic_threshold=args.panoptic_threshold,
                       allow_outside_paths=args.allow_outside_paths, eval_size=args.eval_size,
-                      eval_max_size=args.eval_max_size)
+                      eval_max_size=args.eval_max_size, runtime=args.runtime)
     print(format_result(result))
     return 0
 

@@ -123,6 +123,12 @@ def test_register_evaluate_promote_gate_and_rollback(ray_cluster, mlflow_server,
     assert client.get_run(smaller.run_id).data.params["eval_size"] == "96x160"
     assert f"raydetr.eval.{smaller.digest[:12]}.96x160.AP" in client.get_model_version(MODEL, "2").tags
     assert evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, eval_size=96).run_id == smaller.run_id
+    # In another runtime too: the ONNX export in ONNX Runtime scores what PyTorch does, and is reused in turn.
+    exported = evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, runtime="onnxruntime")
+    assert not exported.reused and exported.metrics["AP"] == pytest.approx(again.metrics["AP"], abs=1e-3)
+    assert client.get_run(exported.run_id).data.params["runtime"] == "onnxruntime"
+    assert f"raydetr.eval.{exported.digest[:12]}.onnxruntime.AP" in client.get_model_version(MODEL, "2").tags
+    assert evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, runtime="onnxruntime").reused
 
     # The weak model fails the gate against the strong champion: the alias stays.
     refused = promote(MODEL, "1", data, tracking_uri=mlflow_server, min_gain=0.005)

@@ -190,3 +190,52 @@ def test_detr_export_writes_a_folder_that_describes_and_checks_itself(tmp_path, 
             read_export(str(out))
         with pytest.raises(RaydetrError, match="not an export folder"):
             read_export(str(tmp_path))
+
+
+def test_an_int8_export_is_quantised_calibrated_and_close_to_float32_in_both_runtimes(tmp_path, capsys):
+    """`detr export --precision int8`: the graph's convolutions and matrix products are int8 (weights per
+    channel, activation ranges from the calibration images), and ONNX Runtime and OpenVINO both run it with
+    boxes close to PyTorch's float32 ones; without calibration images it is refused in one line."""
+    import onnx
+    from PIL import Image
+
+    from detr.export import example_batch
+    from jobs.cli import main as detr_cli
+    from pipelines.inference.detector import transforms_to_metadata
+    from pipelines.inference.export_folder import read_export
+    from pipelines.inference.runtimes import file_runner
+
+    model = model_with_statistics(CONFIGS["tiny"])
+    checkpoint = detr.save_checkpoint(model, tmp_path / "tiny.pt", {
+        "transforms": transforms_to_metadata(TransformsConfig.small())})
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    generator = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(generator.integers(0, 256, (90 + 10 * i, 120, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    (folder / "0-broken.jpg").write_bytes(b"not a jpeg")  # read first, and skipped
+    out = tmp_path / "int8"
+    code = detr_cli(["export", "--model", str(checkpoint), "--format", "openvino", "--precision", "int8",
+                     "--calibration", str(folder), "--calibration-images", "4", "--output", str(out)])
+    printed, error = capsys.readouterr()
+    assert code == 0, error
+    described = read_export(str(out))
+    assert described["precision"] == "int8" and described["calibration"] == {"images": 4}
+    assert "int8, calibrated on 4 images" in printed
+    graph = onnx.load(str(out / "model.onnx")).graph
+    operators = [node.op_type for node in graph.node]
+    convolutions = [node for node in graph.node if node.op_type == "Conv"]
+    quantised_inputs = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    assert operators.count("QuantizeLinear") > 0 and all(c.input[1] in quantised_inputs for c in convolutions)
+
+    images, mask = example_batch(((80, 60), (64, 100)))
+    with torch.no_grad():
+        expected = model(images, mask)
+    for runtime, model_file in (("onnxruntime", out / "model.onnx"), ("openvino", out / "model.xml")):
+        got = file_runner(runtime, str(model_file), 2)(images, mask)
+        assert float((got["pred_boxes"] - expected["pred_boxes"]).abs().max()) < 0.05, runtime
+        assert float((got["pred_logits"] - expected["pred_logits"]).abs().max()) > 1e-6, runtime  # really int8
+
+    code = detr_cli(["export", "--model", str(checkpoint), "--precision", "int8", "--output", str(tmp_path / "x")])
+    assert code == 1 and capsys.readouterr().err.strip() == ("detr export: error: --precision int8 needs --calibration IMAGES: images "
+                                           "like those the model will see")

@@ -15,13 +15,13 @@ if TYPE_CHECKING:
 
 
 def score_detection(dataset, checkpoint: "bytes | ray.ObjectRef", categories: Sequence[dict], *,
-                    batch_size: int = 4, concurrency: int = 1) -> Scores:
+                    batch_size: int = 4, concurrency: int = 1, runtime: str = "torch") -> Scores:
     """`dataset`: a `DetectionDataset` of evaluation samples (`build_detection_dataset(train=False)` with
     the model's transforms); `checkpoint`: the model's bytes or their object-store reference."""
     from ray.data import ActorPoolStrategy
 
     predictions = dataset.dataset.map_batches(
-        EvalPredictor, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
+        EvalPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "runtime": runtime}, batch_size=batch_size,
         batch_format="numpy", compute=ActorPoolStrategy(size=concurrency), num_cpus=1)
     detections, targets = {}, []
     for row in predictions.iter_rows():

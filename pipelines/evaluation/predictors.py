@@ -1,5 +1,5 @@
 """Ray Data actors that evaluation runs: each loads the model once (`Detector.in_actor`, the loader every
-job uses) and turns batches of evaluation samples (images at the model's evaluation size, with their
+job uses; in `runtime`, the model's export in ONNX Runtime or OpenVINO, or PyTorch) and turns batches of evaluation samples (images at the model's evaluation size, with their
 targets) into predictions, carried with the ground truth the driver scores them against."""
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 class EvalPredictor:
     """Detections and ground-truth boxes per image, boxes in original pixels."""
 
-    def __init__(self, checkpoint: "bytes | ray.ObjectRef", threads: int = 1) -> None:
-        self.detector = Detector.in_actor(checkpoint, threads)
+    def __init__(self, checkpoint: "bytes | ray.ObjectRef", threads: int = 1, runtime: str = "torch") -> None:
+        self.detector = Detector.in_actor(checkpoint, threads, runtime=runtime)
         self.postprocess = self.detector.postprocess()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -49,8 +49,8 @@ class PanopticEvalPredictor:
     instances' masks (COCO RLE results), both at the original image size."""
 
     def __init__(self, checkpoint: "bytes | ray.ObjectRef", is_thing: Mapping[int, bool], threshold: float,
-                 threads: int = 1) -> None:
-        self.detector = Detector.in_actor(checkpoint, threads)
+                 threads: int = 1, runtime: str = "torch") -> None:
+        self.detector = Detector.in_actor(checkpoint, threads, runtime=runtime)
         self.is_thing = {int(k): bool(v) for k, v in is_thing.items()}
         self.panoptic = self.detector.panoptic_postprocess(self.is_thing, threshold)
         self.instances = self.detector.instance_postprocess()
