@@ -117,7 +117,8 @@ def find_evaluation(tracking_uri: str, model_name: str, version: str, digest: st
     runs = client.search_runs(experiments, query, order_by=["attributes.start_time DESC"], max_results=20)
     # Runs from before tasks existed carry no task tag: they are detection evaluations.
     runs = [r for r in runs if r.data.tags.get(TAG_TASK, "detection") == task
-            and r.data.tags.get(TAG_EVAL_SIZE, own_size) == eval_size and r.data.tags.get(TAG_RUNTIME, "torch") == runtime]
+            and r.data.tags.get(TAG_EVAL_SIZE, own_size) == eval_size
+            and r.data.tags.get(TAG_RUNTIME, "torch") == runtime]
     return runs[0] if runs else None
 
 

@@ -89,13 +89,15 @@ def test_local_cluster_and_tracking_server_start_and_stop_only_themselves(cluste
     anonymous = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_")}
     password_file = Path(env["RAYDETR_MLFLOW_DIR"]) / "auth" / "admin_password"
     assert oct(password_file.stat().st_mode & 0o777) == "0o600"
-    admin = {**anonymous, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password_file.read_text().strip()}
+    admin = {**anonymous, "MLFLOW_TRACKING_USERNAME": "admin",
+             "MLFLOW_TRACKING_PASSWORD": password_file.read_text().strip()}
     rollback = [sys.executable, "-m", "jobs.cli", "rollback", "--name", "m", "--tracking-uri", tracking]
     calls = {"refused": (rollback, anonymous), "wrong": (rollback, {**admin, "MLFLOW_TRACKING_PASSWORD": "guess"}),
              "unknown": ([sys.executable, "-m", "jobs.cli", "jobs", "logs", "nonexistent", "--address", address], env)}
     running = {name: subprocess.Popen(command, env=call_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True) for name, (command, call_env) in calls.items()}
-    done = {name: (process.communicate(timeout=120)[1].strip(), process.returncode) for name, process in running.items()}
+    done = {name: (process.communicate(timeout=120)[1].strip(), process.returncode)
+            for name, process in running.items()}
     assert done["refused"] == (
         f"detr rollback: error: MLflow tracking server {tracking} needs credentials: set MLFLOW_TRACKING_USERNAME "
         "and MLFLOW_TRACKING_PASSWORD in the job's environment (never in a config or on the command line)", 1)

@@ -1,6 +1,6 @@
 """Ray Data actors that evaluation runs: each loads the model once (`Detector.in_actor`, the loader every
-job uses; in `runtime`, the model's export in ONNX Runtime or OpenVINO, or PyTorch) and turns batches of evaluation samples (images at the model's evaluation size, with their
-targets) into predictions, carried with the ground truth the driver scores them against."""
+job uses; in `runtime`, the model's export in ONNX Runtime or OpenVINO, or PyTorch) and turns batches of
+evaluation samples (images at the model's evaluation size, with their targets) into predictions, carried with the ground truth the driver scores them against."""
 from __future__ import annotations
 
 import json

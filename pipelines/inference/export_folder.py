@@ -30,6 +30,16 @@ FORMAT_NAME = "raydetr-export"
 FORMAT_VERSION = 1
 TOLERANCE = 1e-4
 """Largest difference allowed between the runtime's outputs and PyTorch's (logits, boxes, masks)."""
+EXPORT_FILES = (METADATA_FILE, "model.onnx", "model.xml", "model.bin")
+"""Every file an export folder may hold."""
+
+
+def _remove_export_files(out: str) -> None:
+    for name in EXPORT_FILES:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
 def metadata(detector, model_identity: Mapping[str, str], export_format: str, outputs: tuple[str, ...],
              precision: str = "float32") -> dict:
     """The folder's description of the model it holds."""
@@ -86,9 +96,7 @@ def write_export(detector, model_identity: Mapping[str, str], out: str, export_f
         check_runtime("onnxruntime")  # ONNX Runtime's quantiser makes the int8 graph for either runtime
     check_model_runs_in(runtime, detector.model.config)
     os.makedirs(out, exist_ok=True)
-    for name in (METADATA_FILE, "model.onnx", "model.xml", "model.bin"):  # a half-written folder is no export
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
+    _remove_export_files(out)  # an earlier export's files: a half-written folder is no export
     onnx_file = os.path.join(out, "model.onnx")
     calibrated = None
     if precision == "int8":
@@ -117,9 +125,7 @@ def write_export(detector, model_identity: Mapping[str, str], out: str, export_f
     broken = {name: value for name, value in differences.items()
               if not (value <= TOLERANCE if precision == "float32" else torch.isfinite(got[name]).all())}
     if broken:
-        for name in (onnx_file, model_file, os.path.join(out, "model.bin")):
-            if os.path.exists(name):
-                os.remove(name)
+        _remove_export_files(out)
         worst = max(broken, key=broken.get)
         raise RaydetrError(f"the {precision} {export_format} export of {model_identity.get('uri', 'the model')} "
                            f"does not reproduce it in {runtime}: {worst} differs by {broken[worst]:.2g} "

@@ -32,13 +32,11 @@ class _Batches:
 
     def __init__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self._batches: Iterator = iter(batches)
-        self.count = 0
 
     def get_next(self) -> dict | None:
         batch = next(self._batches, None)
         if batch is None:
             return None
-        self.count += 1
         images, mask = batch
         return {"images": images.float().contiguous().numpy(), "mask": mask.numpy().astype(np.bool_)}
 
