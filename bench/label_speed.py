@@ -24,6 +24,12 @@ do not change speed):
    shared pages counted once) labelling `--memory-large` images against
    `--memory-small`, each in a fresh process. Target: ratio <= 1.2.
 
+5. Runtimes (`--runtimes torch,onnxruntime,openvino,openvino-int8`): the same `detr label` job with the
+   model in each runtime: the checkpoint exported once by the job for `onnxruntime` / `openvino`, and for
+   `RUNTIME-int8` an int8 export folder (`detr export --precision int8`, calibrated on 32 of the photos) as
+   the model. Each is set against the torch runtime's job measured in the same run. Target: the fastest
+   >= 1.5x the torch runtime.
+
 The plain loop's timing starts after its model is loaded and one image has run; the
 job's comparable figure is its rate once rows flow (after the first rows reach the
 driver), and its whole-job rate (start-up included) is printed beside it, for 200
@@ -36,6 +42,7 @@ measured N times, interleaved, and the best kept (for a machine shared with
 other work).
 
     python bench/label_speed.py [--images 200] [--preset detr_r50 --eval-size 320] [--repeats 2] [--skip-memory]
+    python bench/label_speed.py --skip-speed --skip-memory --runtimes torch,openvino,openvino-int8
 """
 from __future__ import annotations
 
@@ -124,8 +131,8 @@ def plain_loop(checkpoint: str, paths: list[str], score_threshold: float, thread
     trained, or with `optimize` over the job's inference copy)."""
     import torch
 
-    from pipelines.validation.decode import decode_image
     from pipelines.inference.detector import Detector
+    from pipelines.validation.decode import decode_image
 
     torch.set_num_threads(threads)
     detector = Detector.from_checkpoint(checkpoint, score_threshold=score_threshold, optimize=optimize)
@@ -145,8 +152,8 @@ def _shape_batches(detector, paths: list[str], batch_size: int) -> list:
     """Resized, normalised images grouped by shape into padded batches (what the model sees at best),
     split where padding would waste too much, as the label job's actors split them."""
     from detr import pad_images
-    from pipelines.validation.decode import decode_image
     from pipelines.labelling.shapes import padding_groups
+    from pipelines.validation.decode import decode_image
 
     tensors = [detector.preprocess(decode_image(open(p, "rb").read(), p).array) for p in paths]
     tensors.sort(key=lambda t: tuple(t.shape[1:]))
@@ -205,19 +212,31 @@ def forward_only(checkpoint: str, paths: list[str], batch_size: int, processes: 
     return {**results, "images_per_s": max(results.values())}
 
 
-def label_command(checkpoint: str, folder: str, out: str, args) -> list[str]:
-    return [sys.executable, "-m", "jobs.label", "--model", checkpoint, "--input", folder, "--output", out,
+def label_command(model: str, folder: str, out: str, args, runtime: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "jobs.label", "--model", model, "--input", folder, "--output", out,
             "--concurrency", str(args.concurrency), "--cpus-per-actor", str(args.cpus_per_actor),
-            "--batch-size", str(args.batch_size), "--score-threshold", str(args.score_threshold),
-            "--precision", args.precision]
+            "--batch-size", str(args.batch_size), "--score-threshold", str(args.score_threshold)] + (
+        ["--precision", args.precision] if runtime in (None, "torch") else []) + (
+        ["--runtime", runtime] if runtime else [])
 
 
-def run_label(checkpoint: str, folder: str, args, sample_memory: bool = False) -> dict:
+def int8_export(checkpoint: str, photos: list[str], runtime: str, folder: str) -> str:
+    """An int8 export of the model for `runtime`, calibrated on 32 of the photos (`detr export`)."""
+    calibration = link_first(photos, 32, os.path.join(folder, "calibration"))
+    out = os.path.join(folder, f"{runtime}-int8")
+    export_format = "openvino" if runtime == "openvino" else "onnx"
+    subprocess.run([sys.executable, "-m", "jobs.export", "--model", checkpoint, "--format", export_format,
+                    "--precision", "int8", "--calibration", os.path.dirname(calibration[0]), "--output", out],
+                   cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def run_label(checkpoint: str, folder: str, args, sample_memory: bool = False, runtime: str | None = None) -> dict:
     """Run `detr label` in a fresh process (its own local Ray); the job's own figures from its manifest."""
     out = tempfile.mkdtemp(prefix="bench-label-out-")
     env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
     start = time.perf_counter()
-    proc = subprocess.Popen(label_command(checkpoint, folder, out, args), cwd=ROOT, env=env,
+    proc = subprocess.Popen(label_command(checkpoint, folder, out, args, runtime), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak, stop = [0], threading.Event()
 
@@ -242,11 +261,43 @@ def run_label(checkpoint: str, folder: str, args, sample_memory: bool = False) -
     job = manifest["runs"][-1]
     shutil.rmtree(out, ignore_errors=True)
     return {"images": job["labelled"] + job["errors"], "images_per_s": job["images_per_s"],
+            "runtime": manifest["settings"].get("runtime"), "precision": manifest["settings"].get("precision"),
             "job_seconds": job["seconds"], "first_rows_seconds": job.get("first_rows_seconds"),
             "steady_images_per_s": job.get("steady_images_per_s"), "process_wall_seconds": wall,
             "detections": job["detections"],
             "peak_pss_mb": peak[0] / 2**20 if sample_memory else None,
             "summary": stdout.strip()}
+
+
+def compare_runtimes(checkpoint: str, photos: list[str], work: str, args) -> dict:
+    """The label job in each of `args.runtimes` (and torch), interleaved `--repeats` times, best kept; each
+    against the torch runtime's rate."""
+    names = list(dict.fromkeys(["torch"] + [r.strip() for r in args.runtimes.split(",") if r.strip()]))
+    folder = os.path.join(work, f"runtimes{args.images}")
+    if not os.path.isdir(folder):
+        link_first(photos, args.images, folder)
+    models = {name: int8_export(checkpoint, photos, name.removesuffix("-int8"), work) if name.endswith("-int8")
+              else checkpoint for name in names}
+    runs: dict[str, list] = {name: [] for name in names}
+    for attempt in range(args.repeats):
+        for name in names:
+            runtime = name.removesuffix("-int8") if name != "torch" else None
+            runs[name].append(run_label(models[name], folder, args, runtime=runtime))
+            print(f"[{attempt + 1}/{args.repeats}] label in {name}: {runs[name][-1]['images_per_s']:.2f} images/s "
+                  f"(steady {runs[name][-1]['steady_images_per_s']:.2f})", flush=True)
+    best = {name: max(results, key=lambda r: r["steady_images_per_s"]) for name, results in runs.items()}
+    torch_rate, torch_whole = best["torch"]["steady_images_per_s"], best["torch"]["images_per_s"]
+    print(f"label job, {args.images} images at {args.eval_size} px, once rows flow (whole job in brackets):")
+    for name, job in best.items():
+        print(f"  {name:<18} {job['steady_images_per_s']:6.2f} images/s ({job['images_per_s']:.2f}): "
+              f"{job['steady_images_per_s'] / torch_rate:.2f}x torch ({job['images_per_s'] / torch_whole:.2f}x)",
+              flush=True)
+    fastest = max(best, key=lambda n: best[n]["steady_images_per_s"])
+    print(f"fastest: {fastest}, {best[fastest]['steady_images_per_s'] / torch_rate:.2f}x the torch runtime "
+          "(target >= 1.5)", flush=True)
+    return {"best": best, "all_runs": runs, "fastest": fastest,
+            "over_torch": {n: j["steady_images_per_s"] / torch_rate for n, j in best.items()},
+            "whole_job_over_torch": {n: j["images_per_s"] / torch_whole for n, j in best.items()}}
 
 
 def main() -> int:
@@ -271,6 +322,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure each speed this many times, interleaved, and keep the best (noisy machines)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes generating photos")
+    parser.add_argument("--runtimes", default="",
+                        help="label jobs in these runtimes, against torch's: torch, onnxruntime, openvino, "
+                             "onnxruntime-int8, openvino-int8 (comma-separated; empty: none)")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-label-")
@@ -348,6 +402,9 @@ def main() -> int:
             print(f"whole job of {args.memory_large} images, start-up included ({large['images_per_s']:.2f} "
                   f"images/s): label / plain loop {s['large_label_over_plain']:.2f}x, label time / forward-only "
                   f"time {s['large_label_time_over_forward_time']:.2f}x", flush=True)
+
+    if args.runtimes:
+        report["runtimes"] = compare_runtimes(checkpoint, photos, work, args)
 
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)

@@ -21,6 +21,10 @@ version on data with the same digest (and at the same evaluation size) is reused
 speed/accuracy trade); the size is a param and tag of the run. `--runtime onnxruntime|openvino` evaluates
 the model's ONNX export in that runtime (what a CPU fleet labelling with `detr label --runtime` gets); the
 runtime is a param and tag of the run, and an evaluation in one runtime is never reused for another.
+MODEL may also be a `detr export` folder (float32 or int8, run in its own runtime unless `--runtime` names
+the other): its precision is a param and tag too, the version it was exported from is tagged with its
+headline number (`raydetr.eval.DIGEST.onnxruntime.int8.AP`), and an export's evaluation is never reused
+(another export of the same version may be calibrated differently).
 """
 from __future__ import annotations
 
@@ -48,21 +52,25 @@ TAG_EVAL_SIZE = "raydetr.eval_size"
 """Shorter x longer side images were evaluated at, e.g. "800x1333"; runs from before it are at the model's own."""
 TAG_RUNTIME = "raydetr.runtime"
 """Where the model ran (pipelines.inference.runtimes.RUNTIMES); runs without it ran in PyTorch."""
+TAG_PRECISION = "raydetr.precision"
+"""An export's precision ("float32" or "int8"); runs without it ran the model in float32."""
 TASKS = ("detection", "panoptic")
 HEADLINE = {"detection": "AP", "panoptic": "PQ"}
 """The number each evaluation task tags the model version with."""
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint file, official DETR file, or MLflow model URI")
+    parser.add_argument("--model", required=True, help="checkpoint file, official DETR file, MLflow model URI, or "
+                                                       "a detr export folder")
     parser.add_argument("--data", required=True, help="labelled source: COCO JSON, YOLO/VOC folder, Parquet")
     parser.add_argument("--images", help="image folder of a COCO JSON when it is not the JSON's folder")
     parser.add_argument("--batch-size", type=int, default=4)
     add_eval_size_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=1, help="model actors (each loads the model once)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
                         help="where the model runs: PyTorch, or its ONNX export in ONNX Runtime or OpenVINO "
-                             "(the raydetr[onnx] / raydetr[openvino] extras)")
+                             "(the raydetr[onnx] / raydetr[openvino] extras; default: torch for a checkpoint, an "
+                             "export folder's own runtime)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--experiment", default=EVAL_EXPERIMENT)
     parser.add_argument("--no-mlflow", action="store_true", help="print the metrics without logging them")
@@ -93,6 +101,8 @@ class EvalResult:
     own_size: bool = True
     """Whether that is the model's own evaluation size."""
     runtime: str = "torch"
+    precision: str = "float32"
+    """An export's precision; a checkpoint evaluates in float32."""
 
 
 def size_text(transforms) -> str:
@@ -132,13 +142,13 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
     panoptic = result.task == "panoptic"
     tags = {TAG_JOB: "evaluate", TAG_DIGEST: result.digest, TAG_MODEL_URI: model.uri, TAG_MODEL_NAME: model.name,
             TAG_MODEL_VERSION: model.version, "raydetr.model_run_id": model.run_id, "raydetr.data_source": data,
-            TAG_EVAL_SIZE: result.eval_size, TAG_RUNTIME: result.runtime}
+            TAG_EVAL_SIZE: result.eval_size, TAG_RUNTIME: result.runtime, TAG_PRECISION: result.precision}
     if panoptic:
         tags[TAG_TASK] = "panoptic"
     prefix = "panoptic-eval" if panoptic else "eval"
     run = TrackedRun.start(tracking_uri, experiment, f"{prefix}-{model.name}-v{model.version or 'file'}", tags=tags)
     run.log_params({"model": model.uri, "data": data, "dataset_digest": result.digest, "images": result.images,
-                    "eval_size": result.eval_size, "runtime": result.runtime,
+                    "eval_size": result.eval_size, "runtime": result.runtime, "precision": result.precision,
                     **({"task": "panoptic"} if panoptic else {})})
     headline = HEADLINE[result.task]
     names = {int(c["id"]): str(c["name"]) for c in result.categories}
@@ -157,6 +167,7 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
 
         size = "" if result.own_size else f"{result.eval_size}."
         runtime = "" if result.runtime == "torch" else f"{result.runtime}."
+        runtime += "" if result.precision == "float32" else f"{result.precision}."
         MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_model_version_tag(
             model.name, model.version, f"raydetr.eval.{result.digest[:12]}.{size}{runtime}{headline}",
             f"{result.metrics[headline]:.6f}")
@@ -180,7 +191,7 @@ def evaluate(
     allow_outside_paths: bool = False,
     eval_size: int | None = None,
     eval_max_size: int | None = None,
-    runtime: str = "torch",
+    runtime: str | None = None,
 ) -> EvalResult:
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
     if task not in TASKS:
@@ -191,9 +202,9 @@ def evaluate(
     from pipelines.inference.runtimes import check_model_runs_in, check_runtime
     from pipelines.sources import open_source
 
-    check_runtime(runtime)  # not installed: one line, before anything starts
-
-    check_model_spec(model_spec)  # inputs first: a missing file is one line, before tracking or Ray start
+    if runtime is not None:
+        check_runtime(runtime)  # not installed: one line, before anything starts
+    check_model_spec(model_spec, allow_export=True)  # inputs first: a missing file is one line, before tracking or Ray start
     source = open_source(data, images=images, allow_outside_paths=allow_outside_paths)
 
     import ray
@@ -210,18 +221,21 @@ def evaluate(
     uri = resolve_tracking_uri(tracking_uri)
     if log_to_mlflow:
         ensure_tracking_available(uri)
-    loaded, detector = load_detector(model_spec, uri)
+    loaded, detector = load_detector(model_spec, uri, allow_export=True)
     if task == "panoptic" and not loaded.masks:
         raise RaydetrError(f"--task panoptic needs a model with masks; {model_spec} has none (DETRConfig.masks)")
-    check_model_runs_in(runtime, detector.model.config)
+    runtime = runtime or loaded.runtime
+    check_runtime(runtime)
+    check_model_runs_in(runtime, detector.config)
     model = loaded.resolved
     transforms = loaded.transforms if eval_size is None else loaded.transforms.at_eval_size(eval_size, eval_max_size)
-    sized = {"eval_size": size_text(transforms), "own_size": transforms == loaded.transforms, "runtime": runtime}
+    sized = {"eval_size": size_text(transforms), "own_size": transforms == loaded.transforms, "runtime": runtime,
+             "precision": loaded.precision}
     connect(address)
     digest = dataset_digest(source)
     if task == "panoptic" and not source.is_panoptic:
         raise RaydetrError(f"{data}: --task panoptic needs a COCO panoptic dataset (a JSON with segments_info)")
-    if reuse and log_to_mlflow and model.version:
+    if reuse and log_to_mlflow and model.version and loaded.export is None:
         previous = find_evaluation(uri, model.name, model.version, digest.digest, task, sized["eval_size"],
                                    size_text(loaded.transforms), runtime)
         if previous is not None:
@@ -230,7 +244,8 @@ def evaluate(
             return EvalResult(metrics, {}, digest.digest, digest.images, previous.info.run_id, reused=True,
                               categories=source.categories or [], task=task, **sized)
 
-    checkpoint = ray.put(loaded.checkpoint)  # actors on any node load the model from the object store
+    # Actors on any node load the model from the object store (an exported runtime's graph: exported once, here).
+    checkpoint = ray.put(loaded.payload(runtime, detector))
     dataset = build_detection_dataset(source, train=False, transforms=transforms, seed=0, shuffle=False)
     options = {"batch_size": batch_size, "concurrency": concurrency, "runtime": runtime}
     if task == "panoptic":
@@ -251,6 +266,7 @@ def evaluate(
 def format_result(result: EvalResult) -> str:
     names = {int(c["id"]): str(c["name"]) for c in result.categories}
     runtime = "" if result.runtime == "torch" else f", in {result.runtime}"
+    runtime += "" if result.precision == "float32" else f" ({result.precision})"
     lines = [f"dataset digest {result.digest} ({result.images} images at {result.eval_size}{runtime})"
              + (f"; reused evaluation run {result.run_id}" if result.reused else "")]
     lines += [f"  {name:<10} {value:7.4f}" for name, value in result.metrics.items()]
@@ -270,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from jobs.model_sources import check_model_spec
     from jobs.tracking import resolve_tracking_uri
 
-    check_model_spec(args.model)  # a missing file is the one line printed
+    check_model_spec(args.model, allow_export=True)  # a missing file is the one line printed
     if not args.no_mlflow or args.model.startswith(("models:/", "runs:/")):
         print(f"MLflow: {resolve_tracking_uri(args.tracking_uri)}", flush=True)  # which store, said first
     result = evaluate(args.model, args.data, images=args.images, batch_size=args.batch_size,

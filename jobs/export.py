@@ -33,7 +33,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                               "archive, annotated dataset or Parquet; local or object store)")
     parser.add_argument("--calibration-images", type=int, default=32,
                         help="int8: how many of them calibrate the activations' ranges")
-    parser.add_argument("--output", required=True, help="the export folder (created; an earlier export replaced)")
+    parser.add_argument("--output", required=True, help="the export folder, local or on an object store (s3://...; "
+                                                        "created; an earlier export there replaced)")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs "
                                                "(default: $MLFLOW_TRACKING_URI)")
 
@@ -42,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from jobs.model_sources import check_model_spec, load_detector
     from pipelines.inference.export_folder import write_export
     from pipelines.inference.runtimes import check_runtime
+    from pipelines.storage import check_reachable
 
     check_model_spec(args.model)
+    check_reachable(args.output)
     check_runtime("onnxruntime" if args.format == "onnx" else "openvino")
     calibration = None
     if args.precision == "int8":
@@ -70,18 +73,9 @@ def run(args: argparse.Namespace) -> int:
 def calibration_images(source: str, count: int) -> list:
     """The first `count` images of `source` that decode (HWC uint8 RGB); unreadable ones are skipped."""
     from pipelines.sources import iter_records, open_source
-    from pipelines.validation.decode import decode_image
-    from pipelines.validation.errors import PipelineError
-    from pipelines.validation.loading import read_record_bytes
+    from pipelines.validation.loading import first_images
 
-    images = []
-    for record in iter_records(open_source(source)):
-        try:
-            images.append(decode_image(read_record_bytes(record), str(record.get("key", ""))).array)
-        except PipelineError:
-            continue
-        if len(images) == count:
-            break
+    images = [decoded.array for _, decoded in first_images(iter_records(open_source(source)), count)]
     if not images:
         raise RaydetrError(f"{source}: no image there could be read to calibrate the int8 export")
     return images

@@ -9,7 +9,9 @@
 
 MODEL is a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION), an MLflow run
 (runs:/ID/model), one of our checkpoints or an official DETR checkpoint (COCO
-class names). INPUT is anything the pipelines read: folders, globs, archives,
+class names), or a `detr export` folder (float32 or int8; it runs in its own runtime
+unless `--runtime` names the other one). `--runtime onnxruntime|openvino` with a
+checkpoint exports it once, on this driver, and ships the graph to the actors. INPUT is anything the pipelines read: folders, globs, archives,
 ingested Parquet, COCO/YOLO/VOC, local or object-store URIs.
 
 Ray Data streams the work: tasks decode and resize images (skipping those the
@@ -75,9 +77,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="bfloat16: several times faster on CPUs with AMX and on GPUs, scores within about 1e-2 "
                              "of float32's (default: %(default)s)")
     parser.add_argument("--runtime", choices=RUNTIMES, default=DEFAULTS.runtime,
-                        help="where the model runs: PyTorch, or its ONNX export (made in each actor) in ONNX Runtime "
+                        help="where the model runs: PyTorch, or its ONNX export (made once, here) in ONNX Runtime "
                              "or OpenVINO, faster on CPUs (pip install 'raydetr[onnx]' / 'raydetr[openvino]'; "
-                             "default: %(default)s)")
+                             "default: torch for a checkpoint, an export folder's own runtime)")
     parser.add_argument("--concurrency", type=int, default=DEFAULTS.concurrency, help="model actors")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="images per forward pass")
     parser.add_argument("--cpus-per-actor", type=float, default=DEFAULTS.cpus_per_actor,
@@ -163,8 +165,8 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     # An object store's folder is listed by a task of its own, started first: its listing overlaps importing
     # torch, loading the model, scanning the output and starting the actors, and this driver never holds it
     # or its records.
-    check_model_spec(model)
-    if options.runtime != "torch":
+    check_model_spec(model, allow_export=True)
+    if options.runtime not in (None, "torch"):
         from pipelines.inference.runtimes import check_runtime
 
         check_runtime(options.runtime)  # not installed: one line, before anything starts
@@ -184,17 +186,21 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     from pipelines.labelling.pipeline import build_label_dataset, check_cluster_fits
     from pipelines.labelling.writer import ChunkWriter, ModelIdentity
 
-    loaded, detector = load_detector(model, tracking_uri)
-    options = options.for_model(default_score_threshold(detector.model.config), loaded.transforms)
+    loaded, detector = load_detector(model, tracking_uri, allow_export=True)
+    options = options.for_model(default_score_threshold(detector.config), loaded.transforms, loaded.runtime,
+                                loaded.precision if loaded.export is not None else None)
     transforms = options.transforms(loaded.transforms)
     check_task(options, loaded, model, coco_panoptic_json)
     if options.runtime != "torch":
-        from pipelines.inference.runtimes import check_model_runs_in
+        from pipelines.inference.runtimes import check_model_runs_in, check_runtime
 
-        check_model_runs_in(options.runtime, detector.model.config)
+        check_runtime(options.runtime)
+        check_model_runs_in(options.runtime, detector.config)
     options = dataclasses.replace(options, classes=parse_classes(classes, loaded.categories)) if classes else options
-    gpus = _gpus_per_actor(options.gpus_per_actor)
+    # An exported runtime runs on the CPU: its actors reserve no GPU unless told to.
+    gpus = _gpus_per_actor(options.gpus_per_actor) if options.runtime == "torch" else options.gpus_per_actor or 0.0
     check_cluster_fits(options, gpus, ray.cluster_resources())
+    payload = loaded.payload(options.runtime, detector)  # for an exported runtime: the graph, exported once here
 
     out = LabelOutput(output)
     label_run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
@@ -215,7 +221,7 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
 
     def label_source(source, listings: dict) -> None:
         nonlocal first_rows_seconds, first_rows
-        dataset = build_label_dataset(source, loaded.checkpoint, transforms, options, done, gpus, listings,
+        dataset = build_label_dataset(source, payload, transforms, options, done, gpus, listings,
                                       labelled, contents)
         for results in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             if first_rows_seconds is None:

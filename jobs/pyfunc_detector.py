@@ -58,11 +58,11 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         from pipelines.validation.errors import PipelineError
 
         params = params or {}
-        threshold = float(params.get("score_threshold", default_score_threshold(self.detector.model.config)))
+        threshold = float(params.get("score_threshold", default_score_threshold(self.detector.config)))
         top_k = int(params.get("top_k", 100))
         detector = self.detector_at(int(params.get("eval_size", self.detector.transforms.eval_size)),
                                     int(params.get("eval_max_size", 0)), str(params.get("runtime", "torch")))
-        panoptic = bool(self.detector.model.config.masks)
+        panoptic = bool(self.detector.config.masks)
         columns = ["boxes", "scores", "labels", "label_names", "width", "height", "error"]
         if panoptic:
             import json

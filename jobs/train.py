@@ -159,24 +159,15 @@ def _log_detection_images(run, detector_checkpoint: str, val_source: str | None,
     from pipelines.inference.detector import Detector
     from pipelines.inference.drawing import draw_detections
     from pipelines.sources import iter_records, open_source
-    from pipelines.validation.decode import decode_image
-    from pipelines.validation.loading import read_record_bytes
+    from pipelines.validation.loading import first_images
 
     detector = Detector.from_checkpoint(detector_checkpoint)
-    source = open_source(val_source, images=val_images)
-    written = 0
-    for record in iter_records(source):
-        if written >= count:
-            break
-        try:
-            decoded = decode_image(read_record_bytes(record), str(record.get("key", "")))
-        except Exception:  # noqa: BLE001 - a preview is best effort; bad images are in the errors table
-            continue
+    for written, (_, decoded) in enumerate(first_images(iter_records(open_source(val_source, images=val_images)),
+                                                        count)):
         detections = detector.detect([decoded.array])[0]
         path = os.path.join(directory, f"detections_{written:02d}.png")
         draw_detections(decoded.array, detections, detector.label_name).save(path)
         run.log_artifact(path, "detections")
-        written += 1
 
 
 def train(config, *, address: str | None = None, pid_dir: str | None = None, verbose: bool = False) -> TrainResult:

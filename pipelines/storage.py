@@ -256,6 +256,16 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         stream.write(data)
 
 
+def remove(path: str) -> None:
+    """Delete a file (local or on an object store) if it is there."""
+    fs, p = resolve(path)
+    try:
+        if fs.get_file_info(p).type == pafs.FileType.File:
+            fs.delete_file(p)
+    except OSError as exc:
+        raise store_error(path, exc) from None
+
+
 def _with_scheme(original: str, fs_path: str) -> str:
     """Give a path listed inside a file system the URI scheme of the path the user gave."""
     if has_scheme(original):

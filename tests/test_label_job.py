@@ -213,21 +213,51 @@ def test_label_a_tar_archive_with_a_class_filter_at_a_smaller_size(ray_cluster, 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_an_exported_runtime_labels_what_pytorch_does(ray_cluster, checkpoint, tmp_path, runtime):
-    """Each actor exports the model and runs it in the runtime; the rows equal direct PyTorch calls (to 1e-3 in
-    the boxes), the manifest says which runtime made them, and a re-run with another runtime is refused."""
+    """In ONNX Runtime the driver exports the checkpoint once and ships the graph; in OpenVINO the model is a
+    `detr export` folder, which runs in its own runtime with nothing else. Either way the rows equal direct
+    PyTorch calls (to 1e-3 in the boxes), the manifest says which runtime made them, and a re-run with another
+    runtime is refused. An int8 export folder labels too, and the manifest says int8."""
     from detr.errors import RaydetrError
     from jobs.label import label
+    from pipelines.inference.export_package import read_export_package
     from pipelines.labelling.options import LabelOptions
 
+    images = str(tmp_path / "shapes" / "images")
     synthetic_images(tmp_path / "shapes", 6, seed=7)
     out = str(tmp_path / "out")
-    options = LabelOptions(score_threshold=0.0, top_k=4, batch_size=4, concurrency=1, runtime=runtime)
-    assert label(checkpoint, str(tmp_path / "shapes" / "images"), out, options).counts.labelled == 6
+    model = checkpoint
+    if runtime == "openvino":
+        model = str(tmp_path / "export")
+        assert detr_cli(["export", "--model", checkpoint, "--format", "openvino", "--output", model]) == 0
+    options = LabelOptions(score_threshold=0.0, top_k=4, batch_size=4, concurrency=1,
+                           runtime=runtime if runtime == "onnxruntime" else None)
+    assert label(model, images, out, options).counts.labelled == 6
     rows = LabelOutput(out).read(LABELS).to_pylist()
     assert assert_rows_match_direct_calls(rows, lambda key: Path(key).read_bytes(), checkpoint, 0.0, 4) > 0
-    assert LabelOutput(out).read_manifest()["settings"]["runtime"] == runtime
+    manifest = LabelOutput(out).read_manifest()
+    assert (manifest["settings"]["runtime"], manifest["settings"]["precision"]) == (runtime, "float32")
+    if runtime == "openvino":
+        assert manifest["model"]["sha256"] == read_export_package(model).sha256
+        assert {r["model_name"] for r in rows} == {"tiny"}  # the model the export came from
     with pytest.raises(RaydetrError, match=f"runtime '{runtime}' \\(now 'torch'\\)"):
-        label(checkpoint, str(tmp_path / "shapes" / "images"), out, dataclasses.replace(options, runtime="torch"))
+        label(checkpoint, images, out, dataclasses.replace(options, runtime="torch"))
+    if runtime == "onnxruntime":
+        return
+    int8 = str(tmp_path / "int8")
+    assert detr_cli(["export", "--model", checkpoint, "--precision", "int8", "--calibration", images,
+                     "--output", int8]) == 0
+    result = label(int8, images, str(tmp_path / "out-int8"), options)
+    assert (result.counts.labelled, result.counts.errors) == (6, 0)
+    manifest = LabelOutput(str(tmp_path / "out-int8")).read_manifest()
+    assert (manifest["settings"]["runtime"], manifest["settings"]["precision"]) == ("onnxruntime", "int8")
+    int8_rows = {r["key"]: r for r in LabelOutput(str(tmp_path / "out-int8")).read(LABELS).to_pylist()}
+    float_rows = {r["key"]: r for r in rows}
+    assert int8_rows.keys() == float_rows.keys()
+    for key, row in int8_rows.items():
+        boxes = np.asarray(row["boxes"]).reshape(-1, 4)
+        assert len(row["labels"]) == 4 and (boxes[:, 2:] <= [row["width"], row["height"]]).all()
+        # int8 is not float32: its scores differ, but stay close (a random model's scores sit near each other)
+        assert np.abs(np.sort(row["scores"]) - np.sort(float_rows[key]["scores"])).max() < 0.15
 
 
 @pytest.mark.mlflow

@@ -144,6 +144,22 @@ def test_a_model_that_is_not_padding_invariant_is_not_exported(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
+
+
+def exported_tiny(folder: Path, export_format: str) -> tuple[torch.nn.Module, Path, Path]:
+    """A tiny model with non-trivial norms, its checkpoint (classes, small transforms) and `detr export` of it."""
+    from jobs.cli import main as detr_cli
+    from pipelines.inference.detector import transforms_to_metadata
+
+    model = model_with_statistics(CONFIGS["tiny"])
+    checkpoint = detr.save_checkpoint(model, folder / "tiny.pt", {
+        "categories": CATEGORIES, "transforms": transforms_to_metadata(TransformsConfig.small())})
+    out = folder / "export"
+    assert detr_cli(["export", "--model", str(checkpoint), "--format", export_format, "--output", str(out)]) == 0
+    return model, checkpoint, out
+
+
 @pytest.mark.parametrize("export_format", ["onnx", "openvino"])
 def test_detr_export_writes_a_folder_that_describes_and_checks_itself(tmp_path, export_format):
     """`detr export` on one of our checkpoints: the graph, the metadata a runtime user needs, a check against
@@ -154,17 +170,10 @@ def test_detr_export_writes_a_folder_that_describes_and_checks_itself(tmp_path, 
 
     from detr.errors import RaydetrError
     from detr.export import example_batch
-    from jobs.cli import main as detr_cli
-    from pipelines.inference.detector import transforms_to_metadata
     from pipelines.inference.export_folder import read_export
 
-    model = model_with_statistics(CONFIGS["tiny"])
-    transforms = TransformsConfig.small()
-    categories = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
-    checkpoint = detr.save_checkpoint(model, tmp_path / "tiny.pt", {"categories": categories,
-                                                                     "transforms": transforms_to_metadata(transforms)})
-    out = tmp_path / "export"
-    assert detr_cli(["export", "--model", str(checkpoint), "--format", export_format, "--output", str(out)]) == 0
+    model, checkpoint, out = exported_tiny(tmp_path, export_format)
+    transforms, categories = TransformsConfig.small(), CATEGORIES
     described = read_export(str(out))
     assert list(described["outputs"]) == ["pred_logits", "pred_boxes"] and described["scores"] == "softmax"
     assert described["categories"] == categories and described["default_score_threshold"] == 0.5
@@ -239,3 +248,40 @@ def test_an_int8_export_is_quantised_calibrated_and_close_to_float32_in_both_run
     code = detr_cli(["export", "--model", str(checkpoint), "--precision", "int8", "--output", str(tmp_path / "x")])
     assert code == 1 and capsys.readouterr().err.strip() == ("detr export: error: --precision int8 needs --calibration IMAGES: images "
                                            "like those the model will see")
+
+
+def test_an_export_folder_is_a_model_on_its_own(tmp_path):
+    """A `detr export` folder runs without its checkpoint: the Detector built from the folder's package alone
+    (config, preprocessing, classes from its metadata) detects what the checkpoint's Detector does in that
+    runtime, in its own runtime or the other, also when loaded inside an actor from the package; its identity
+    names the model it came from; jobs that need weights refuse it in one line."""
+    from detr.errors import RaydetrError
+    from jobs.cli import main as detr_cli
+    from jobs.model_sources import check_model_spec, load_detector
+
+    _, checkpoint, out = exported_tiny(tmp_path, "openvino")
+    transforms, categories = TransformsConfig.small(), CATEGORIES
+
+    loaded, exported = load_detector(str(out), allow_export=True)
+    assert loaded.export is not None and loaded.checkpoint == b"" and exported.model is None
+    assert (loaded.runtime, loaded.precision) == ("openvino", "float32")
+    assert loaded.identity()["name"] == "tiny" and loaded.identity()["sha256"] == loaded.export.sha256
+    assert exported.categories == categories and exported.transforms == transforms
+    reference = Detector.from_checkpoint(str(checkpoint), score_threshold=0.0, runtime="onnxruntime")
+    pictures = images()
+    expected = reference.detect(pictures)
+    for runtime in EXPORTED:
+        package = loaded.payload(runtime, exported)
+        assert set(package.files) == ({"model.xml", "model.bin"} if runtime == "openvino" else {"model.onnx"})
+        in_actor = Detector.in_actor(package, threads=2, score_threshold=0.0, runtime=runtime)
+        for got, theirs in zip(in_actor.detect(pictures), expected):
+            assert_same_detections(got, theirs)
+
+    with pytest.raises(RaydetrError, match="it runs in onnxruntime or openvino, not torch"):
+        loaded.payload("torch", exported)
+    with pytest.raises(RaydetrError, match="is an export folder: this job needs the checkpoint"):
+        check_model_spec(str(out))
+    assert detr_cli(["export", "--model", str(out), "--output", str(tmp_path / "again")]) == 1
+    (tmp_path / "not-export").mkdir()
+    with pytest.raises(FileNotFoundError, match="a folder, but not an export folder"):
+        check_model_spec(str(tmp_path / "not-export"), allow_export=True)

@@ -209,6 +209,19 @@ def test_evaluate_promote_and_rollback_with_actors_on_the_isolated_node(topology
     topology.detr("rollback", "--name", MODEL, "--alias", "champion")
     assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
 
+    # An int8 export of v1, written to S3 and calibrated on S3 images, evaluated from there: its graph reaches
+    # the actors (one on the isolated node) through the object store; v1 gets its int8 headline tag.
+    export = topology.uri("exports", "v1-int8")
+    topology.detr("export", "--model", f"models:/{MODEL}/1", "--precision", "int8", "--calibration", val,
+                  "--calibration-images", "8", "--output", export)
+    before = sum("EvalPredictor" in name for name in topology.actor_classes_on_isolated_node())
+    done = topology.detr("evaluate", "--model", export, "--data", val, "--concurrency", "2",
+                         env=topology.env(RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="300"))
+    assert "in onnxruntime (int8)" in done.stdout
+    assert sum("EvalPredictor" in name for name in topology.actor_classes_on_isolated_node()) > before
+    tags = client.get_model_version(MODEL, "1").tags
+    assert [t for t in tags if t.endswith(".onnxruntime.int8.AP")], sorted(tags)
+
 
 def _label_rows(topology, output: str, kind: str = "labels") -> list[dict]:
     from pipelines.labelling.output import LabelOutput

@@ -13,15 +13,17 @@ from pipelines.evaluation.scores import Scores, rejected_line
 if TYPE_CHECKING:
     import ray
 
+    from pipelines.inference.export_package import ExportPackage
 
-def score_detection(dataset, checkpoint: "bytes | ray.ObjectRef", categories: Sequence[dict], *,
+
+def score_detection(dataset, model: "bytes | ExportPackage | ray.ObjectRef", categories: Sequence[dict], *,
                     batch_size: int = 4, concurrency: int = 1, runtime: str = "torch") -> Scores:
     """`dataset`: a `DetectionDataset` of evaluation samples (`build_detection_dataset(train=False)` with
-    the model's transforms); `checkpoint`: the model's bytes or their object-store reference."""
+    the model's transforms); `model`: the checkpoint's bytes or an export's package, or its object-store reference."""
     from ray.data import ActorPoolStrategy
 
     predictions = dataset.dataset.map_batches(
-        EvalPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "runtime": runtime}, batch_size=batch_size,
+        EvalPredictor, fn_constructor_kwargs={"model": model, "runtime": runtime}, batch_size=batch_size,
         batch_format="numpy", compute=ActorPoolStrategy(size=concurrency), num_cpus=1)
     detections, targets = {}, []
     for row in predictions.iter_rows():

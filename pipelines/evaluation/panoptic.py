@@ -18,8 +18,10 @@ from pipelines.validation.panoptic import decode_panoptic_png, panoptic_categori
 if TYPE_CHECKING:
     import ray
 
+    from pipelines.inference.export_package import ExportPackage
 
-def score_panoptic(dataset, source: Source, checkpoint: "bytes | ray.ObjectRef", threshold: float, *,
+
+def score_panoptic(dataset, source: Source, model: "bytes | ExportPackage | ray.ObjectRef", threshold: float, *,
                    batch_size: int = 4, concurrency: int = 1, runtime: str = "torch") -> Scores:
     """`dataset`: evaluation samples of the panoptic `source`; `threshold`: the panoptic merge's (queries
     whose top probability exceeds it make segments)."""
@@ -29,7 +31,7 @@ def score_panoptic(dataset, source: Source, checkpoint: "bytes | ray.ObjectRef",
     is_thing = panoptic_categories(categories)
     predictions = dataset.dataset.map_batches(
         PanopticEvalPredictor,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "is_thing": is_thing, "threshold": threshold,
+        fn_constructor_kwargs={"model": model, "is_thing": is_thing, "threshold": threshold,
                                "runtime": runtime},
         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=concurrency), num_cpus=1)
     records = {int(r["image_id"]): r for r in iter_records(source)}

@@ -17,12 +17,15 @@ from pipelines.validation.panoptic import encode_panoptic_png
 if TYPE_CHECKING:
     import ray
 
+    from pipelines.inference.export_package import ExportPackage
+
 
 class EvalPredictor:
     """Detections and ground-truth boxes per image, boxes in original pixels."""
 
-    def __init__(self, checkpoint: "bytes | ray.ObjectRef", threads: int = 1, runtime: str = "torch") -> None:
-        self.detector = Detector.in_actor(checkpoint, threads, runtime=runtime)
+    def __init__(self, model: "bytes | ExportPackage | ray.ObjectRef", threads: int = 1,
+                 runtime: str = "torch") -> None:
+        self.detector = Detector.in_actor(model, threads, runtime=runtime)
         self.postprocess = self.detector.postprocess()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -48,9 +51,9 @@ class PanopticEvalPredictor:
     """A model with masks -> per image the panoptic segmentation (PNG and segments) and the thing
     instances' masks (COCO RLE results), both at the original image size."""
 
-    def __init__(self, checkpoint: "bytes | ray.ObjectRef", is_thing: Mapping[int, bool], threshold: float,
-                 threads: int = 1, runtime: str = "torch") -> None:
-        self.detector = Detector.in_actor(checkpoint, threads, runtime=runtime)
+    def __init__(self, model: "bytes | ExportPackage | ray.ObjectRef", is_thing: Mapping[int, bool],
+                 threshold: float, threads: int = 1, runtime: str = "torch") -> None:
+        self.detector = Detector.in_actor(model, threads, runtime=runtime)
         self.is_thing = {int(k): bool(v) for k, v in is_thing.items()}
         self.panoptic = self.detector.panoptic_postprocess(self.is_thing, threshold)
         self.instances = self.detector.instance_postprocess()

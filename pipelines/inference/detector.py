@@ -11,7 +11,9 @@ inference copy of the model (`detr.inference_model`: norms folded into the
 convolutions, channels-last; bfloat16 weights with `precision="bfloat16"`), which
 gives the original's outputs to float32 rounding, faster; the model passed in is
 left as it is. With `runtime="onnxruntime"` or `"openvino"` the forward pass runs the model's ONNX export
-in that runtime instead (`pipelines.inference.runtimes`); everything else stays the same.
+in that runtime instead (`pipelines.inference.runtimes`); everything else stays the same. A Detector can also
+hold an export alone (`from_export`: a `detr export` folder's package, float32 or int8), with no PyTorch
+model: its metadata carries the config, preprocessing and classes.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from pipelines.training.transforms import TransformsConfig, apply_transform, bui
 
 if TYPE_CHECKING:
     import ray
+
+    from pipelines.inference.export_package import ExportPackage
 
 
 def transforms_to_metadata(config: TransformsConfig) -> dict[str, Any]:
@@ -72,7 +76,7 @@ class EvalPreprocessing:
 class Detector:
     """Model + evaluation preprocessing + post-processing + category names."""
 
-    model: torch.nn.Module  # a DETR, or one inside DETRsegm (masks)
+    model: torch.nn.Module | None  # a DETR, or one inside DETRsegm (masks); None: `export` runs alone
     transforms: TransformsConfig
     categories: list[dict] | None = None
     score_threshold: float | None = None
@@ -82,9 +86,31 @@ class Detector:
     optimize: bool = True  # run an inference copy (detr.inference_model); False: the model as given
     runtime: str = "torch"  # or "onnxruntime", "openvino" (pipelines.inference.runtimes.RUNTIMES): the export runs
     threads: int | None = None  # the exported model's threads (None: torch's); the torch runtime uses torch's
+    export: "ExportPackage | None" = None  # with model None: an export, run in `runtime`
 
     def __post_init__(self) -> None:
         self._runner = None
+        if self.model is None:
+            self._init_export()
+        else:
+            self._init_model()
+        self.preprocessing = EvalPreprocessing(self.transforms)
+        self._postprocess = self.postprocess(self.score_threshold, self.top_k)
+        self._names = {int(c["id"]): str(c["name"]) for c in (self.categories or [])}
+
+    def _init_export(self) -> None:
+        from detr.config import DETRConfig
+
+        if self.export is None:
+            raise ValueError("a Detector needs a model or an export")
+        if self.precision not in ("float32", self.export.precision):
+            raise RaydetrError(f"the export is {self.export.precision}; precision {self.precision} is not its own")
+        self.config, self.precision = DETRConfig.from_dict(self.export.metadata["config"]), self.export.precision
+        self._runner = self.export.runner(self.runtime, self.threads or torch.get_num_threads())
+        self.device = torch.device("cpu")
+
+    def _init_model(self) -> None:
+        self.config = self.model.config
         if self.runtime != "torch":
             from pipelines.inference.runtimes import exported_runner
 
@@ -105,9 +131,6 @@ class Detector:
             raise RaydetrError("precision other than float32 needs optimize=True (an inference copy of the model)")
         else:
             self.model = self.model.to(self.device).eval()
-        self.preprocessing = EvalPreprocessing(self.transforms)
-        self._postprocess = self.postprocess(self.score_threshold, self.top_k)
-        self._names = {int(c["id"]): str(c["name"]) for c in (self.categories or [])}
 
     @classmethod
     def from_checkpoint(cls, source: str | os.PathLike | Mapping[str, Any], **options: Any) -> "Detector":
@@ -126,15 +149,30 @@ class Detector:
         return cls(model, transforms, categories, **options)
 
     @classmethod
-    def in_actor(cls, checkpoint: "bytes | ray.ObjectRef", threads: int = 1, **options: Any) -> "Detector":
-        """`from_checkpoint` inside a Ray actor: the checkpoint's bytes, or their object-store reference (so
-        an actor on any node loads a model the driver downloaded), with `threads` threads."""
+    def from_export(cls, package: "ExportPackage", **options: Any) -> "Detector":
+        """An export (`pipelines.inference.export_package`) in its own runtime, or in `runtime=`; the
+        preprocessing, classes and scoring from its metadata."""
+        metadata = package.metadata
+        options = {"runtime": package.runtime, **options, "optimize": False}
+        return cls(None, transforms_from_metadata(metadata.get("transforms")), metadata.get("categories") or None,
+                   export=package, **options)
+
+    @classmethod
+    def in_actor(cls, model: "bytes | ExportPackage | ray.ObjectRef", threads: int = 1,
+                 **options: Any) -> "Detector":
+        """`from_checkpoint` (checkpoint bytes) or `from_export` (a package) inside a Ray actor, given the
+        model or its object-store reference (so an actor on any node loads a model the driver read), with
+        `threads` threads."""
+        from pipelines.inference.export_package import ExportPackage
+
         torch.set_num_threads(threads)
-        if not isinstance(checkpoint, (bytes, bytearray, memoryview)):
+        if not isinstance(model, (bytes, bytearray, memoryview, ExportPackage)):
             import ray
 
-            checkpoint = ray.get(checkpoint)
-        return cls.from_checkpoint(bytes(checkpoint), threads=threads, **options)
+            model = ray.get(model)
+        if isinstance(model, ExportPackage):
+            return cls.from_export(model, threads=threads, **options)
+        return cls.from_checkpoint(bytes(model), threads=threads, **options)
 
     def with_transforms(self, transforms: TransformsConfig) -> "Detector":
         """This detector with other preprocessing (another evaluation size): the same model, runtime and
@@ -145,15 +183,15 @@ class Detector:
 
     def postprocess(self, score_threshold: float | None = None, top_k: int | None = None) -> PostProcess:
         """Detections from this model's outputs, scored as it was trained (sigmoids after the focal loss)."""
-        return PostProcess(score_threshold, top_k, sigmoid=scored_by_sigmoid(self.model.config))
+        return PostProcess(score_threshold, top_k, sigmoid=scored_by_sigmoid(self.config))
 
     def panoptic_postprocess(self, is_thing: Mapping[int, bool], threshold: float) -> PanopticPostProcess:
         """The panoptic merge for this model's outputs (its scoring and its treatment of padding)."""
-        return PanopticPostProcess(is_thing, threshold, **mask_postprocess_options(self.model.config))
+        return PanopticPostProcess(is_thing, threshold, **mask_postprocess_options(self.config))
 
     def instance_postprocess(self) -> InstanceMaskPostProcess:
         """Every query with its binary mask, for this model's outputs."""
-        return InstanceMaskPostProcess(**mask_postprocess_options(self.model.config))
+        return InstanceMaskPostProcess(**mask_postprocess_options(self.config))
 
     def label_name(self, label: int) -> str:
         return self._names.get(int(label), str(int(label)))

@@ -46,7 +46,7 @@ def metadata(detector, model_identity: Mapping[str, str], export_format: str, ou
     from detr.postprocess import default_score_threshold, scored_by_sigmoid
     from pipelines.inference.detector import transforms_to_metadata
 
-    config = detector.model.config
+    config = detector.config
     transforms = detector.transforms
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "export_format": export_format,
@@ -77,10 +77,28 @@ _OUTPUT_TEXT = {
 def write_export(detector, model_identity: Mapping[str, str], out: str, export_format: str = "onnx",
                  threads: int | None = None, precision: str = "float32",
                  calibration: Iterable[np.ndarray] | None = None) -> dict:
-    """Export `detector`'s model into the folder `out` (created; files of an earlier export replaced), check
-    the graph in its runtime against PyTorch, and write the metadata last. Returns the metadata, with the
-    largest differences measured under `check`. `precision="int8"` quantises the graph with the activations'
-    ranges over the `calibration` images (HWC uint8 RGB; `pipelines.inference.quantize`)."""
+    """Export `detector`'s model into the folder `out`, local (created) or on an object store; files of an
+    earlier export there are replaced. The graph is checked in its runtime against PyTorch, and the metadata
+    written last (on an object store after the model files are uploaded: a folder without it is no export).
+    Returns the metadata, with the largest differences measured under `check`. `precision="int8"` quantises
+    the graph with the activations' ranges over the `calibration` images (HWC uint8 RGB;
+    `pipelines.inference.quantize`)."""
+    from pipelines import storage
+
+    if not storage.has_scheme(out):
+        return _write_local(detector, model_identity, out, export_format, threads, precision, calibration)
+    for name in EXPORT_FILES:  # the metadata first: an earlier export stops being one before its files change
+        storage.remove(storage.join(out, name))
+    with tempfile.TemporaryDirectory(prefix="raydetr-export-") as folder:
+        described = _write_local(detector, model_identity, folder, export_format, threads, precision, calibration)
+        for name in export_files(described) + [METADATA_FILE]:
+            with open(os.path.join(folder, name), "rb") as f:
+                storage.write_bytes_atomic(storage.join(out, name), f.read())
+    return described
+
+
+def _write_local(detector, model_identity: Mapping[str, str], out: str, export_format: str, threads: int | None,
+                 precision: str, calibration: Iterable[np.ndarray] | None) -> dict:
     from detr.export import example_batch, export_onnx
     from pipelines.inference.runtimes import check_model_runs_in, check_runtime, file_runner
 
@@ -94,7 +112,7 @@ def write_export(detector, model_identity: Mapping[str, str], out: str, export_f
     check_runtime(runtime)
     if precision == "int8":
         check_runtime("onnxruntime")  # ONNX Runtime's quantiser makes the int8 graph for either runtime
-    check_model_runs_in(runtime, detector.model.config)
+    check_model_runs_in(runtime, detector.config)
     os.makedirs(out, exist_ok=True)
     _remove_export_files(out)  # an earlier export's files: a half-written folder is no export
     onnx_file = os.path.join(out, "model.onnx")
@@ -141,24 +159,34 @@ def write_export(detector, model_identity: Mapping[str, str], out: str, export_f
 
 
 def read_export(folder: str) -> dict[str, Any]:
-    """The metadata of an export folder, checked: ours, a version this raydetr reads, its files present."""
-    path = os.path.join(folder, METADATA_FILE)
-    if not os.path.isfile(path):
-        raise RaydetrError(f"{folder}: not an export folder (no {METADATA_FILE}; `detr export` writes one)")
-    with open(path) as f:
-        described = json.load(f)
-    if described.get("format") != FORMAT_NAME:
-        raise RaydetrError(f"{path}: not a raydetr export (format {described.get('format')!r})")
+    """The metadata of an export folder (local or on an object store), checked: ours, a version this raydetr
+    reads, its files present."""
+    from pipelines import storage
+
+    path = storage.join(folder, METADATA_FILE)
+    if not storage.exists(path):
+        raise RaydetrError(f"{storage.redact(folder)}: not an export folder (no {METADATA_FILE}; "
+                           "`detr export` writes one)")
+    try:
+        described = json.loads(storage.read_text(path))
+    except ValueError as exc:
+        raise RaydetrError(f"{storage.redact(path)}: not valid JSON ({exc})") from None
+    if not isinstance(described, dict) or described.get("format") != FORMAT_NAME:
+        raise RaydetrError(f"{storage.redact(path)}: not a raydetr export (format "
+                           f"{described.get('format') if isinstance(described, dict) else None!r})")
     if described.get("format_version", 0) > FORMAT_VERSION:
-        raise RaydetrError(f"{path}: export format version {described['format_version']} is newer than this "
-                           f"raydetr reads ({FORMAT_VERSION}); upgrade raydetr or export again")
-    missing = [name for name in described.get("files", {}).values() if not os.path.isfile(os.path.join(folder, name))]
-    if described.get("export_format") == "openvino" and "model.xml" not in missing and not os.path.isfile(
-            os.path.join(folder, "model.bin")):
-        missing.append("model.bin")
+        raise RaydetrError(f"{storage.redact(path)}: export format version {described['format_version']} is newer "
+                           f"than this raydetr reads ({FORMAT_VERSION}); upgrade raydetr or export again")
+    missing = [name for name in export_files(described) if not storage.exists(storage.join(folder, name))]
     if missing:
-        raise RaydetrError(f"{folder}: the export is incomplete: {', '.join(missing)} missing")
+        raise RaydetrError(f"{storage.redact(folder)}: the export is incomplete: {', '.join(missing)} missing")
     return described
 
 
-__all__ = ["FORMATS", "METADATA_FILE", "PRECISIONS", "read_export", "write_export"]
+def export_files(described: Mapping[str, Any]) -> list[str]:
+    """The model files an export folder's metadata says it holds (OpenVINO's IR is two files)."""
+    names = list(dict.fromkeys(described.get("files", {}).values()))
+    return names + (["model.bin"] if "model.xml" in names else [])
+
+
+__all__ = ["FORMATS", "METADATA_FILE", "PRECISIONS", "export_files", "read_export", "write_export"]

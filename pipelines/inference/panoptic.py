@@ -42,7 +42,7 @@ def segment_preprocessed(detector: Detector, tensors: Sequence[torch.Tensor], or
     size); `original` are the (height, width) the results are expressed in."""
     if not tensors:
         return []
-    if not detector.model.config.masks:
+    if not detector.config.masks:
         raise RaydetrError("panoptic inference needs a model with masks (DETRConfig.masks)")
     original = [tuple(int(v) for v in s) for s in original]
     batch, mask = pad_images(list(tensors))

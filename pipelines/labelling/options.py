@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 TASKS = ("detection", "panoptic")
 PRECISIONS = ("float32", "bfloat16")  # detr.PRECISIONS, named here so the CLI does not import torch
+EXPORT_PRECISIONS = ("float32", "int8")  # an export's (pipelines.inference.export_folder.PRECISIONS)
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # pipelines.inference.runtimes.RUNTIMES, likewise
 
 
@@ -32,8 +33,10 @@ class LabelOptions:
     score_threshold: float | None = None  # keep detections scoring above this (None: the model's default)
     top_k: int | None = None  # then keep at most this many per image, best first
     classes: tuple[int, ...] | None = None  # category ids to keep (None: all)
-    precision: str = "float32"  # the model's weights and activations (bfloat16: faster, scores within ~1e-2)
-    runtime: str = "torch"  # where the model runs: PyTorch, or its ONNX export in onnxruntime or openvino
+    precision: str = "float32"  # the model's weights and activations (bfloat16: faster, scores within ~1e-2;
+    # int8: an int8 export's, set from the export)
+    runtime: str | None = None  # where the model runs: PyTorch, or its ONNX export in onnxruntime or openvino
+    # (None: the model's own, torch for a checkpoint and the export's runtime for an export folder)
     eval_size: int | None = None  # shorter side the images are resized to (None: the model's own)
     eval_max_size: int | None = None  # longer side at most (None: the model's ratio to the shorter side)
     batch_size: int = 8  # images per forward pass
@@ -50,12 +53,16 @@ class LabelOptions:
         problems = []
         if self.task not in TASKS:
             problems.append(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.precision not in PRECISIONS:
+        if self.precision not in PRECISIONS + EXPORT_PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.runtime not in RUNTIMES:
+        if self.runtime is not None and self.runtime not in RUNTIMES:
             problems.append(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        elif self.runtime != "torch" and self.precision != "float32":
-            problems.append(f"the {self.runtime} runtime runs float32 models (precision {self.precision} is torch's)")
+        elif self.runtime == "torch" and self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision} is an export's: the torch runtime runs "
+                            f"{' or '.join(PRECISIONS)}")
+        elif self.runtime not in (None, "torch") and self.precision not in EXPORT_PRECISIONS:
+            problems.append(f"the {self.runtime} runtime runs float32 or int8 exports (precision {self.precision} "
+                            "is torch's)")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
         for name in ("batch_size", "concurrency", "rows_per_file", "max_pixels"):
@@ -74,12 +81,24 @@ class LabelOptions:
         if problems:
             raise RaydetrError("invalid labelling options: " + "; ".join(problems))
 
-    def for_model(self, default_threshold: float, transforms: "TransformsConfig | None" = None) -> "LabelOptions":
+    def for_model(self, default_threshold: float, transforms: "TransformsConfig | None" = None,
+                  runtime: str = "torch", export_precision: str | None = None) -> "LabelOptions":
         """These options with the model's defaults where none was given, as the manifest records them: its
-        score threshold (`detr.default_score_threshold`: lower for sigmoid-scored models) and, given its
-        `transforms`, the evaluation size the images are labelled at."""
+        score threshold (`detr.default_score_threshold`: lower for sigmoid-scored models), given its
+        `transforms` the evaluation size the images are labelled at, its own `runtime`, and an export's
+        precision (`export_precision`: the model is an export, whose precision is fixed)."""
         options = self if self.score_threshold is not None else dataclasses.replace(
             self, score_threshold=default_threshold)
+        if options.runtime is None:
+            options = dataclasses.replace(options, runtime=runtime)
+        if export_precision is not None:
+            if options.precision not in ("float32", export_precision):
+                raise RaydetrError(f"the model is a {export_precision} export; precision {options.precision} is not "
+                                   "its own")
+            options = dataclasses.replace(options, precision=export_precision)
+        elif options.precision not in PRECISIONS:
+            raise RaydetrError(f"precision {options.precision} needs an {options.precision} export "
+                               f"(detr export --precision {options.precision}) as the model")
         if transforms is not None:
             sized = options.transforms(transforms)
             options = dataclasses.replace(options, eval_size=sized.eval_size, eval_max_size=sized.eval_max_size)

@@ -8,7 +8,7 @@ and its segment-id PNG, encoded here so the driver only writes bytes.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pyarrow as pa
 import torch
@@ -20,14 +20,19 @@ from pipelines.labelling.schema import PANOPTIC_RESULT_SCHEMA
 from pipelines.labelling.segments import segments_array
 from pipelines.validation.panoptic import encode_panoptic_png
 
+if TYPE_CHECKING:
+    import ray
+
+    from pipelines.inference.export_package import ExportPackage
+
 
 class PanopticLabelPredictor(LabelPredictor):
     """Callable class for `map_batches`: PREPARED_SCHEMA batches in, PANOPTIC_RESULT_SCHEMA batches out."""
 
-    def __init__(self, checkpoint: bytes, *, score_threshold: float | None, panoptic_threshold: float,
-                 **options: Any) -> None:
-        super().__init__(checkpoint, score_threshold=score_threshold, **options)
-        if not self.detector.model.config.masks:
+    def __init__(self, model: "bytes | ExportPackage | ray.ObjectRef", *, score_threshold: float | None,
+                 panoptic_threshold: float, **options: Any) -> None:
+        super().__init__(model, score_threshold=score_threshold, **options)
+        if not self.detector.config.masks:
             raise RaydetrError("--task panoptic needs a model with a mask head (DETRConfig.masks)")
         self.panoptic_threshold = panoptic_threshold
         self.postprocess = self.detector.postprocess(score_threshold)

@@ -15,6 +15,8 @@ in separate tasks, so the accelerator only runs the model.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from detr.errors import RaydetrError
@@ -26,6 +28,9 @@ from pipelines.sources import Source
 from pipelines.sources.reader import read_source
 from pipelines.training.transforms import TransformsConfig
 from pipelines.validation.decode import DecodeLimits
+
+if TYPE_CHECKING:
+    from pipelines.inference.export_package import ExportPackage
 
 TASK_CPUS = 1.0  # what one read or prepare task reserves (Ray Data's default)
 GROUP_WINDOW_BATCHES = 4  # a prepare task orders this many actor batches' worth of images by shape...
@@ -65,8 +70,8 @@ def check_cluster_fits(options: LabelOptions, gpus_per_actor: float, resources: 
             f"one torch thread)")
 
 
-def build_label_dataset(source: Source, checkpoint: bytes, transforms: TransformsConfig, options: LabelOptions,
-                        done: np.ndarray, gpus_per_actor: float = 0.0, listings: dict | None = None,
+def build_label_dataset(source: Source, model: "bytes | ExportPackage", transforms: TransformsConfig,
+                        options: LabelOptions, done: np.ndarray, gpus_per_actor: float = 0.0, listings: dict | None = None,
                         labelled: np.ndarray | None = None, contents: np.ndarray | None = None):
     """The result rows (schema.RESULT_SCHEMA, or PANOPTIC_RESULT_SCHEMA for the panoptic task) of labelling
     `source`, skipping keys whose digests are in `done` (sorted, see key_digests; `labelled` and `contents`:
@@ -95,7 +100,7 @@ def build_label_dataset(source: Source, checkpoint: bytes, transforms: Transform
         fn_constructor_kwargs={
             # A reference, not the bytes: the bytes would be pickled into the UDF itself (Ray warns at
             # ~100 MB, a ResNet-50 DETR is 160 MB) and copied for every actor; each actor fetches this once.
-            "checkpoint": ray.put(checkpoint), "score_threshold": options.score_threshold, "top_k": options.top_k,
+            "model": ray.put(model), "score_threshold": options.score_threshold, "top_k": options.top_k,
             "classes": options.classes, "draw": options.draw, "threads": options.torch_threads,
             "precision": options.precision, "runtime": options.runtime, **task_options,
         },

@@ -1,7 +1,7 @@
 """Ray Data actor: the model, loaded once per actor, turns prepared images into detection rows.
 
 `map_batches(LabelPredictor, compute=ActorPoolStrategy(size=N), ...)` keeps N
-actors alive for the whole job; each loads the checkpoint once (from bytes that
+actors alive for the whole job; each loads the model once (checkpoint bytes, or an export's package, that
 travel through the object store, so actors on any node can load a model the
 driver downloaded) as the Detector's inference copy (norms folded, channels-last,
 optionally bfloat16), runs on a GPU when Ray gave it one, with one torch thread per
@@ -28,6 +28,8 @@ from pipelines.labelling.shapes import DEFAULT_MAX_WASTE, padding_groups
 if TYPE_CHECKING:
     import ray
 
+    from pipelines.inference.export_package import ExportPackage
+
 
 def select_detections(detections: dict, classes: Sequence[int] | None, top_k: int | None,
                       size: Sequence[int] | None = None) -> dict:
@@ -50,11 +52,11 @@ def select_detections(detections: dict, classes: Sequence[int] | None, top_k: in
 class LabelPredictor:
     """Callable class for `map_batches`: PREPARED_SCHEMA batches in, RESULT_SCHEMA batches out."""
 
-    def __init__(self, checkpoint: "bytes | ray.ObjectRef", *, score_threshold: float | None, top_k: int | None,
-                 classes: Sequence[int] | None, draw: int = 0, threads: int = 1, precision: str = "float32",
-                 runtime: str = "torch", max_waste: float = DEFAULT_MAX_WASTE) -> None:
+    def __init__(self, model: "bytes | ExportPackage | ray.ObjectRef", *, score_threshold: float | None,
+                 top_k: int | None, classes: Sequence[int] | None, draw: int = 0, threads: int = 1,
+                 precision: str = "float32", runtime: str = "torch", max_waste: float = DEFAULT_MAX_WASTE) -> None:
         # top_k is applied after the class filter (select_detections), so the Detector keeps them all.
-        self.detector = Detector.in_actor(checkpoint, threads, score_threshold=score_threshold, precision=precision,
+        self.detector = Detector.in_actor(model, threads, score_threshold=score_threshold, precision=precision,
                                           runtime=runtime)
         self.classes, self.top_k, self.max_waste = classes, top_k, max_waste
         self.draw_left = draw  # each actor draws its first N images; the driver keeps the first N overall

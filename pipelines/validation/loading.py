@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -45,6 +45,22 @@ def read_record_bytes(record: Mapping[str, Any]) -> bytes:
         raise  # a store that cannot be reached is not a bad image: the task fails, and a re-run resumes
     except (OSError, ValueError) as exc:
         raise E.PipelineError(E.READ_ERROR, f"{path or record.get('key')}: cannot read ({exc})") from None
+
+
+def first_images(records: Iterable[Mapping[str, Any]], count: int) -> Iterator[tuple[str, DecodedImage]]:
+    """(key, decoded image) of the first `count` records that read and decode; the others are skipped (a
+    sample for previews or calibration: bad images are the errors table's to report, not a sample's)."""
+    found = 0
+    for record in records:
+        if found >= count:
+            return
+        key = str(record.get("key", ""))
+        try:
+            decoded = decode_image(read_record_bytes(record), key)
+        except E.PipelineError:
+            continue
+        found += 1
+        yield key, decoded
 
 
 def _boxes_in_display_frame(record: Mapping[str, Any], decoded: DecodedImage, boxes: np.ndarray) -> np.ndarray:
