@@ -222,11 +222,13 @@ def label_command(model: str, folder: str, out: str, args, runtime: str | None =
 
 def int8_export(checkpoint: str, photos: list[str], runtime: str, folder: str) -> str:
     """An int8 export of the model for `runtime`, calibrated on 32 of the photos (`detr export`)."""
-    calibration = link_first(photos, 32, os.path.join(folder, "calibration"))
+    calibration = os.path.join(folder, "calibration")
+    if not os.path.isdir(calibration):
+        link_first(photos, 32, calibration)
     out = os.path.join(folder, f"{runtime}-int8")
     export_format = "openvino" if runtime == "openvino" else "onnx"
     subprocess.run([sys.executable, "-m", "jobs.export", "--model", checkpoint, "--format", export_format,
-                    "--precision", "int8", "--calibration", os.path.dirname(calibration[0]), "--output", out],
+                    "--precision", "int8", "--calibration", calibration, "--output", out],
                    cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True, stdout=subprocess.DEVNULL)
     return out
 

@@ -93,6 +93,11 @@ class LowPrecision(nn.Module):
         super().__init__()
         self.backbone, self.dtype = backbone, dtype
 
+    @property
+    def stride(self) -> int:
+        """The wrapped backbone's (input pixels per feature cell)."""
+        return self.backbone.stride
+
     def forward(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         features, masks = self.backbone(images.to(self.dtype), mask)
         return [f.float() for f in features], masks

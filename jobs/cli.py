@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jobs.evaluate", "COCO metrics of a model on a labelled dataset, logged to MLflow"),
     "label": ("jobs.label", "label images with a detector into a resumable Parquet dataset (Ray Data)"),
     "export": ("jobs.export", "export a model as ONNX (or OpenVINO IR) with what a runtime needs to run it"),
+    "explain": ("jobs.explain", "pictures of what a model attends to: each detection's decoder attention, the "
+                                "encoder's at points"),
     "promote": ("jobs.promote", "move a registry alias to a version only if it beats the current holder"),
     "rollback": ("jobs.rollback", "point a registry alias back at its previous holder"),
     "submit": ("jobs.submit", "submit a job (train, label, evaluate, ...) to a Ray cluster"),

@@ -25,6 +25,12 @@ MODEL may also be a `detr export` folder (float32 or int8, run in its own runtim
 the other): its precision is a param and tag too, the version it was exported from is tagged with its
 headline number (`raydetr.eval.DIGEST.onnxruntime.int8.AP`), and an export's evaluation is never reused
 (another export of the same version may be calibrated differently).
+
+A detection evaluation also draws the paper's analyses (`pipelines.evaluation.analysis_report`; skipped with
+`--no-analysis`): AP and AP50 after each decoder layer with and without NMS, the boxes each query slot
+predicts, instances missed against instances per image, a confusion matrix and the images with the most
+errors, each PNG with the numbers behind it, logged to the run under `analysis/` and, with `--plots DIR`,
+written to DIR too.
 """
 from __future__ import annotations
 
@@ -81,6 +87,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     parser.add_argument("--task", choices=TASKS, default="detection",
                         help="detection: box AP; panoptic: PQ/SQ/RQ and mask AP (a model with masks, COCO panoptic data)")
+    parser.add_argument("--plots", help="also write the analyses' PNGs and numbers to this local folder")
+    parser.add_argument("--no-analysis", action="store_true",
+                        help="detection: skip the analyses (per-layer AP, slots, confusion matrix, worst images)")
     parser.add_argument("--panoptic-threshold", type=float, default=PANOPTIC_THRESHOLD,
                         help="panoptic: keep queries whose top probability exceeds this (the paper's 0.85)")
 
@@ -103,6 +112,9 @@ class EvalResult:
     runtime: str = "torch"
     precision: str = "float32"
     """An export's precision; a checkpoint evaluates in float32."""
+    analysis: dict = field(default_factory=dict)
+    """The analyses: "files" (name -> file name, in the run's analysis/ and in "folder" when --plots) and
+    "skipped" (name -> why it was not drawn)."""
 
 
 def size_text(transforms) -> str:
@@ -132,7 +144,8 @@ def find_evaluation(tracking_uri: str, model_name: str, version: str, digest: st
     return runs[0] if runs else None
 
 
-def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result: EvalResult, scores) -> str:
+def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result: EvalResult, scores,
+                    analysis_files: list[str] = ()) -> str:
     """One MLflow run per evaluation (metrics, per-class metrics, table, plot), and the headline number as a
     tag on the registered model version."""
     from jobs.tracking import TrackedRun
@@ -161,6 +174,8 @@ def _log_evaluation(tracking_uri: str, experiment: str, model, data: str, result
         if not panoptic:
             run.log_artifact(plot_precision_recall(scores.pr_curves, result.categories,
                                                    os.path.join(tmp, "precision_recall.png")))
+    for path in analysis_files:
+        run.log_artifact(path, "analysis")
     run.finish()
     if model.version:
         from mlflow.tracking import MlflowClient
@@ -192,6 +207,8 @@ def evaluate(
     eval_size: int | None = None,
     eval_max_size: int | None = None,
     runtime: str | None = None,
+    analysis: bool = True,
+    plots: str | None = None,
 ) -> EvalResult:
     """Evaluate `model_spec` on `data`; returns the metrics (and the MLflow run id when logged)."""
     if task not in TASKS:
@@ -235,7 +252,7 @@ def evaluate(
     digest = dataset_digest(source)
     if task == "panoptic" and not source.is_panoptic:
         raise RaydetrError(f"{data}: --task panoptic needs a COCO panoptic dataset (a JSON with segments_info)")
-    if reuse and log_to_mlflow and model.version and loaded.export is None:
+    if reuse and log_to_mlflow and model.version and loaded.export is None and not plots:  # --plots: drawn anew
         previous = find_evaluation(uri, model.name, model.version, digest.digest, task, sized["eval_size"],
                                    size_text(loaded.transforms), runtime)
         if previous is not None:
@@ -253,13 +270,26 @@ def evaluate(
         categories = source.categories or []
     else:
         categories = source.categories or loaded.categories or []
-        scores = score_detection(dataset, checkpoint, categories, **options)
+        wanted = analysis and (log_to_mlflow or bool(plots))  # drawn only where they are kept
+        scores = score_detection(dataset, checkpoint, categories, analysis=wanted, **options)
     if scores.rejected:
         print(scores.rejected, flush=True)
     result = EvalResult(scores.metrics, scores.per_class, digest.digest, scores.images,
                         categories=list(categories), task=task, **sized)
-    if log_to_mlflow:
-        result.run_id = _log_evaluation(uri, experiment, model, data, result, scores)
+    with tempfile.TemporaryDirectory(prefix="raydetr-analysis-") as tmp:
+        files = []
+        if scores.analysis is not None:
+            from detr.postprocess import default_score_threshold
+            from pipelines.evaluation.analysis_report import write_analysis_report
+
+            report = write_analysis_report(scores.analysis, list(categories), source, plots or tmp,
+                                           default_score_threshold(detector.config),
+                                           learned_slots=detector.config.two_stage is None)
+            files = list(report.files.values())
+            result.analysis = {"files": {name: os.path.basename(path) for name, path in report.files.items()},
+                               "skipped": report.skipped, "folder": plots}
+        if log_to_mlflow:
+            result.run_id = _log_evaluation(uri, experiment, model, data, result, scores, files)
     return result
 
 
@@ -277,6 +307,12 @@ def format_result(result: EvalResult) -> str:
     elif result.per_class:
         lines.append("  per-class AP:")
         lines += [f"    {names.get(k, str(k)):<20} {v['AP']:7.4f}" for k, v in sorted(result.per_class.items())]
+    if result.analysis:
+        where = ["the run's analysis/"] if result.run_id else []
+        where += [result.analysis["folder"]] if result.analysis.get("folder") else []
+        lines.append(f"analysis: {', '.join(sorted(result.analysis['files'].values()))}"
+                     + (f" ({' and '.join(where)})" if where else ""))
+        lines += [f"  not drawn: {name}: {why}" for name, why in result.analysis["skipped"].items()]
     if result.run_id and not result.reused:
         lines.append(f"MLflow run {result.run_id}")
     return "\n".join(lines)
@@ -294,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
                       log_to_mlflow=not args.no_mlflow, reuse=not args.force, address=args.address,
                       task=args.task, panoptic_threshold=args.panoptic_threshold,
                       allow_outside_paths=args.allow_outside_paths, eval_size=args.eval_size,
-                      eval_max_size=args.eval_max_size, runtime=args.runtime)
+                      eval_max_size=args.eval_max_size, runtime=args.runtime, analysis=not args.no_analysis,
+                      plots=args.plots)
     print(format_result(result))
     return 0
 

@@ -73,6 +73,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(its PNGs are OUT/panoptic/)")
     parser.add_argument("--draw", type=int, default=DEFAULTS.draw, metavar="N",
                         help="PNGs with drawn boxes for the first N images labelled (OUT/previews/)")
+    parser.add_argument("--explain", type=int, default=DEFAULTS.explain, metavar="N",
+                        help="attention pictures for the first N images labelled (OUT/explain/: each detection's "
+                             "decoder attention, the encoder's at their centres; the torch runtime)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default=DEFAULTS.precision,
                         help="bfloat16: several times faster on CPUs with AMX and on GPUs, scores within about 1e-2 "
                              "of float32's (default: %(default)s)")
@@ -192,6 +195,9 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     transforms = options.transforms(loaded.transforms)
     check_task(options, loaded, model, coco_panoptic_json)
     if options.runtime != "torch":
+        if options.explain:
+            raise RaydetrError(f"--explain reads the attention of the PyTorch model: it needs --runtime torch, "
+                               f"not {options.runtime}")
         from pipelines.inference.runtimes import check_model_runs_in, check_runtime
 
         check_runtime(options.runtime)
@@ -215,7 +221,8 @@ def label(model: str, input_path: str, output: str, options: LabelOptions = DEFA
     labelled, contents = committed.labelled_keys.sorted_array(), committed.contents.sorted_array()
     r = loaded.resolved
     writer = ChunkWriter(out, committed, ModelIdentity(r.name, r.version, r.run_id), label_run,
-                         rows_per_file=options.rows_per_file, commit_seconds=options.commit_seconds, draw=options.draw)
+                         rows_per_file=options.rows_per_file, commit_seconds=options.commit_seconds, draw=options.draw,
+                         explain=options.explain)
     writer.add_errors(source.planning_errors)
     first_rows_seconds, first_rows = None, 0
 
@@ -275,6 +282,8 @@ def format_result(result: LabelResult) -> str:
         lines.append("errors by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(c.rejected.items())))
     if c.previews:
         lines.append(f"{c.previews} previews in {result.output}/previews/")
+    if c.explained:
+        lines.append(f"{c.explained} images' attention pictures in {result.output}/explain/")
     if result.coco_json:
         lines.append(f"COCO results: {result.coco_detections} detections -> {result.coco_json}")
     if result.coco_panoptic_json:
@@ -294,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         task=args.task, panoptic_threshold=args.panoptic_threshold, score_threshold=args.score_threshold,
         top_k=args.top_k, precision=args.precision, runtime=args.runtime, batch_size=args.batch_size,
         concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-        rows_per_file=args.rows_per_file, commit_seconds=args.commit_seconds, draw=args.draw,
+        rows_per_file=args.rows_per_file, commit_seconds=args.commit_seconds, draw=args.draw, explain=args.explain,
         max_pixels=args.max_pixels, allow_outside_paths=args.allow_outside_paths,
         eval_size=args.eval_size, eval_max_size=args.eval_max_size,
     )

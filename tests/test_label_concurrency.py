@@ -23,7 +23,7 @@ def results(keys: list[str]) -> pa.Table:
     columns = {"key": keys, "source": ["in"] * n, "image_id": list(range(n)), "width": [4] * n, "height": [4] * n,
                "content_hash": ["h"] * n, "error_reason": [""] * n, "error_detail": [""] * n,
                "boxes": [[[0.0, 0.0, 1.0, 1.0]]] * n, "scores": [[0.9]] * n, "labels": [[1]] * n,
-               "label_names": [["a"]] * n, "preview_png": [None] * n}
+               "label_names": [["a"]] * n, "preview_png": [None] * n, "explain_pngs": [None] * n}
     return pa.Table.from_pydict(columns, schema=RESULT_SCHEMA)
 
 

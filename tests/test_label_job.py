@@ -115,10 +115,11 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     out, coco = str(tmp_path / "out"), str(tmp_path / "coco.json")
     argv = ["label", "--model", checkpoint, "--input", str(tmp_path / "in"), "--output", out,
             "--score-threshold", "0.2", "--top-k", "5", "--concurrency", "2", "--batch-size", "3",
-            "--rows-per-file", "6", "--draw", "3", "--coco-json", coco]
+            "--rows-per-file", "6", "--draw", "3", "--explain", "2", "--coco-json", coco]
     assert detr_cli(argv) == 0
     printed = capsys.readouterr().out
     assert "labelled 16 images" in printed and "4 errors" in printed and "3 previews" in printed
+    assert "2 images' attention pictures" in printed
 
     labels, errors = committed_keys(out)
     assert sorted(labels + errors) == inputs and len(set(labels + errors)) == len(inputs)  # each exactly once
@@ -147,6 +148,9 @@ def test_label_a_messy_folder_then_rerun_changes_nothing(ray_cluster, checkpoint
     assert len(results) == compared and {r["image_id"] for r in results} == {r["image_id"] for r in rows}
     previews = sorted(Path(out, "previews").iterdir())
     assert len(previews) == 3 and all(Image.open(p).format == "PNG" for p in previews)
+    explained = sorted(p.name for p in Path(out, "explain").iterdir())
+    assert len(explained) == 4 and {name.rsplit("_", 1)[1] for name in explained} == {"decoder.png", "encoder.png"}
+    assert all(Image.open(Path(out, "explain", name)).format == "PNG" for name in explained)
 
     # The same command again: nothing left to do, no file touched. A driver killed at the worst moment leaves
     # half a part under its hidden temporary name; the next run removes one written long ago (a recent one could

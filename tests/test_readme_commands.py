@@ -66,8 +66,8 @@ def test_the_readme_commands_run_as_written(ray_cluster, tmp_path, monkeypatch, 
     commands = readme_commands()
     assert [" ".join(c.split()[:2]) for c in commands] == [
         "detr make-dataset", "detr ingest", "detr train", "detr train", "detr evaluate", "detr promote",
-        "detr promote", "detr rollback", "detr label", "detr export", "detr make-dataset", "detr train",
-        "detr evaluate"]
+        "detr promote", "detr rollback", "detr explain", "detr label", "detr export", "detr make-dataset",
+        "detr train", "detr evaluate"]
     commands = commands[:-1]  # the panoptic model's evaluation: see the module's docstring
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
@@ -105,6 +105,9 @@ def test_the_readme_commands_run_as_written(ray_cluster, tmp_path, monkeypatch, 
     assert list((tmp_path / "data" / "shapes-parquet" / "data").glob("*.parquet"))
     manifest = json.loads((tmp_path / "labels" / "shapes" / "manifest.json").read_text())
     assert manifest["model"]["name"] == "shapes-detector" and manifest["model"]["version"] == "1"  # rolled back
+    analysis = json.loads((tmp_path / "plots" / "shapes" / "analysis.json").read_text())
+    assert analysis["per_layer_ap"] and (tmp_path / "plots" / "shapes" / "per_layer_ap.png").is_file()
+    assert len(list((tmp_path / "explained").glob("*_decoder.png"))) == 2
     export = json.loads((tmp_path / "exports" / "shapes" / "raydetr_export.json").read_text())
     assert export["model"]["name"] == "shapes-detector" and export["model"]["version"] == "1"
     panoptic = printed["detr train"][2]

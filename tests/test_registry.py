@@ -11,7 +11,9 @@ on image files and bytes.
 from __future__ import annotations
 
 import io
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -118,8 +120,18 @@ def test_register_evaluate_promote_gate_and_rollback(ray_cluster, mlflow_server,
     again = evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server)
     assert again.reused and again.metrics["AP"] == pytest.approx(better.candidate_value)
     # At another evaluation size it is another evaluation, reused in turn at that size.
-    smaller = evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, eval_size=96)
+    smaller = evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, eval_size=96,
+                       plots=str(tmp_path / "plots"))
     assert not smaller.reused and (smaller.eval_size, again.eval_size) == ("96x160", "128x213")
+    # Its analyses are in the run (and in --plots): the last decoder layer's AP is the evaluation's own.
+    logged = {Path(a.path).name for a in client.list_artifacts(smaller.run_id, "analysis")}
+    assert logged == {"analysis.json", "per_layer_ap.png", "slot_boxes.png", "slot_boxes.parquet",
+                      "missed_by_instance_count.png", "confusion_matrix.png", "worst_images.png"}, logged
+    numbers = json.loads((tmp_path / "plots" / "analysis.json").read_text())
+    assert len(numbers["per_layer_ap"]) == 2  # the `tiny` preset's two decoder layers
+    assert numbers["per_layer_ap"][-1]["AP"] == pytest.approx(smaller.metrics["AP"], abs=1e-6)
+    matrix = np.asarray(numbers["confusion_matrix"]["matrix"])
+    assert matrix[:-1].sum() == len(json.loads(Path(data).read_text())["annotations"])  # each true box once
     assert client.get_run(smaller.run_id).data.params["eval_size"] == "96x160"
     assert f"raydetr.eval.{smaller.digest[:12]}.96x160.AP" in client.get_model_version(MODEL, "2").tags
     assert evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, eval_size=96).run_id == smaller.run_id
@@ -127,6 +139,7 @@ def test_register_evaluate_promote_gate_and_rollback(ray_cluster, mlflow_server,
     exported = evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, runtime="onnxruntime")
     assert not exported.reused and exported.metrics["AP"] == pytest.approx(again.metrics["AP"], abs=1e-3)
     assert client.get_run(exported.run_id).data.params["runtime"] == "onnxruntime"
+    assert "per_layer_ap" in exported.analysis["skipped"]  # the exported graph gives the last layer only
     assert f"raydetr.eval.{exported.digest[:12]}.onnxruntime.AP" in client.get_model_version(MODEL, "2").tags
     assert evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, runtime="onnxruntime").reused
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from detr import boxes_only, masks_to_rle
+from detr.postprocess import class_probabilities
 from pipelines.inference.detector import Detector
 from pipelines.training.collate import collate_samples
 from pipelines.validation.panoptic import encode_panoptic_png
@@ -21,19 +22,25 @@ if TYPE_CHECKING:
 
 
 class EvalPredictor:
-    """Detections and ground-truth boxes per image, boxes in original pixels."""
+    """Detections and ground-truth boxes per image, boxes in original pixels; with `analysis`, also the
+    detections after each decoder layer (`layer_*`: [L, N, ...], the first layer first; only the last where
+    the model has no auxiliary outputs) and the last layer's boxes as the model predicts them, per query
+    (`slot_boxes`: normalised cx, cy, w, h), for `pipelines.evaluation.analysis`."""
 
     def __init__(self, model: "bytes | ExportPackage | ray.ObjectRef", threads: int = 1,
-                 runtime: str = "torch") -> None:
+                 runtime: str = "torch", analysis: bool = False) -> None:
         self.detector = Detector.in_actor(model, threads, runtime=runtime)
         self.postprocess = self.detector.postprocess()
+        self.analysis = analysis
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         transforms = self.detector.transforms
         images, mask, targets = collate_samples(batch, transforms.mean, transforms.std)
         outputs = self.detector.forward(images, mask, mask_queries=boxes_only)
-        detections = self.postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
-        return {
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        detections = self.postprocess(outputs, sizes)
+        analysed = self._per_layer(outputs, sizes) if self.analysis else {}
+        return {**analysed,
             "image_id": np.asarray([int(t["image_id"]) for t in targets], dtype=np.int64),
             "det_boxes": [d["boxes"].numpy() for d in detections],
             "det_scores": [d["scores"].numpy() for d in detections],
@@ -45,6 +52,19 @@ class EvalPredictor:
             "orig_size": np.stack([t["orig_size"].numpy() for t in targets]),
             "size": np.stack([t["size"].numpy() for t in targets]),
         }
+
+    def _per_layer(self, outputs: dict, sizes: torch.Tensor) -> dict[str, Any]:
+        """Each decoder layer's outputs post-processed as the last layer's are for AP (so the last layer's
+        AP is the evaluation's), boxes in original pixels: [B, L, N, ...] arrays."""
+        layers = [*outputs.get("aux_outputs", []), outputs]
+        per_layer = [self.postprocess(layer, sizes) for layer in layers]
+        stacked = {f"layer_{name}": torch.stack([torch.stack([d[name] for d in layer]) for layer in per_layer], 1)
+                   for name in ("scores", "labels", "boxes")}
+        return {**{k: list(v.float().cpu().numpy() if k != "layer_labels" else v.cpu().numpy())
+                   for k, v in stacked.items()},
+                "slot_boxes": list(outputs["pred_boxes"].float().cpu().numpy()),
+                "slot_scores": list(class_probabilities(outputs, self.postprocess.sigmoid).max(-1).values
+                                    .float().cpu().numpy())}
 
 
 class PanopticEvalPredictor:

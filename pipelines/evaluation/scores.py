@@ -15,6 +15,8 @@ class Scores:
     """Detection: precision at 101 recall points (IoU 0.5) per category, for the plot."""
     rejected: str | None = None
     """What validation rejected (not evaluated), as one line; None when nothing was."""
+    analysis: list | None = None
+    """Detection with analysis: each image's `pipelines.evaluation.analysis.ImageAnalysis`, by image id."""
 
 
 def rejected_line(dataset) -> str | None:

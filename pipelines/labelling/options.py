@@ -46,6 +46,7 @@ class LabelOptions:
     rows_per_file: int = 1000  # rows per committed Parquet file...
     commit_seconds: float = 30.0  # ...or fewer, when this long has passed since the last commit
     draw: int = 0  # PNG previews with drawn boxes for the first N images labelled
+    explain: int = 0  # attention pictures (decoder per detection, encoder at their centres) for the first N
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
     allow_outside_paths: bool = False  # read images an annotation file names outside its folder, or links out
 
@@ -76,8 +77,8 @@ class LabelOptions:
             problems.append(f"eval_size must be >= 1, got {self.eval_size}")
         if self.eval_max_size is not None and self.eval_size is None:
             problems.append("eval_max_size needs eval_size")
-        if self.draw < 0 or self.commit_seconds < 0:
-            problems.append("draw and commit_seconds must be >= 0")
+        if self.draw < 0 or self.explain < 0 or self.commit_seconds < 0:
+            problems.append("draw, explain and commit_seconds must be >= 0")
         if problems:
             raise RaydetrError("invalid labelling options: " + "; ".join(problems))
 

@@ -3,6 +3,8 @@
     OUT/labels/part-000000.parquet   label rows (schema.LABEL_SCHEMA), one per labelled image
     OUT/errors/part-000000.parquet   images that could not be read (source, image, reason, detail)
     OUT/previews/*.png               drawn detections for the first N images (--draw N)
+    OUT/explain/*_decoder.png,       the decoder's attention of each detection and the encoder's at their
+               *_encoder.png         centres, for the first N images (--explain N)
     OUT/panoptic/*.png               --task panoptic: each labelled image's segment ids (COCO panoptic PNG)
     OUT/manifest.json                model and settings (written once, by the first run)
     OUT/runs/<run>.json              each run: when, what input, what it added, the output's totals after it
@@ -48,6 +50,7 @@ from pipelines.validation.errors import errors_schema
 LABELS = "labels"
 ERRORS = "errors"
 PREVIEWS = "previews"
+EXPLAIN = "explain"
 PANOPTIC = "panoptic"
 RUNS = "runs"
 MANIFEST = "manifest.json"
@@ -89,6 +92,7 @@ class Committed:
     next_part: int = 0
     parts: int = 0  # commits (a commit's labels and errors share a part name)
     previews: int = 0
+    explained: int = 0  # images with attention pictures in OUT/explain
 
 
 class LabelOutput:
@@ -174,6 +178,7 @@ class LabelOutput:
                     done.errors += int(new.sum())
         done.parts = len(commits)
         done.previews = sum(1 for info in self._list(PREVIEWS) if info.base_name.endswith(".png"))
+        done.explained = sum(1 for info in self._list(EXPLAIN) if info.base_name.endswith("_decoder.png"))
         return done
 
     def commit(self, number: int, labels: pa.Table | None, errors: pa.Table | None, writer: str = "") -> None:
@@ -191,6 +196,12 @@ class LabelOutput:
 
     def write_preview(self, name: str, png: bytes) -> None:
         storage.write_bytes_atomic(f"{self.root}/{PREVIEWS}/{name}", png)
+
+    def write_explanation(self, name: str, decoder_png: bytes, encoder_png: bytes) -> None:
+        """An image's attention pictures: NAME_decoder.png (written last: it is what counts as explained)."""
+        stem = name.removesuffix(".png")
+        storage.write_bytes_atomic(f"{self.root}/{EXPLAIN}/{stem}_encoder.png", encoder_png)
+        storage.write_bytes_atomic(f"{self.root}/{EXPLAIN}/{stem}_decoder.png", decoder_png)
 
     def write_panoptic(self, name: str, png: bytes) -> str:
         """Write a panoptic PNG (replacing one a killed run left); returns its path relative to the root."""

@@ -46,8 +46,9 @@ class PanopticLabelPredictor(LabelPredictor):
                  "segments": r["segments"], "panoptic_png": encode_panoptic_png(r["id_map"])}
                 for r, size in zip(results, sizes)]
 
-    def _result_table(self, batch: pa.Table, found: list[dict | None], previews: list) -> pa.Table:
-        table = super()._result_table(batch, found, previews)
+    def _result_table(self, batch: pa.Table, found: list[dict | None], previews: list,
+                      explanations: list) -> pa.Table:
+        table = super()._result_table(batch, found, previews, explanations)
         table = table.append_column("segments", segments_array([r["segments"] if r else None for r in found]))
         table = table.append_column("panoptic_png", pa.array([r["panoptic_png"] if r else None for r in found],
                                                              pa.binary()))

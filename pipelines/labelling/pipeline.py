@@ -101,7 +101,8 @@ def build_label_dataset(source: Source, model: "bytes | ExportPackage", transfor
             # A reference, not the bytes: the bytes would be pickled into the UDF itself (Ray warns at
             # ~100 MB, a ResNet-50 DETR is 160 MB) and copied for every actor; each actor fetches this once.
             "model": ray.put(model), "score_threshold": options.score_threshold, "top_k": options.top_k,
-            "classes": options.classes, "draw": options.draw, "threads": options.torch_threads,
+            "classes": options.classes, "draw": options.draw, "explain": options.explain,
+            "threads": options.torch_threads,
             "precision": options.precision, "runtime": options.runtime, **task_options,
         },
     )

@@ -8,7 +8,9 @@ optionally bfloat16), runs on a GPU when Ray gave it one, with one torch thread 
 reserved CPU otherwise, under `torch.inference_mode`. A batch is split where
 padding would waste too much (`shapes.padding_groups`); rows that failed to
 decode pass through with their error reason. `infer` is the one forward pass per
-group: `PanopticLabelPredictor` replaces it (and adds its result columns).
+group: `PanopticLabelPredictor` replaces it (and adds its result columns). With
+`explain`, an actor's first N images also get their attention pictures
+(`pipelines.inference.explain`: one more forward pass each, on the model-size image).
 """
 from __future__ import annotations
 
@@ -54,12 +56,14 @@ class LabelPredictor:
 
     def __init__(self, model: "bytes | ExportPackage | ray.ObjectRef", *, score_threshold: float | None,
                  top_k: int | None, classes: Sequence[int] | None, draw: int = 0, threads: int = 1,
-                 precision: str = "float32", runtime: str = "torch", max_waste: float = DEFAULT_MAX_WASTE) -> None:
+                 precision: str = "float32", runtime: str = "torch", max_waste: float = DEFAULT_MAX_WASTE,
+                 explain: int = 0) -> None:
         # top_k is applied after the class filter (select_detections), so the Detector keeps them all.
         self.detector = Detector.in_actor(model, threads, score_threshold=score_threshold, precision=precision,
                                           runtime=runtime)
         self.classes, self.top_k, self.max_waste = classes, top_k, max_waste
         self.draw_left = draw  # each actor draws its first N images; the driver keeps the first N overall
+        self.explain_left = explain  # likewise for attention pictures
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -79,7 +83,8 @@ class LabelPredictor:
         detections = [r["detections"] if r is not None else None for r in found]
         previews = [self._preview(images[i], detections[i], heights[i], widths[i]) if i in images else None
                     for i in range(n)]
-        return self._result_table(batch, found, previews)
+        explanations = [self._explain(images[i]) if i in images else None for i in range(n)]
+        return self._result_table(batch, found, previews, explanations)
 
     def infer(self, images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[dict]:
         """One padded forward pass over resized uint8 images -> per image {"detections": ...} (filtered),
@@ -98,7 +103,22 @@ class LabelPredictor:
         draw_detections(image.permute(1, 2, 0).numpy(), scaled, self.detector.label_name, -1.0).save(buffer, "PNG")
         return buffer.getvalue()
 
-    def _result_table(self, batch: pa.Table, found: list[dict | None], previews: list) -> pa.Table:
+    def _explain(self, image: torch.Tensor) -> list[bytes] | None:
+        """[decoder PNG, encoder PNG] of the model-size image (at each detection's centre), for the first N."""
+        if self.explain_left <= 0:
+            return None
+        from pipelines.inference.explain import explain_image
+        from pipelines.inference.explain_drawing import draw_decoder_attention, plot_encoder_attention
+
+        self.explain_left -= 1
+        explanation = explain_image(self.detector, image.permute(1, 2, 0).numpy(), top_k=self.top_k or 10)
+        decoder, encoder = io.BytesIO(), io.BytesIO()
+        draw_decoder_attention(explanation, self.detector.label_name).save(decoder, "PNG")
+        plot_encoder_attention(explanation, encoder)
+        return [decoder.getvalue(), encoder.getvalue()]
+
+    def _result_table(self, batch: pa.Table, found: list[dict | None], previews: list,
+                      explanations: list) -> pa.Table:
         empty = {"boxes": [], "scores": [], "labels": []}
         dets = [{k: v.tolist() for k, v in r["detections"].items()} if r is not None else empty for r in found]
         columns = {name: batch[name] for name in
@@ -109,5 +129,6 @@ class LabelPredictor:
         columns["label_names"] = pa.array([[self.detector.label_name(x) for x in d["labels"]] for d in dets],
                                           RESULT_SCHEMA.field("label_names").type)
         columns["preview_png"] = pa.array(previews, pa.binary())
+        columns["explain_pngs"] = pa.array(explanations, pa.list_(pa.binary()))
         return pa.Table.from_arrays([columns[f.name] for f in RESULT_SCHEMA], schema=RESULT_SCHEMA)
 

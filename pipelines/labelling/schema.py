@@ -61,6 +61,7 @@ RESULT_SCHEMA = pa.schema(IMAGE_FIELDS + DETECTION_FIELDS + [
     pa.field("error_reason", pa.string()),  # "" for a labelled image
     pa.field("error_detail", pa.string()),
     pa.field("preview_png", pa.binary()),  # null unless this image was drawn
+    pa.field("explain_pngs", pa.list_(pa.binary())),  # null unless explained: [decoder PNG, encoder PNG]
 ])
 PANOPTIC_RESULT_SCHEMA = pa.schema(list(RESULT_SCHEMA) + [
     pa.field("segments", pa.list_(SEGMENT_TYPE)),

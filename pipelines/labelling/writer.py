@@ -46,6 +46,7 @@ class RunCounts:
     segments: int = 0  # panoptic task
     duplicates_dropped: int = 0
     previews: int = 0
+    explained: int = 0
     parts: int = 0
     rejected: Counter = field(default_factory=Counter)
 
@@ -54,11 +55,12 @@ class ChunkWriter:
     """Buffers result rows and commits them as numbered parts of `output`; never commits a key twice."""
 
     def __init__(self, output: LabelOutput, committed: Committed, model: ModelIdentity, label_run: str, *,
-                 rows_per_file: int, commit_seconds: float, draw: int) -> None:
+                 rows_per_file: int, commit_seconds: float, draw: int, explain: int = 0) -> None:
         self.output, self.model, self.label_run = output, model, label_run
         self.keys = committed.keys
         self.next_part = committed.next_part
         self.previews_left = max(0, draw - committed.previews)
+        self.explain_left = max(0, explain - committed.explained)
         self.rows_per_file, self.commit_seconds = rows_per_file, commit_seconds
         self.counts = RunCounts()
         self._labels: list[pa.Table] = []
@@ -83,6 +85,7 @@ class ChunkWriter:
         failed = pc.not_equal(results["error_reason"], "")
         labelled = results.filter(pc.invert(failed))
         self._save_previews(labelled)
+        self._save_explanations(labelled)
         if "panoptic_png" in labelled.column_names:
             labelled = self._write_panoptic(labelled)
         if labelled.num_rows:
@@ -128,6 +131,15 @@ class ChunkWriter:
             self.output.write_preview(image_file_name(row["key"], row["image_id"]), row["preview_png"])
         self.previews_left -= drawn.num_rows
         self.counts.previews += drawn.num_rows
+
+    def _save_explanations(self, labelled: pa.Table) -> None:
+        if self.explain_left <= 0:
+            return
+        explained = labelled.filter(pc.is_valid(labelled["explain_pngs"])).slice(0, self.explain_left)
+        for row in explained.select(["key", "image_id", "explain_pngs"]).to_pylist():
+            self.output.write_explanation(image_file_name(row["key"], row["image_id"]), *row["explain_pngs"])
+        self.explain_left -= explained.num_rows
+        self.counts.explained += explained.num_rows
 
     def flush(self) -> None:
         """Commit everything buffered as the next part."""
