@@ -221,7 +221,8 @@ def evaluate(
 
     if runtime is not None:
         check_runtime(runtime)  # not installed: one line, before anything starts
-    check_model_spec(model_spec, allow_export=True)  # inputs first: a missing file is one line, before tracking or Ray start
+    # inputs first: a missing file is one line, before tracking or Ray start
+    check_model_spec(model_spec, allow_export=True)
     source = open_source(data, images=images, allow_outside_paths=allow_outside_paths)
 
     import ray
@@ -252,6 +253,8 @@ def evaluate(
     digest = dataset_digest(source)
     if task == "panoptic" and not source.is_panoptic:
         raise RaydetrError(f"{data}: --task panoptic needs a COCO panoptic dataset (a JSON with segments_info)")
+    if not digest.images:
+        raise RaydetrError(f"{data}: the evaluation set holds no image")
     if reuse and log_to_mlflow and model.version and loaded.export is None and not plots:  # --plots: drawn anew
         previous = find_evaluation(uri, model.name, model.version, digest.digest, task, sized["eval_size"],
                                    size_text(loaded.transforms), runtime)
@@ -274,6 +277,9 @@ def evaluate(
         scores = score_detection(dataset, checkpoint, categories, analysis=wanted, **options)
     if scores.rejected:
         print(scores.rejected, flush=True)
+    if not scores.images:
+        raise RaydetrError(f"{data}: no image could be evaluated"
+                           + (f" ({scores.rejected})" if scores.rejected else ""))
     result = EvalResult(scores.metrics, scores.per_class, digest.digest, scores.images,
                         categories=list(categories), task=task, **sized)
     with tempfile.TemporaryDirectory(prefix="raydetr-analysis-") as tmp:

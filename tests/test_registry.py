@@ -88,6 +88,7 @@ def _register(easy_shapes, tmp_path, uri, name: str, fitted: bool) -> str:
 def test_register_evaluate_promote_gate_and_rollback(ray_cluster, mlflow_server, easy_shapes, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from detr.errors import RaydetrError
     from jobs.evaluate import evaluate
     from jobs.promote import promote
     from jobs.registry import alias_history
@@ -140,6 +141,10 @@ def test_register_evaluate_promote_gate_and_rollback(ray_cluster, mlflow_server,
     assert not exported.reused and exported.metrics["AP"] == pytest.approx(again.metrics["AP"], abs=1e-3)
     assert client.get_run(exported.run_id).data.params["runtime"] == "onnxruntime"
     assert "per_layer_ap" in exported.analysis["skipped"]  # the exported graph gives the last layer only
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(RaydetrError, match="the evaluation set holds no image"):
+        evaluate(f"models:/{MODEL}/2", str(empty), tracking_uri=mlflow_server)
     assert f"raydetr.eval.{exported.digest[:12]}.onnxruntime.AP" in client.get_model_version(MODEL, "2").tags
     assert evaluate(f"models:/{MODEL}/2", data, tracking_uri=mlflow_server, runtime="onnxruntime").reused
 

@@ -198,12 +198,18 @@ def _read_listing(units: list[Unit], rows_per_block: int, listings: dict[str, St
         _image_records, batch_size=None, batch_format="pyarrow")
 
 
+LOCAL_READ_TASKS = 4
+"""Read tasks at once on the driver's node for local files. They reserve no CPU (pipelines.placement), so
+nothing else bounds them: a folder of 1,000 images (125 units) started 122 Ray worker processes at once on
+2 cores, whose start-up took the CPU for the first 100 s of the job (no row before), and each holds memory."""
+
+
 def _read_unit_blocks(units: list[Unit], rows_per_block: int, local: bool = False):
     """One read task per unit, yielding blocks of at most `rows_per_block` records. Units that open local
-    files are read on the driver's node, their bytes inlined (pipelines.placement)."""
+    files are read on the driver's node, their bytes inlined (pipelines.placement), `LOCAL_READ_TASKS` at once."""
     import ray
 
     items = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
+    placement = {"compute": ray.data.TaskPoolStrategy(size=LOCAL_READ_TASKS), **on_driver_node()} if local else {}
     return items.map_batches(_read_units, batch_size=1, batch_format="pyarrow",
-                             fn_kwargs={"rows_per_block": rows_per_block, "inline_local": local},
-                             **(on_driver_node() if local else {}))
+                             fn_kwargs={"rows_per_block": rows_per_block, "inline_local": local}, **placement)
