@@ -2,14 +2,19 @@
 
 The model directory holds the raydetr checkpoint as an artifact, the `detr` and
 `pipelines` packages as code, and `pyfunc_detector.py` as the model's code; it
-loads anywhere the pinned requirements install, without this repository.
+loads anywhere the pinned requirements install, without this repository. With
+`exports`, the model's `detr export` folders (checked against PyTorch) are logged
+beside the checkpoint as artifacts `export_onnx` / `export_openvino`, and the
+pyfunc's `runtime` param runs them instead of exporting when first asked.
 """
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -71,8 +76,10 @@ def log_detector_model(
     name: str = "model",
     registered_model_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    exports: Sequence[str] = (),
 ):
-    """Log the checkpoint as a pyfunc model in the run; register a new version when asked.
+    """Log the checkpoint as a pyfunc model in the run; register a new version when asked; `exports`
+    (`onnx`, `openvino`): also the model's export folders, for the pyfunc's `runtime` param.
 
     Returns MLflow's ModelInfo (its `model_uri` loads the model; `registered_model_version`
     is set when registered).
@@ -89,11 +96,14 @@ def log_detector_model(
     config = DETRConfig.from_dict(saved["config"])
     eval_size = transforms_from_metadata((saved.get("metadata") or {}).get("transforms")).eval_size
     panoptic = bool(config.masks)
-    with tracking_store(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+    with tempfile.TemporaryDirectory(prefix="raydetr-pyfunc-") as folder, tracking_store(tracking_uri), \
+            mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        artifacts = {"checkpoint": str(checkpoint_path),
+                     **_export_folders(checkpoint_path, exports, folder, registered_model_name or name, run_id)}
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(PYFUNC_FILE),
-            artifacts={"checkpoint": str(checkpoint_path)},
+            artifacts=artifacts,
             code_paths=[str(p) for p in CODE_PATHS],
             signature=signature(panoptic, default_score_threshold(config), eval_size),
             input_example=input_example(),
@@ -101,3 +111,24 @@ def log_detector_model(
             registered_model_name=registered_model_name,
             tags={k: str(v) for k, v in (tags or {}).items()} or None,
         )
+
+
+def _export_folders(checkpoint_path: str | Path, formats: Sequence[str], folder: str, name: str,
+                    run_id: str) -> dict[str, str]:
+    """`export_FORMAT` -> the checkpoint's export folder in that format, written under `folder`."""
+    if not formats:
+        return {}
+    import hashlib
+
+    from pipelines.inference.detector import Detector
+    from pipelines.inference.export_folder import write_export
+
+    data = Path(checkpoint_path).read_bytes()
+    detector = Detector.from_checkpoint(data, optimize=False)
+    identity = {"uri": f"runs:/{run_id}/model", "name": name, "version": "", "run_id": run_id,
+                "sha256": hashlib.sha256(data).hexdigest()}
+    exported = {}
+    for export_format in dict.fromkeys(formats):
+        exported[f"export_{export_format}"] = os.path.join(folder, f"export_{export_format}")
+        write_export(detector, identity, exported[f"export_{export_format}"], export_format)
+    return exported

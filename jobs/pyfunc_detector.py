@@ -9,8 +9,9 @@ back). Params: `score_threshold` (default: the model's, `detr.default_score_thre
 scores, 0.2 for a focal-loss model's sigmoid scores), `top_k` (default 100), and `eval_size` /
 `eval_max_size`: the shorter side images are resized to and the longer side's cap (default: the model's
 own; `eval_max_size` 0 keeps the model's ratio), to trade accuracy for speed, and `runtime`: `torch` (default),
-or `onnxruntime` / `openvino` to run the model's ONNX export there (made on first use; the runtime must be
-installed where the model is served: `raydetr[onnx]`, `raydetr[openvino]`).
+or `onnxruntime` / `openvino` to run the model's ONNX export there (the export logged with the model when
+it was logged with exports, else made on first use; the runtime must be installed where the model is
+served: `raydetr[onnx]`, `raydetr[openvino]`).
 A model with masks (panoptic) also returns `segments`: a JSON list per image of
 {"id", "category_id", "label_name", "isthing", "area", "score", "bbox", "rle"}
 (COCO RLE of the segment's pixels), from the panoptic merge with param
@@ -35,14 +36,28 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
 
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"])
         self.sized, self.exported = {}, {"torch": self.detector}
+        self.export_folders = {name.removeprefix("export_"): path for name, path in context.artifacts.items()
+                               if name.startswith("export_")}
+
+    def _in_runtime(self, runtime: str):
+        """The model in an exported runtime: its logged export (the runtime's own format first), else
+        exported now."""
+        import dataclasses
+
+        from pipelines.inference.detector import Detector
+        from pipelines.inference.export_package import read_export_package
+
+        own = "openvino" if runtime == "openvino" else "onnx"
+        folder = self.export_folders.get(own) or next(iter(self.export_folders.values()), None)
+        if folder is None:
+            return dataclasses.replace(self.detector, runtime=runtime)
+        return Detector.from_export(read_export_package(folder).for_runtime(runtime), runtime=runtime)
 
     def detector_at(self, size: int, max_size: int, runtime: str = "torch"):
         """The detector at this evaluation size in this runtime (the same model; kept per size and runtime
         asked: a runtime's export is made once, on first use)."""
-        import dataclasses
-
         if runtime not in self.exported:
-            self.exported[runtime] = dataclasses.replace(self.detector, runtime=runtime)
+            self.exported[runtime] = self._in_runtime(runtime)
         base = self.exported[runtime]
         own = self.detector.transforms
         if (size, max_size or own.eval_max_size) == (own.eval_size, own.eval_max_size):

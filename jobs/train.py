@@ -313,7 +313,8 @@ def train(config, *, address: str | None = None, pid_dir: str | None = None, ver
         tags = {"raydetr.train_run_id": run.run_id, "raydetr.train_source": config.data.train,
                 **{f"raydetr.{k}": v for k, v in best_metrics.items() if k.startswith("val_") and validated(v)}}
         info = log_detector_model(tracking_uri, run.run_id, model_path,
-                                  registered_model_name=config.tracking.registered_model, tags=tags)
+                                  registered_model_name=config.tracking.registered_model, tags=tags,
+                                  exports=config.tracking.exports)
         _log_detection_images(run, model_path, config.data.val, config.data.val_images,
                               config.schedule.log_images, tmp)
     run.finish()

@@ -117,6 +117,15 @@ class TrackingSection:
     run_name: str | None = None
     registered_model: str | None = None
     """When set, the final model is registered as a new version of this registered model."""
+    exports: tuple[str, ...] = ()
+    """Export formats (`onnx`, `openvino`) logged with the model, checked against PyTorch: its pyfunc's
+    `runtime` param then runs them instead of exporting on first use."""
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.exports if f not in ("onnx", "openvino")]
+        if unknown:
+            raise ConfigError(f"tracking.exports: unknown format {', '.join(map(repr, unknown))}; choose onnx or "
+                              "openvino")
 
 
 @dataclass(frozen=True)

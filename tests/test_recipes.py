@@ -49,6 +49,9 @@ def test_the_paper_recipe_is_the_defaults_and_unknown_recipes_are_refused():
     with pytest.raises((ValueError, ConfigError), match="unknown recipe"):
         load_train_config(None, ["data.train=x.json", "recipe=fastest"])
     assert apply_recipe({"data": {"train": "x"}}) == {"data": {"train": "x"}}
+    assert load_train_config(None, ["data.train=x.json", "tracking.exports=[onnx]"]).tracking.exports == ("onnx",)
+    with pytest.raises(ConfigError, match="tracking.exports: unknown format 'tflite'"):
+        load_train_config(None, ["data.train=x.json", "tracking.exports=[tflite]"])
 
 
 def test_warmup_ramps_every_group_then_the_epoch_drop_applies():

@@ -173,7 +173,8 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, m
     checkpoint = save_checkpoint(model, tmp_path / "model.pt",
                                  metadata={"categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]})
     run = TrackedRun.start(mlflow_server, "test-pyfunc")
-    info = log_detector_model(mlflow_server, run.run_id, checkpoint, registered_model_name="pyfunc-test")
+    info = log_detector_model(mlflow_server, run.run_id, checkpoint, registered_model_name="pyfunc-test",
+                              exports=("onnx",))
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
@@ -194,8 +195,9 @@ def test_the_pyfunc_model_predicts_on_paths_and_bytes(mlflow_server, tmp_path, m
     params = {p.name: p.default for p in loaded.metadata.signature.params.params}
     assert (params["eval_size"], params["eval_max_size"]) == (800, 0)  # the model's own size (the paper's)
     smaller = loaded.predict(frame[:1], params={"score_threshold": 0.0, "top_k": 5, "eval_size": 32})
-    # In ONNX Runtime (the model's export, made on first use): the same detections (matched one to one: a random
-    # model's scores nearly tie, and their order may differ with rounding).
+    # In ONNX Runtime (the export logged beside the weights, checked against PyTorch when it was logged): the same
+    # detections (matched one to one: a random model's scores nearly tie, and their order may differ with rounding).
+    assert loaded.unwrap_python_model().export_folders.keys() == {"onnx"}
     from scipy.optimize import linear_sum_assignment
 
     exported = loaded.predict(frame[:1], params={"score_threshold": 0.0, "top_k": 5, "runtime": "onnxruntime"})
