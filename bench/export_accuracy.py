@@ -8,7 +8,9 @@ the held-out split of the dataset it was trained on (`--data`: a folder with tra
 the same preprocessing, padded batches and post-processing in every row: PyTorch float32 (the baseline), its
 ONNX export (`detr export`) in ONNX Runtime and OpenVINO, and its int8 export (`detr export --precision int8`,
 calibrated on the first `--calibration-images` training images) in both (OpenVINO left out for a model it
-refuses: a two-stage one with proposal NMS, the fast recipe's). Prints AP, AP50, the AP each row
+refuses: a two-stage one with proposal NMS, the fast recipe's; `--without-proposal-nms` evaluates such a model
+with its proposal NMS off in every row, which OpenVINO runs: the same trained weights, duplicates left in).
+Prints AP, AP50, the AP each row
 loses against PyTorch and the seconds per image on these small images (speed at the paper's sizes:
 bench/runtime_speed.py); figures belong in bench/RESULTS.md with the date and the CPU.
 """
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detr.checkpoint import read_checkpoint_file  # noqa: E402
 from detr.errors import RaydetrError  # noqa: E402
 from detr.evaluation import evaluate_coco  # noqa: E402
 from jobs.export import calibration_images  # noqa: E402
@@ -57,10 +60,16 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--without-proposal-nms", action="store_true",
+                        help="a two-stage model's proposals without NMS in every row (so OpenVINO runs it too)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    detector = Detector.from_checkpoint(args.model)
+    checkpoint = read_checkpoint_file(args.model)
+    if args.without_proposal_nms and (checkpoint["config"].get("two_stage") or {}).get("nms"):
+        checkpoint["config"]["two_stage"]["nms"] = 0.0
+        print("proposal NMS off in every row (--without-proposal-nms)")
+    detector = Detector.from_checkpoint(checkpoint)
     val_json, train_json = str(args.data / "val.json"), str(args.data / "train.json")
     val_set = DetectionTorchDataset(open_source(val_json), train=False, transforms=detector.transforms)
     batches = list(DataLoader(val_set, batch_size=args.batch_size, collate_fn=collate_skipping_rejected))

@@ -87,6 +87,7 @@ def train_config(settings: DemoSettings, paths: dict[str, str]):
 
 def demo(settings: DemoSettings) -> dict:
     import ray
+    from mlflow.tracking import MlflowClient
 
     from jobs.evaluate import evaluate, format_result
     from jobs.label import format_result as format_label_result
@@ -126,9 +127,13 @@ def demo(settings: DemoSettings) -> dict:
         _done(t)
 
         t = _step(f"5. Label {settings.label_images} new images with models:/{settings.name}@champion (Ray Data)")
-        labelled = label(f"models:/{settings.name}@champion", paths["inbox"], os.path.join(settings.workdir, "labels"),
+        # One output per champion version: an output holds one model's rows, and a second demo in the same
+        # folder may promote another version (the same champion again resumes: nothing left to label).
+        champion = MlflowClient(tracking_uri).get_model_version_by_alias(settings.name, "champion").version
+        labelled = label(f"models:/{settings.name}@champion", paths["inbox"],
+                         os.path.join(settings.workdir, "labels", f"v{champion}"),
                          LabelOptions(score_threshold=LABEL_SCORE_THRESHOLD, top_k=3, concurrency=2, batch_size=4,
-                                      draw=8), tracking_uri=tracking_uri)
+                                      draw=8, explain=2), tracking_uri=tracking_uri)
         print("    " + format_label_result(labelled).replace("\n", "\n    "))
         _done(t)
     finally:
@@ -138,7 +143,8 @@ def demo(settings: DemoSettings) -> dict:
     print(f"    see it:            mlflow ui --backend-store-uri {tracking_uri}")
     print(f"    best checkpoint:   {result.checkpoint_dir}")
     print(f"    champion model:    models:/{settings.name}@champion")
-    print(f"    labels:            {labelled.output}/labels (Parquet), previews in {labelled.output}/previews")
+    print(f"    labels:            {labelled.output}/labels (Parquet), previews in {labelled.output}/previews, "
+          f"attention in {labelled.output}/explain")
     return {"train": result, "evaluation": evaluation, "decision": decision, "labels": labelled, "paths": paths}
 
 
