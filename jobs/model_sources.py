@@ -95,12 +95,11 @@ def _on_object_store(spec: str) -> bool:
 
 
 def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | None = None) -> ResolvedModel:
-    """Turn a model argument into a local checkpoint path (downloading MLflow models and files on object
-    stores)."""
+    """Turn a model argument that `check_model_spec` accepted into a local checkpoint path (downloading
+    MLflow models and files on object stores)."""
     if _on_object_store(spec):
         return _download_file(spec, cache_dir)
     if not is_mlflow_uri(spec):
-        check_model_spec(spec)
         path = Path(spec).expanduser()
         return ResolvedModel(checkpoint=str(path.resolve()), name=path.stem, uri=str(path.resolve()))
 
@@ -146,7 +145,6 @@ def resolve_model(spec: str, tracking_uri: str | None = None, cache_dir: str | N
 def _download_file(uri: str, cache_dir: str | None) -> ResolvedModel:
     from pipelines import storage
 
-    check_model_spec(uri)
     target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="raydetr-model-"))
     name = Path(uri.split("://", 1)[1]).name
     local = target / re.sub(r"[^A-Za-z0-9_.-]+", "_", uri.split("://", 1)[1])
