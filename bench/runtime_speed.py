@@ -109,7 +109,12 @@ def main() -> None:
         probe = pad_images([torch.randn(3, 96, 128), torch.randn(3, 128, 96)])
         plain = plain_onnx_session(official, *probe, plain_file, args.threads)
         export_onnx(ours, our_file)
-        runners = {name: file_runner(name, our_file, args.threads) for name in args.runtimes.split(",") if name}
+        unpadded_file = os.path.join(folder, "ours_unpadded.onnx")  # what ONNX Runtime runs for unpadded batches
+        export_onnx(ours, unpadded_file, padded=False)
+        runners = {name: file_runner(name, our_file, args.threads, unpadded_file if name == "onnxruntime" else None)
+                   for name in args.runtimes.split(",") if name}
+        if "onnxruntime" in runners:
+            runners["onnxruntime, padded graph only"] = file_runner("onnxruntime", our_file, args.threads)
         if not args.no_int8:
             from pipelines.inference.quantize import quantize_onnx
 

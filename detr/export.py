@@ -53,9 +53,12 @@ def example_batch(sizes: tuple[tuple[int, int], ...] = ((96, 128), (128, 96))) -
     return pad_images([torch.randn(3, h, w, generator=generator) for h, w in sizes])
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = OPSET) -> tuple[str, ...]:
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = OPSET, padded: bool = True) -> tuple[str, ...]:
     """Write `model` (a DETR or a DETR with masks, ours or loaded from an official file) to an ONNX file with
-    dynamic batch, height and width; returns the output names. The model itself is left as it is."""
+    dynamic batch, height and width; returns the output names. The model itself is left as it is.
+    `padded=False` writes the graph for unpadded batches only (every mask False): traced without padding, it
+    leaves out the multiplications that keep the padded area at zero, as eager PyTorch skips them when
+    nothing is padded (what a runtime runs when a batch is one image, or images of one size)."""
     if getattr(model, "inference_settings", None) is not None:
         if model.inference_settings.precision != "float32":
             raise RaydetrError("only a float32 model can be exported (int8 comes from quantising the export)")
@@ -66,7 +69,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = OPSET) -
         raise RaydetrError("the model is not padding-invariant (an official model loaded with "
                            "padding_invariant=False): its graph would depend on how images are batched")
     names = output_names(fast)
-    images, mask = example_batch()
+    images, mask = example_batch() if padded else example_batch(((96, 128), (96, 128)))
     axes = {"images": {0: "batch", 2: "height", 3: "width"}, "mask": {0: "batch", 1: "height", 2: "width"},
             "pred_logits": {0: "batch"}, "pred_boxes": {0: "batch"}}
     if "pred_masks" in names:

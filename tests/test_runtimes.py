@@ -193,6 +193,15 @@ def test_detr_export_writes_a_folder_that_describes_and_checks_itself(tmp_path, 
         with pytest.raises(RaydetrError, match="the export is incomplete: model.bin missing"):
             read_export(str(out))
     else:
+        # The graph for unpadded batches, checked on two images of one size, has no padding multiplications.
+        assert described["files"]["onnx_unpadded"] == "model_unpadded.onnx"
+        assert max(v for k, v in described["check"]["max_abs_difference"].items() if "(unpadded)" in k) <= 1e-4
+        import onnx
+
+        def multiplications(name: str) -> int:
+            return sum(node.op_type == "Mul" for node in onnx.load(str(out / name)).graph.node)
+
+        assert multiplications("model_unpadded.onnx") < multiplications("model.onnx")
         meta = out / "raydetr_export.json"
         meta.write_text(json.dumps(dict(described, format_version=99)))
         with pytest.raises(RaydetrError, match="export format version 99 is newer"):

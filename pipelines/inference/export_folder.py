@@ -2,6 +2,9 @@
 
     OUT/model.onnx            the graph (detr.export: dynamic batch and size, padding mask as an input), float32
                               or with --precision int8 quantised (pipelines.inference.quantize)
+    OUT/model_unpadded.onnx   float32 --format onnx: the graph for batches without padding (one image, or
+                              images of one size), without the multiplications that keep padding at zero;
+                              ONNX Runtime runs it for such batches
     OUT/model.xml, model.bin  with --format openvino: OpenVINO's IR of the same graph
     OUT/raydetr_export.json   what a runtime user needs: inputs and outputs, the preprocessing (evaluation
                               size, normalisation), the classes, how scores are made (softmax or sigmoid) and
@@ -30,7 +33,7 @@ FORMAT_NAME = "raydetr-export"
 FORMAT_VERSION = 1
 TOLERANCE = 1e-4
 """Largest difference allowed between the runtime's outputs and PyTorch's (logits, boxes, masks)."""
-EXPORT_FILES = (METADATA_FILE, "model.onnx", "model.xml", "model.bin")
+EXPORT_FILES = (METADATA_FILE, "model.onnx", "model_unpadded.onnx", "model.xml", "model.bin")
 """Every file an export folder may hold."""
 
 
@@ -41,7 +44,7 @@ def _remove_export_files(out: str) -> None:
 
 
 def metadata(detector, model_identity: Mapping[str, str], export_format: str, outputs: tuple[str, ...],
-             precision: str = "float32") -> dict:
+             precision: str = "float32", unpadded: bool = False) -> dict:
     """The folder's description of the model it holds."""
     from detr.postprocess import default_score_threshold, scored_by_sigmoid
     from pipelines.inference.detector import transforms_to_metadata
@@ -51,7 +54,8 @@ def metadata(detector, model_identity: Mapping[str, str], export_format: str, ou
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "export_format": export_format,
         "precision": precision,
-        "files": {"onnx": "model.onnx", **({"openvino": "model.xml"} if export_format == "openvino" else {})},
+        "files": {"onnx": "model.onnx", **({"onnx_unpadded": "model_unpadded.onnx"} if unpadded else {}),
+                  **({"openvino": "model.xml"} if export_format == "openvino" else {})},
         "inputs": {"images": "float32 [batch, 3, height, width]: RGB scaled to [0, 1], minus mean, over std, "
                              "zero-padded at the bottom and right",
                    "mask": "bool [batch, height, width]: True on padding"},
@@ -126,6 +130,10 @@ def _write_local(detector, model_identity: Mapping[str, str], out: str, export_f
             calibrated = quantize_onnx(float_file, onnx_file, calibration_batches(detector, calibration))
     else:
         outputs = export_onnx(detector.model, onnx_file)
+    unpadded_file = None
+    if precision == "float32" and export_format == "onnx":
+        unpadded_file = os.path.join(out, "model_unpadded.onnx")
+        export_onnx(detector.model, unpadded_file, padded=False)
     model_file = onnx_file
     if export_format == "openvino":
         import openvino as ov
@@ -135,13 +143,21 @@ def _write_local(detector, model_identity: Mapping[str, str], out: str, export_f
     images, mask = example_batch(((70, 90), (96, 64)))  # padded, and other sizes than the graph was traced at
     with torch.inference_mode():
         expected = detector.forward(images, mask)
-    got = file_runner(runtime, model_file, threads or torch.get_num_threads())(images, mask)
+    runner = file_runner(runtime, model_file, threads or torch.get_num_threads(), unpadded_file)
+    got = runner(images, mask)
     differences = {name: float((got[name] - expected[name]).abs().max()) for name in outputs}
+    if unpadded_file is not None:  # the unpadded graph, on a batch of two images of one size
+        same, no_padding = example_batch(((80, 100), (80, 100)))
+        with torch.inference_mode():
+            want = detector.forward(same, no_padding)
+        unpadded_got = runner(same, no_padding)
+        differences.update({f"{name} (unpadded)": float((unpadded_got[name] - want[name]).abs().max())
+                            for name in outputs})
     # float32 must reproduce PyTorch; int8 cannot (a two-stage model may even pick other queries), so there
     # the differences are recorded, its accuracy is `detr evaluate`'s to measure, and only a graph that
     # computes no finite numbers is refused.
     broken = {name: value for name, value in differences.items()
-              if not (value <= TOLERANCE if precision == "float32" else torch.isfinite(got[name]).all())}
+              if not (value <= TOLERANCE if precision == "float32" else torch.isfinite(got[name]).all().item())}
     if broken:
         _remove_export_files(out)
         worst = max(broken, key=broken.get)
@@ -149,7 +165,7 @@ def _write_local(detector, model_identity: Mapping[str, str], out: str, export_f
                            f"does not reproduce it in {runtime}: {worst} differs by {broken[worst]:.2g} "
                            + (f"(at most {TOLERANCE:g})" if precision == "float32" else "(not finite)")
                            + "; nothing was written")
-    described = metadata(detector, model_identity, export_format, outputs, precision)
+    described = metadata(detector, model_identity, export_format, outputs, precision, unpadded_file is not None)
     described["check"] = {"runtime": runtime, "max_abs_difference": differences}
     if calibrated is not None:
         described["calibration"] = {"images": calibrated}

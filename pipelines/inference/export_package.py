@@ -63,12 +63,15 @@ class ExportPackage:
             for name, data in self.files.items():
                 with open(os.path.join(folder, name), "wb") as f:
                     f.write(data)
-            return file_runner(runtime, os.path.join(folder, model_file), threads)
+            unpadded = os.path.join(folder, "model_unpadded.onnx") if runtime == "onnxruntime" and \
+                "model_unpadded.onnx" in self.files else None
+            return file_runner(runtime, os.path.join(folder, model_file), threads, unpadded)
 
     def for_runtime(self, runtime: str) -> "ExportPackage":
         """This package with only the files `runtime` reads (OpenVINO's IR where there is one, else the ONNX
         graph): what is worth shipping to actors."""
-        keep = ("model.xml", "model.bin") if runtime == "openvino" and "model.xml" in self.files else ("model.onnx",)
+        keep = ("model.xml", "model.bin") if runtime == "openvino" and "model.xml" in self.files else (
+            ("model.onnx", "model_unpadded.onnx") if runtime == "onnxruntime" else ("model.onnx",))
         return ExportPackage(self.metadata, {name: data for name, data in self.files.items() if name in keep})
 
 

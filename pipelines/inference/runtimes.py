@@ -50,22 +50,29 @@ def check_model_runs_in(runtime: str, config) -> None:
 
 
 class OnnxRuntimeRunner:
-    """An ONNX file in an ONNX Runtime CPU session with `threads` threads."""
+    """An ONNX file in an ONNX Runtime CPU session with `threads` threads; with `unpadded_file` (the graph for
+    unpadded batches, `detr.export.export_onnx(padded=False)`), batches without padding run that one."""
 
-    def __init__(self, onnx_file: str, threads: int) -> None:
+    def __init__(self, onnx_file: str, threads: int, unpadded_file: str | None = None) -> None:
+        self.session = self._session(onnx_file, threads)
+        self.unpadded = self._session(unpadded_file, threads) if unpadded_file else None
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    @staticmethod
+    def _session(onnx_file: str, threads: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
-        self.names = [o.name for o in self.session.get_outputs()]
+        return ort.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: Tensor, mask: Tensor) -> dict:
+        session = self.unpadded if self.unpadded is not None and not bool(mask.any()) else self.session
         feeds = {"images": images.float().contiguous().cpu().numpy(), "mask": mask.cpu().numpy()}
         return {name: torch.from_numpy(np.asarray(value)) for name, value in
-                zip(self.names, self.session.run(self.names, feeds))}
+                zip(self.names, session.run(self.names, feeds))}
 
 
 class OpenVinoRunner:
@@ -98,16 +105,19 @@ def exported_runner(runtime: str, model: nn.Module, threads: int | None = None) 
     check_model_runs_in(runtime, model.config)
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="raydetr-export-") as folder:
-        path = os.path.join(folder, "model.onnx")
+        path, unpadded = os.path.join(folder, "model.onnx"), None
         export_onnx(model, path)
-        return file_runner(runtime, path, threads)
+        if runtime == "onnxruntime":
+            unpadded = os.path.join(folder, "model_unpadded.onnx")
+            export_onnx(model, unpadded, padded=False)
+        return file_runner(runtime, path, threads, unpadded)
 
 
-def file_runner(runtime: str, model_file: str, threads: int) -> Runner:
-    """A runner of `runtime` for an exported file."""
+def file_runner(runtime: str, model_file: str, threads: int, unpadded_file: str | None = None) -> Runner:
+    """A runner of `runtime` for an exported file (ONNX Runtime: and its graph for unpadded batches)."""
     check_runtime(runtime)
     if runtime == "onnxruntime":
-        return OnnxRuntimeRunner(model_file, threads)
+        return OnnxRuntimeRunner(model_file, threads, unpadded_file)
     if runtime == "openvino":
         return OpenVinoRunner(model_file, threads)
     raise ValueError(f"the {runtime} runtime does not run exported files")
