@@ -187,15 +187,17 @@ def test_detr_export_writes_a_folder_that_describes_and_checks_itself(tmp_path, 
     np.testing.assert_allclose(logits, expected["pred_logits"].numpy(), atol=1e-4)
     np.testing.assert_allclose(boxes, expected["pred_boxes"].numpy(), atol=1e-4)
 
+    assert max(v for k, v in described["check"]["max_abs_difference"].items() if "(unpadded)" in k) <= 1e-4
     if export_format == "openvino":
         assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
+        assert described["files"]["openvino_unpadded"] == "model_unpadded.xml"
+        assert (out / "model_unpadded.bin").is_file()
         (out / "model.bin").unlink()
         with pytest.raises(RaydetrError, match="the export is incomplete: model.bin missing"):
             read_export(str(out))
     else:
         # The graph for unpadded batches, checked on two images of one size, has no padding multiplications.
         assert described["files"]["onnx_unpadded"] == "model_unpadded.onnx"
-        assert max(v for k, v in described["check"]["max_abs_difference"].items() if "(unpadded)" in k) <= 1e-4
         import onnx
 
         def multiplications(name: str) -> int:
@@ -281,7 +283,8 @@ def test_an_export_folder_is_a_model_on_its_own(tmp_path):
     expected = reference.detect(pictures)
     for runtime in EXPORTED:
         package = loaded.payload(runtime, exported)
-        assert set(package.files) == ({"model.xml", "model.bin"} if runtime == "openvino" else {"model.onnx"})
+        assert set(package.files) == ({"model.xml", "model.bin", "model_unpadded.xml", "model_unpadded.bin"}
+                                      if runtime == "openvino" else {"model.onnx", "model_unpadded.onnx"})
         in_actor = Detector.in_actor(package, threads=2, score_threshold=0.0, runtime=runtime)
         for got, theirs in zip(in_actor.detect(pictures), expected):
             assert_same_detections(got, theirs)

@@ -2,10 +2,11 @@
 
     OUT/model.onnx            the graph (detr.export: dynamic batch and size, padding mask as an input), float32
                               or with --precision int8 quantised (pipelines.inference.quantize)
-    OUT/model_unpadded.onnx   float32 --format onnx: the graph for batches without padding (one image, or
-                              images of one size), without the multiplications that keep padding at zero;
-                              ONNX Runtime runs it for such batches
-    OUT/model.xml, model.bin  with --format openvino: OpenVINO's IR of the same graph
+    OUT/model_unpadded.onnx   float32: the graph for batches without padding (one image, or images of one
+                              size), without the multiplications that keep padding at zero; the runtimes
+                              run it for such batches
+    OUT/model.xml, model.bin  with --format openvino: OpenVINO's IR of the same graph (float32: also
+                              model_unpadded.xml/.bin)
     OUT/raydetr_export.json   what a runtime user needs: inputs and outputs, the preprocessing (evaluation
                               size, normalisation), the classes, how scores are made (softmax or sigmoid) and
                               the default threshold, and which model it came from
@@ -33,7 +34,8 @@ FORMAT_NAME = "raydetr-export"
 FORMAT_VERSION = 1
 TOLERANCE = 1e-4
 """Largest difference allowed between the runtime's outputs and PyTorch's (logits, boxes, masks)."""
-EXPORT_FILES = (METADATA_FILE, "model.onnx", "model_unpadded.onnx", "model.xml", "model.bin")
+EXPORT_FILES = (METADATA_FILE, "model.onnx", "model_unpadded.onnx", "model.xml", "model.bin", "model_unpadded.xml",
+                "model_unpadded.bin")
 """Every file an export folder may hold."""
 
 
@@ -55,7 +57,9 @@ def metadata(detector, model_identity: Mapping[str, str], export_format: str, ou
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "export_format": export_format,
         "precision": precision,
         "files": {"onnx": "model.onnx", **({"onnx_unpadded": "model_unpadded.onnx"} if unpadded else {}),
-                  **({"openvino": "model.xml"} if export_format == "openvino" else {})},
+                  **({"openvino": "model.xml"} if export_format == "openvino" else {}),
+                  **({"openvino_unpadded": "model_unpadded.xml"} if unpadded and export_format == "openvino"
+                     else {})},
         "inputs": {"images": "float32 [batch, 3, height, width]: RGB scaled to [0, 1], minus mean, over std, "
                              "zero-padded at the bottom and right",
                    "mask": "bool [batch, height, width]: True on padding"},
@@ -131,7 +135,7 @@ def _write_local(detector, model_identity: Mapping[str, str], out: str, export_f
     else:
         outputs = export_onnx(detector.model, onnx_file)
     unpadded_file = None
-    if precision == "float32" and export_format == "onnx":
+    if precision == "float32":
         unpadded_file = os.path.join(out, "model_unpadded.onnx")
         export_onnx(detector.model, unpadded_file, padded=False)
     model_file = onnx_file
@@ -140,6 +144,10 @@ def _write_local(detector, model_identity: Mapping[str, str], out: str, export_f
 
         model_file = os.path.join(out, "model.xml")
         ov.save_model(ov.convert_model(onnx_file), model_file, compress_to_fp16=False)
+        if unpadded_file is not None:
+            ov.save_model(ov.convert_model(unpadded_file), os.path.join(out, "model_unpadded.xml"),
+                          compress_to_fp16=False)
+            unpadded_file = os.path.join(out, "model_unpadded.xml")
     images, mask = example_batch(((70, 90), (96, 64)))  # padded, and other sizes than the graph was traced at
     with torch.inference_mode():
         expected = detector.forward(images, mask)
@@ -202,7 +210,7 @@ def read_export(folder: str) -> dict[str, Any]:
 def export_files(described: Mapping[str, Any]) -> list[str]:
     """The model files an export folder's metadata says it holds (OpenVINO's IR is two files)."""
     names = list(dict.fromkeys(described.get("files", {}).values()))
-    return names + (["model.bin"] if "model.xml" in names else [])
+    return names + [name.removesuffix(".xml") + ".bin" for name in names if name.endswith(".xml")]
 
 
 __all__ = ["FORMATS", "METADATA_FILE", "PRECISIONS", "export_files", "read_export", "write_export"]

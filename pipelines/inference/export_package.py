@@ -63,16 +63,22 @@ class ExportPackage:
             for name, data in self.files.items():
                 with open(os.path.join(folder, name), "wb") as f:
                     f.write(data)
-            unpadded = os.path.join(folder, "model_unpadded.onnx") if runtime == "onnxruntime" and \
-                "model_unpadded.onnx" in self.files else None
+            unpadded = next((os.path.join(folder, name) for name in _unpadded_files(runtime) if name in self.files),
+                            None)
             return file_runner(runtime, os.path.join(folder, model_file), threads, unpadded)
 
     def for_runtime(self, runtime: str) -> "ExportPackage":
         """This package with only the files `runtime` reads (OpenVINO's IR where there is one, else the ONNX
         graph): what is worth shipping to actors."""
-        keep = ("model.xml", "model.bin") if runtime == "openvino" and "model.xml" in self.files else (
-            ("model.onnx", "model_unpadded.onnx") if runtime == "onnxruntime" else ("model.onnx",))
+        ir = runtime == "openvino" and "model.xml" in self.files
+        keep = ("model.xml", "model.bin", "model_unpadded.xml", "model_unpadded.bin") if ir else (
+            "model.onnx", "model_unpadded.onnx")
         return ExportPackage(self.metadata, {name: data for name, data in self.files.items() if name in keep})
+
+
+def _unpadded_files(runtime: str) -> tuple[str, ...]:
+    """The graph for unpadded batches a runtime reads, best first."""
+    return ("model_unpadded.xml", "model_unpadded.onnx") if runtime == "openvino" else ("model_unpadded.onnx",)
 
 
 def read_export_package(folder: str) -> ExportPackage:

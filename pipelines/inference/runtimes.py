@@ -76,22 +76,27 @@ class OnnxRuntimeRunner:
 
 
 class OpenVinoRunner:
-    """An ONNX file (or OpenVINO IR) compiled for the CPU by OpenVINO, in float32, with `threads` threads."""
+    """An ONNX file (or OpenVINO IR) compiled for the CPU by OpenVINO, in float32, with `threads` threads; with
+    `unpadded_file` (the graph for unpadded batches), batches without padding run that one."""
 
-    def __init__(self, model_file: str, threads: int) -> None:
+    def __init__(self, model_file: str, threads: int, unpadded_file: str | None = None) -> None:
         import openvino as ov
 
         core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(model_file), "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+        settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = core.compile_model(core.read_model(model_file), "CPU", settings)
         self.request = self.compiled.create_infer_request()
+        self.unpadded = core.compile_model(core.read_model(unpadded_file), "CPU", settings) if unpadded_file else None
+        self.unpadded_request = self.unpadded.create_infer_request() if self.unpadded is not None else None
         self.names = [o.get_any_name() for o in self.compiled.outputs]
 
     def __call__(self, images: Tensor, mask: Tensor) -> dict:
-        results = self.request.infer({"images": images.float().contiguous().cpu().numpy(),
-                                      "mask": mask.cpu().numpy()})
+        compiled, request = self.compiled, self.request
+        if self.unpadded is not None and not bool(mask.any()):
+            compiled, request = self.unpadded, self.unpadded_request
+        results = request.infer({"images": images.float().contiguous().cpu().numpy(), "mask": mask.cpu().numpy()})
         return {name: torch.from_numpy(np.array(results[output])) for name, output in
-                zip(self.names, self.compiled.outputs)}
+                zip(self.names, compiled.outputs)}
 
 
 def exported_runner(runtime: str, model: nn.Module, threads: int | None = None) -> Runner:
@@ -105,19 +110,17 @@ def exported_runner(runtime: str, model: nn.Module, threads: int | None = None) 
     check_model_runs_in(runtime, model.config)
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="raydetr-export-") as folder:
-        path, unpadded = os.path.join(folder, "model.onnx"), None
+        path, unpadded = os.path.join(folder, "model.onnx"), os.path.join(folder, "model_unpadded.onnx")
         export_onnx(model, path)
-        if runtime == "onnxruntime":
-            unpadded = os.path.join(folder, "model_unpadded.onnx")
-            export_onnx(model, unpadded, padded=False)
+        export_onnx(model, unpadded, padded=False)
         return file_runner(runtime, path, threads, unpadded)
 
 
 def file_runner(runtime: str, model_file: str, threads: int, unpadded_file: str | None = None) -> Runner:
-    """A runner of `runtime` for an exported file (ONNX Runtime: and its graph for unpadded batches)."""
+    """A runner of `runtime` for an exported file, and its graph for unpadded batches when given."""
     check_runtime(runtime)
     if runtime == "onnxruntime":
         return OnnxRuntimeRunner(model_file, threads, unpadded_file)
     if runtime == "openvino":
-        return OpenVinoRunner(model_file, threads)
+        return OpenVinoRunner(model_file, threads, unpadded_file)
     raise ValueError(f"the {runtime} runtime does not run exported files")
