@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipelines.inference.drawing import PALETTE
+from pipelines.inference.drawing import class_colour
 
 SMALL_BOX_AREA = 0.1
 """A slot's box is "small" (green in `plot_slot_boxes`) when w * h, normalised, is under a tenth of the image."""
@@ -19,11 +19,6 @@ SLOT_COLOURS = {"small": "green", "horizontal": "red", "vertical": "blue"}
 
 ErrorEntry = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]
 """(image HWC uint8, gt_boxes xyxy, gt_labels, pred_boxes xyxy, pred_scores, pred_labels, title)."""
-
-
-def class_colour(category_id: int) -> str:
-    """The colour of a class in every picture: the one its detections are drawn in."""
-    return PALETTE[int(category_id) % len(PALETTE)]
 
 
 def _pyplot():

@@ -13,6 +13,11 @@ from detr.postprocess import Detections
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
 
 
+def class_colour(category_id: int) -> str:
+    """The colour of a class in every picture (previews, evaluation plots): the one its boxes are drawn in."""
+    return PALETTE[int(category_id) % len(PALETTE)]
+
+
 def draw_detections(
     image: np.ndarray,
     detections: Detections,
@@ -34,7 +39,7 @@ def draw_detections(
             canvas,
             boxes,
             labels=[f"{label_name(label)} {score:.2f}" for label, score in zip(labels, scores)],
-            colors=[PALETTE[label % len(PALETTE)] for label in labels],
+            colors=[class_colour(label) for label in labels],
             width=max(1, min(image.shape[:2]) // 150),
         )
     return Image.fromarray(canvas.permute(1, 2, 0).numpy())

@@ -210,7 +210,9 @@ def _read_unit_blocks(units: list[Unit], rows_per_block: int, local: bool = Fals
     import ray
 
     items = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
-    readers = ray.data.TaskPoolStrategy(size=max(1, min(LOCAL_READ_TASKS, len(units))))
-    placement = {"compute": readers, **on_driver_node()} if local else {}
+    placement = {}
+    if local:
+        readers = ray.data.TaskPoolStrategy(size=max(1, min(LOCAL_READ_TASKS, len(units))))
+        placement = {"compute": readers, **on_driver_node()}
     return items.map_batches(_read_units, batch_size=1, batch_format="pyarrow",
                              fn_kwargs={"rows_per_block": rows_per_block, "inline_local": local}, **placement)
