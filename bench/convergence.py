@@ -13,7 +13,9 @@ model and criterion, `detr.engine.train_step`, `detr.evaluation.evaluate_coco`
 (pycocotools). The recipes train in turns of `--eval-every` minutes, each followed by
 an evaluation on the val split, so both see the same machine load; the budget counts
 training wall-clock time only (data loading included, evaluation excluded), with torch
-limited to `--threads` threads. Prints AP/AP50 per recipe and minute and the final AP50
+limited to `--threads` threads; a recipe with `lr_schedule: cosine` fits it to `--minutes`. Prints AP/AP50
+per recipe and minute (with steps, images seen, seconds per step, the share of the time spent waiting
+for data and the machine's load average) and the final AP50
 ratio, and writes the curves as a PNG and the numbers as JSON under `--out`; `--save-models` also writes each
 recipe's final model there as a raydetr checkpoint (what bench/export_accuracy.py evaluates).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detr import SetCriterion, build_model  # noqa: E402
 from detr.engine import predict, train_step  # noqa: E402
 from detr.evaluation import evaluate_coco  # noqa: E402
-from detr.optim import build_optimizer, build_warmup_scheduler  # noqa: E402
+from detr.optim import build_deadline_schedule, build_optimizer, build_warmup_scheduler  # noqa: E402
 from jobs.config_files import build_dataclass  # noqa: E402
 from jobs.recipes import RECIPES, apply_recipe  # noqa: E402
 from jobs.synthetic_data import SyntheticConfig, write_dataset  # noqa: E402
@@ -77,8 +80,13 @@ class RecipeRun:
     train_json: str
     val_json: str
     seed: int = 0
+    budget_seconds: float = 600.0
+    """The run's time budget, which a cosine schedule is fitted to."""
     train_seconds: float = 0.0
+    load_seconds: float = 0.0
+    """Of train_seconds, the time spent waiting for the next batch."""
     steps: int = 0
+    images: int = 0
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,6 +100,7 @@ class RecipeRun:
         self.clip = job.optimizer.clip_max_norm
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.warmup = build_warmup_scheduler(self.optimizer, job.optimizer)
+        self.decay = build_deadline_schedule(self.optimizer, job.optimizer)
         transforms = TransformsConfig.preset(job.data.transforms)
         self.transforms, self.categories = transforms, source.categories
         train_set = DetectionTorchDataset(source, train=True, transforms=transforms, seed=self.seed)
@@ -105,16 +114,23 @@ class RecipeRun:
         end = self.train_seconds + seconds
         while self.train_seconds < end:
             start = time.perf_counter()
-            train_step(self.model, self.criterion, self.optimizer, [next(self.batches)], self.clip)
+            batch = next(self.batches)
+            self.load_seconds += time.perf_counter() - start
+            train_step(self.model, self.criterion, self.optimizer, [batch], self.clip)
             if self.warmup is not None:
                 self.warmup.step()
+            if self.decay is not None:
+                self.decay.step((self.train_seconds + time.perf_counter() - start) / self.budget_seconds)
             self.train_seconds += time.perf_counter() - start
             self.steps += 1
+            self.images += len(batch[2])
 
     def evaluate(self) -> dict:
         stats = evaluate_coco(self.val_json, predict(self.model, self.val_batches))
         self.model.train()
-        row = {"minutes": self.train_seconds / 60, "steps": self.steps, "AP": stats["AP"], "AP50": stats["AP50"]}
+        row = {"minutes": self.train_seconds / 60, "steps": self.steps, "images": self.images, "AP": stats["AP"],
+               "AP50": stats["AP50"], "seconds_per_step": self.train_seconds / max(self.steps, 1),
+               "data_wait_share": self.load_seconds / max(self.train_seconds, 1e-9), "load_average": os.getloadavg()[0]}
         self.history.append(row)
         return row
 
@@ -160,20 +176,23 @@ def main() -> None:
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = ensure_dataset(args.data, dataset_config(args.train_images, args.val_images, args.seed))
-    runs = [RecipeRun(name, paths["train"], paths["val"], args.seed) for name in args.recipes.split(",")]
+    runs = [RecipeRun(name, paths["train"], paths["val"], args.seed, args.minutes * 60)
+            for name in args.recipes.split(",")]
     turns = max(1, math.ceil(args.minutes / args.eval_every - 1e-9))
     for turn in range(1, turns + 1):
         target = min(args.minutes, turn * args.eval_every) * 60
         for run in runs:
             run.train_for(target - run.train_seconds)
             row = run.evaluate()
-            print(f"{run.name:>8}  {row['minutes']:5.2f} min  {row['steps']:6d} steps  "
-                  f"AP {row['AP']:.3f}  AP50 {row['AP50']:.3f}", flush=True)
+            print(f"{run.name:>8}  {row['minutes']:5.2f} min  {row['steps']:6d} steps  {row['images']:6d} images  "
+                  f"AP {row['AP']:.3f}  AP50 {row['AP50']:.3f}  {row['seconds_per_step']:.3f} s/step  "
+                  f"data wait {row['data_wait_share']:.1%}  load {row['load_average']:.1f}", flush=True)
 
-    print(f"\n{'recipe':<8} {'minutes':>7} {'steps':>6} {'AP':>6} {'AP50':>6}")
+    print(f"\n{'recipe':<8} {'minutes':>7} {'steps':>6} {'images':>7} {'AP':>6} {'AP50':>6}")
     for run in runs:
         last = run.history[-1]
-        print(f"{run.name:<8} {last['minutes']:7.2f} {last['steps']:6d} {last['AP']:6.3f} {last['AP50']:6.3f}")
+        print(f"{run.name:<8} {last['minutes']:7.2f} {last['steps']:6d} {last['images']:7d} {last['AP']:6.3f} "
+              f"{last['AP50']:6.3f}")
     if len(runs) >= 2:
         base, best = runs[0].history[-1]["AP50"], runs[-1].history[-1]["AP50"]
         ratio = f"{best / base:.1f}x" if base > 0 else "inf (baseline 0)"

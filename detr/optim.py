@@ -5,9 +5,15 @@ gradients clipped to a global norm of 0.1, and the learning rate multiplied by
 0.1 after `lr_drop_epoch` epochs (200 of 300 in the paper's long schedule).
 Frozen parameters (the stem, stage 1, everything when the backbone is frozen)
 are left out of the optimiser.
+
+A run with a deadline (a time budget, as the fast recipe's users set) is better served by
+`lr_schedule: cosine`: the rate stays flat for a share of the run, then falls along a half cosine fitted
+to the run's end, whichever of its time budget and its last epoch comes first (`DeadlineCosine`), as
+D-FINE's and DEIM's flat-cosine schedules are fitted to their epochs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +38,14 @@ class OptimizerConfig:
     """Decay of an exponential moving average of the weights (`detr.ema`; 0: none, the paper). With it,
     validation, checkpoints and the exported model use the average, while training goes on with the
     weights as trained."""
+    lr_schedule: str = "step"
+    """How the rates fall: "step" (the paper: times `lr_drop_factor` after `lr_drop_epoch` epochs) or
+    "cosine" (flat for `flat_fraction` of the run, then a half cosine down to `final_lr_factor` of the
+    full rates at the run's end)."""
+    final_lr_factor: float = 0.05
+    """With `lr_schedule: cosine`, the share of every rate left at the end of the run."""
+    flat_fraction: float = 0.0
+    """With `lr_schedule: cosine`, the share of the run at the full rates before the cosine starts."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.lr_backbone < 0 or self.weight_decay < 0 or self.clip_max_norm < 0:
@@ -42,6 +56,13 @@ class OptimizerConfig:
             raise RaydetrError(f"ema_decay must be in [0, 1) (0: no average): {self}")
         if self.lr_drop_epoch < 1 or not 0 < self.lr_drop_factor <= 1:
             raise RaydetrError(f"lr_drop_epoch must be >= 1 and lr_drop_factor in (0, 1]: {self}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RaydetrError(f"lr_schedule {self.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
+        if not 0 <= self.final_lr_factor <= 1 or not 0 <= self.flat_fraction < 1:
+            raise RaydetrError(f"final_lr_factor must be in [0, 1] and flat_fraction in [0, 1): {self}")
+
+
+LR_SCHEDULES = ("step", "cosine")
 
 
 def parameter_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[dict]:
@@ -66,8 +87,44 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Ad
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> torch.optim.lr_scheduler.StepLR:
-    """Stepped once per epoch: multiplies every group's rate by `lr_drop_factor` at `lr_drop_epoch`."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_drop_epoch, gamma=config.lr_drop_factor)
+    """Stepped once per epoch: multiplies every group's rate by `lr_drop_factor` at `lr_drop_epoch` (with the
+    cosine schedule it never drops: the cosine is the decay)."""
+    gamma = config.lr_drop_factor if config.lr_schedule == "step" else 1.0
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_drop_epoch, gamma=gamma)
+
+
+class DeadlineCosine:
+    """The flat-cosine schedule: after every optimiser step, `step(progress)` scales every group's rate to
+    its full value until `flat` of the run is done, then to `final + (1 - final) * (1 + cos(pi * x)) / 2` of
+    it, x going from 0 to 1 over the rest of the run; `progress` is the share of the run done (0 to 1). It
+    rescales the rate relative to the factor it last applied, so it composes with the warm-up and the
+    per-epoch scheduler on the same optimiser, as torch's chainable ones do."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, final_factor: float, flat: float = 0.0) -> None:
+        self.optimizer, self.final_factor, self.flat, self.factor = optimizer, final_factor, flat, 1.0
+
+    def factor_at(self, progress: float) -> float:
+        done = min(1.0, max(0.0, (progress - self.flat) / (1.0 - self.flat)))
+        return self.final_factor + (1.0 - self.final_factor) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def step(self, progress: float) -> None:
+        factor = self.factor_at(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor / self.factor
+        self.factor = factor
+
+    def state_dict(self) -> dict:
+        return {"factor": self.factor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.factor = float(state["factor"])
+
+
+def build_deadline_schedule(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> DeadlineCosine | None:
+    """The per-step flat-cosine fitted to the run's end; None with the paper's step schedule."""
+    if config.lr_schedule != "cosine":
+        return None
+    return DeadlineCosine(optimizer, config.final_lr_factor, config.flat_fraction)
 
 
 def build_warmup_scheduler(

@@ -47,13 +47,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class TrainingParts:
-    """What a checkpoint saves and restores; `warmup` and `ema` are None when training has none."""
+    """What a checkpoint saves and restores; `warmup`, `ema` and `decay` are None when training has none."""
 
     model: nn.Module  # the weights as trained (unwrapped from DDP)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     warmup: Any = None
     ema: Any = None  # torch.optim.swa_utils.AveragedModel
+    decay: Any = None  # detr.optim.DeadlineCosine
 
     @property
     def exported(self) -> nn.Module:
@@ -80,6 +81,7 @@ def save_training_checkpoint(directory: str, parts: TrainingParts, progress: Pro
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
         "warmup": parts.warmup.state_dict() if parts.warmup is not None else None,
+        "decay": parts.decay.state_dict() if parts.decay is not None else None,
         "epoch": progress.epoch,
         "global_step": progress.global_step,
         "train_seconds": progress.train_seconds,
@@ -106,6 +108,8 @@ def load_training_checkpoint(directory: str, parts: TrainingParts) -> Progress:
     parts.scheduler.load_state_dict(state["scheduler"])
     if parts.warmup is not None and state.get("warmup") is not None:
         parts.warmup.load_state_dict(state["warmup"])
+    if parts.decay is not None and state.get("decay") is not None:
+        parts.decay.load_state_dict(state["decay"])
     return Progress(int(state["epoch"]), int(state["global_step"]), float(state.get("train_seconds", 0.0)),
                     list(state["rng"]))
 

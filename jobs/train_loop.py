@@ -38,7 +38,7 @@ from detr.config import PANOPTIC_THRESHOLD, DETRConfig
 from detr.ema import ema_model
 from detr.engine import predict, predict_panoptic, train_step
 from detr.evaluation import coco_ground_truth, evaluate_coco
-from detr.optim import build_lr_scheduler, build_optimizer, build_warmup_scheduler
+from detr.optim import build_deadline_schedule, build_lr_scheduler, build_optimizer, build_warmup_scheduler
 from detr.panoptic_evaluation import PANOPTIC_STAT_NAMES
 from detr.training_checkpoint import (Progress, TrainingParts, load_training_checkpoint, rng_state,
                                       save_training_checkpoint, set_rng_state)
@@ -145,6 +145,8 @@ class Trainer:
         self.optimizer = build_optimizer(unwrap_model(self.model), self.job.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, self.job.optimizer)
         self.warmup = build_warmup_scheduler(self.optimizer, self.job.optimizer)  # per step; None without
+        self.decay = build_deadline_schedule(self.optimizer, self.job.optimizer)  # per step; None: step schedule
+        self.steps_per_epoch: int | None = self.job.schedule.max_steps_per_epoch
         decay = self.job.optimizer.ema_decay
         self.ema = ema_model(unwrap_model(self.model), decay) if decay else None
         self.start_epoch = 0
@@ -180,7 +182,8 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------
     def _parts(self) -> TrainingParts:
-        return TrainingParts(unwrap_model(self.model), self.optimizer, self.scheduler, self.warmup, self.ema)
+        return TrainingParts(unwrap_model(self.model), self.optimizer, self.scheduler, self.warmup, self.ema,
+                             self.decay)
 
     def _restore(self, checkpoint) -> None:
         if checkpoint is None:
@@ -242,6 +245,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update_parameters(unwrap_model(self.model))
             steps += 1
+            if self.decay is not None:
+                self.decay.step(self._progress(epoch, steps, time.perf_counter() - start))
             self.global_step += 1
             row = metrics.add(self.global_step, step_metrics)
             if self.reporter is not None and row is not None:  # a window of log_every_steps steps just closed
@@ -250,6 +255,7 @@ class Trainer:
                                    images * self.world_size / max(seconds, 1e-9), seconds, self.train_seconds)
         metrics.flush()
         elapsed = time.perf_counter() - start
+        self.steps_per_epoch = self.steps_per_epoch or steps
         total_images, total_time = _sum_across_workers([images, elapsed], self.device)
         # Every worker takes the same (mean) duration, so they agree on when the time budget is spent.
         mean_seconds = total_time / self.world_size
@@ -267,6 +273,17 @@ class Trainer:
             epoch_metrics[f"lr_{group.get('name', 'group')}"] = group["lr"]
         self._step_rows = metrics.rows
         return epoch_metrics
+
+    def _progress(self, epoch: int, steps: int, seconds: float) -> float:
+        """The share of the run done (for the cosine schedule): epochs done, or the time budget spent,
+        whichever is further. Workers agree on it: the time is their mean (one small all-reduce per step)."""
+        schedule = self.job.schedule
+        within = min(1.0, steps / self.steps_per_epoch) if self.steps_per_epoch else 0.0
+        done = (epoch + within) / schedule.epochs
+        if schedule.time_budget_minutes is not None:
+            seconds = _sum_across_workers([seconds], self.device)[0] / self.world_size
+            done = max(done, (self.train_seconds + seconds) / (schedule.time_budget_minutes * 60))
+        return done
 
     def validate(self) -> dict[str, float]:
         import ray.train

@@ -174,3 +174,44 @@ def test_proposal_content_starts_each_query_with_its_cells_encoder_feature():
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
     criterion.total(criterion(out, targets)).backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_box_refinement_chains_each_layers_boxes_into_the_next_layers_reference_and_positions():
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=4, focal=FocalLoss(), dense_head=DenseHead(K),
+                        two_stage=TwoStage(content=True, refine=True), num_queries=4, dropout=0.0, dec_layers=3)
+    model.eval()
+    with torch.no_grad():  # every layer moves every box coordinate by +0.3 in logit space
+        model.bbox_embed.layers[-1].weight.zero_()
+        model.bbox_embed.layers[-1].bias.fill_(0.3)
+    images, mask = pad_images([torch.randn(3, 96, 128), torch.randn(3, 64, 64)])
+    positions = {}
+
+    def capture(layer_index):
+        def hook(module, args, kwargs):
+            positions[layer_index] = args[4] if len(args) > 4 else kwargs["query_pos"]
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
+             for i, layer in enumerate(model.transformer.decoder.layers)]
+    with torch.no_grad():
+        out = model(images, mask)
+        flat = build_model(model.config.replace(two_stage=TwoStage(content=True)))
+        flat.load_state_dict(model.state_dict())
+        plain = flat.eval()(images, mask)
+    for h in hooks:
+        h.remove()
+    layers = [a["pred_boxes"] for a in out["aux_outputs"]] + [out["pred_boxes"]]
+    proposals = (plain["aux_outputs"][0]["pred_boxes"].logit() - 0.3).sigmoid()  # without refinement: one step
+    torch.testing.assert_close(plain["aux_outputs"][0]["pred_boxes"], plain["pred_boxes"], atol=1e-6, rtol=0)
+    for i, boxes in enumerate(layers):
+        torch.testing.assert_close(boxes, (proposals.clamp(1e-3, 1 - 1e-3).logit() + 0.3 * (i + 1)).sigmoid(),
+                                   atol=1e-3, rtol=0)
+    for i in (1, 2):  # the next layer looks from the boxes the previous one found
+        torch.testing.assert_close(positions[i], model.proposals.positional(layers[i - 1]), atol=1e-5, rtol=0)
+    model.train()
+    criterion = SetCriterion.from_config(model.config)
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.3]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    criterion.total(criterion(model(images, mask), targets)).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

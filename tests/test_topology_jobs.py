@@ -109,8 +109,9 @@ def trained(topology, shapes, ingested):
         "batch_size: 2}\n"
         "model: {preset: tiny, num_queries: 8, backbone_stages: 2}\n"
         f"init_from: {initial_uri}\n"
-        "optimizer: {ema_decay: 0.5}\n"
-        "schedule: {epochs: 3, max_steps_per_epoch: 3, eval_every: 3, log_images: 1, log_every_steps: 1}\n"
+        "optimizer: {ema_decay: 0.5, lr_schedule: cosine}\n"
+        "schedule: {epochs: 3, max_steps_per_epoch: 3, eval_every: 3, log_images: 1, log_every_steps: 1, "
+        "time_budget_minutes: 60}\n"
         "scaling: {num_workers: 2, placement_strategy: SPREAD}\n"
         f"storage: {{path: {run_prefix}, run_name: killed, max_failures: 2}}\n"
         f"tracking: {{experiment: topology, registered_model: {MODEL}}}\n")
@@ -156,6 +157,11 @@ def test_training_on_s3_survives_a_killed_worker_and_registers_in_postgres(topol
     # One history although a worker died, and although the run was resumed from another machine: every step once.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [0, 1, 2, 3]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 13))
+    # The cosine schedule ran to the end of each run's epochs on both workers, through the kill and the resume:
+    # 1e-4 times 0.05 + 0.95 * (1 + cos(pi * epochs done / epochs)) / 2 at each epoch's end (3 epochs, then 4).
+    rates = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr_transformer"),
+                                     key=lambda m: m.step)]
+    assert rates == pytest.approx([7.625e-5, 2.875e-5, 5e-6, 5e-6])
     assert "resumed from the checkpoint after epoch 3 (step 9)" in trained["resumed"]
     assert f"model: models:/{MODEL}/2" in trained["resumed"] and "finished already" in trained["again"]
     assert client.get_model_version(MODEL, "2").run_id == run.info.run_id
