@@ -52,11 +52,6 @@ class FocalLoss:
 
     alpha: float = 0.25
     gamma: float = 2.0
-    iou_aware: bool = False
-    """Train each matched prediction's class score towards its box's IoU with the target (the varifocal
-    loss, `detr.class_losses.VarifocalClasses`), in the decoder and the dense head alike: scores rank
-    detections, and the two-stage query selection ranks cells, by box quality (RT-DETR's IoU-aware
-    selection). Part of `recipe: fast`."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +90,6 @@ class TwoStage:
     """Each query's content starts as its proposal cell's encoder feature (detached, as RT-DETR does)
     instead of zeros: a positional query made from a box alone cannot tell two proposals with the same box
     apart, nor say what the cell saw."""
-    refine: bool = False
-    """Iterative box refinement (Deformable DETR): each decoder layer predicts its boxes relative to the
-    previous layer's (detached), which also become the next layer's positional queries, so later layers
-    look where the object was found and correct what is left."""
 
 
 @dataclass(frozen=True)

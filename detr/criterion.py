@@ -2,7 +2,7 @@
 
 Loss names are the official implementation's, so users recognise them: `loss_ce` (the
 classification part chosen at build time, `detr.class_losses`: weighted cross-entropy with the
-no-object class down-weighted by `eos_coef`, the sigmoid focal loss, or the IoU-aware varifocal loss), `loss_bbox` (L1 on
+no-object class down-weighted by `eos_coef`, or the sigmoid focal loss), `loss_bbox` (L1 on
 normalised cxcywh boxes), `loss_giou` (1 - generalised IoU), and the logged-only `class_error`
 and `cardinality_error`; with auxiliary losses, every decoder layer but the last adds the same
 terms with the suffix `_0`, `_1`, ... With a mask head, the last layer's matched masks add
@@ -26,9 +26,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
-from .class_losses import CrossEntropyClasses, FocalClasses, VarifocalClasses
+from .class_losses import CrossEntropyClasses, FocalClasses
 from .config import DETRConfig
 from .distributed import all_reduce_mean
 from .errors import RaydetrError
@@ -79,11 +79,8 @@ class SetCriterion(nn.Module):
         focal = config.focal
         matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou,
                                    focal and (focal.alpha, focal.gamma))
-        if focal is None:
-            classes = CrossEntropyClasses(config.num_classes, config.eos_coef)
-        else:
-            classes = (VarifocalClasses if focal.iou_aware else FocalClasses)(config.num_classes, focal.alpha,
-                                                                              focal.gamma)
+        classes = (CrossEntropyClasses(config.num_classes, config.eos_coef) if focal is None
+                   else FocalClasses(config.num_classes, focal.alpha, focal.gamma))
         mask_loss = None
         if config.mask_head is not None:
             mask_loss = mask_losses_per_image if config.padding_invariant else mask_losses_official
@@ -108,11 +105,7 @@ class SetCriterion(nn.Module):
         target_classes[idx] = matched_classes
         cell_weights = None if weights is None else torch.ones(logits.shape[:2], device=logits.device).index_put(
             idx, weights.to(logits.device, torch.float32))
-        quality = None
-        if self.classes.iou_aware:
-            quality = torch.zeros(logits.shape[:2], device=logits.device).index_put(
-                idx, matched_box_iou(outputs, targets, indices))
-        losses = {"loss_ce": self.classes.loss(logits, target_classes, cell_weights, norms, quality)}
+        losses = {"loss_ce": self.classes.loss(logits, target_classes, cell_weights, norms)}
         if log:
             scored = self.classes.real_class_logits(logits[idx])
             correct = (scored.argmax(-1) == matched_classes).float().mean() if len(matched_classes) else 1.0
@@ -216,15 +209,6 @@ class SetCriterion(nn.Module):
     def total(self, losses: Mapping[str, Tensor]) -> Tensor:
         """The training objective: the weighted sum of the loss terms that have a weight."""
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
-
-
-@torch.no_grad()
-def matched_box_iou(outputs: Mapping, targets: Sequence[Mapping], indices: MatchIndices) -> Tensor:
-    """The IoU of each matched prediction's box with its target's, in `indices` order (no gradient: a target
-    for the class scores)."""
-    src = box_convert(outputs["pred_boxes"][matched_pairs(indices)].float(), "cxcywh", "xyxy")
-    tgt = box_convert(torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src), "cxcywh", "xyxy")
-    return box_iou(src, tgt).diagonal() if len(src) else src.new_zeros(0)
 
 
 class DenseHeadLoss(nn.Module):

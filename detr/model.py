@@ -32,7 +32,7 @@ from .heads import MLP, start_at_focal_prior, start_at_reference
 from .position_encoding import build_position_encoding
 from .proposals import EncoderProposals
 from .semantic_cells import SemanticHead
-from .transformer import Transformer, boxes_from_reference
+from .transformer import Transformer
 
 MaskQueries = Tensor | Callable[[dict], Tensor] | None
 
@@ -124,13 +124,8 @@ class DETR(InferenceGuard):
             out = self.predict(decoded, self.bbox_embed(decoded).sigmoid())
         else:
             query_pos, content, reference = self.proposals(memory, src_mask, dense)
-            if self.proposals.refine:
-                decoded, boxes = self.transformer.decode_refining(memory, src_mask, pos, content, reference,
-                                                                  self.bbox_embed, self.proposals.positional)
-            else:
-                decoded = self.transformer.decode(memory, src_mask, query_pos, pos, tgt=content)
-                boxes = boxes_from_reference(self.bbox_embed(decoded), reference)
-            out = self.predict(decoded, boxes)
+            decoded = self.transformer.decode(memory, src_mask, query_pos, pos, tgt=content)
+            out = self.predict(decoded, (self.bbox_embed(decoded) + reference.clamp(1e-3, 1 - 1e-3).logit()).sigmoid())
         if self.training:
             out.update(self.training_outputs(memory, dense))
         return out, Features(features, masks, src_proj, memory, decoded[-1])
@@ -174,7 +169,7 @@ def build_detector(config: DETRConfig) -> DETR:
         backbone, build_position_encoding(config.position_embedding, hidden), transformer, classes,
         config.num_queries, config.aux_loss,
         proposals=two_stage and EncoderProposals(hidden, config.num_queries, two_stage.nms, two_stage.nms_per_class,
-                                                 two_stage.content, two_stage.refine),
+                                                 two_stage.content),
         dense_head=config.dense_head and DenseEncoderHead(hidden, classes, backbone.stride),
         semantic_head=config.semantic_head and SemanticHead(hidden, classes, backbone.stride),
     )

@@ -2,9 +2,8 @@
 
 The best `num_queries` cells by class score become the queries: their boxes, through a sine embedding
 and a small MLP (`query_pos`), the positional queries; their content zeros or (`content`) the cells'
-own encoder features. The decoder then predicts boxes relative to these references (with `refine`,
-each layer relative to the previous layer's boxes). With `nms`, cells that overlap a better cell are
-passed over, so each query starts on its own object.
+own encoder features. The decoder then predicts boxes relative to these references. With `nms`,
+cells that overlap a better cell are passed over, so each query starts on its own object.
 """
 from __future__ import annotations
 
@@ -49,15 +48,11 @@ class EncoderProposals(nn.Module):
     boxes [B, K, 4]) from the dense head's outputs, K = min(num_queries, cells)."""
 
     def __init__(self, hidden_dim: int, num_queries: int, nms: float = 0.0, nms_per_class: bool = False,
-                 content: bool = False, refine: bool = False) -> None:
+                 content: bool = False) -> None:
         super().__init__()
         self.query_pos = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
         self.hidden_dim, self.num_queries = hidden_dim, num_queries
-        self.nms, self.nms_per_class, self.content, self.refine = nms, nms_per_class, content, refine
-
-    def positional(self, boxes: Tensor) -> Tensor:
-        """The positional queries [B, K, C] of boxes [B, K, 4]."""
-        return self.query_pos(box_sine_embedding(boxes, self.hidden_dim))
+        self.nms, self.nms_per_class, self.content = nms, nms_per_class, content
 
     def forward(self, memory: Tensor, mask: Tensor, dense: dict) -> tuple[Tensor, Tensor, Tensor]:
         scores, classes = dense["pred_logits"][..., :-1].detach().max(-1)  # padding cells sit at the bottom
@@ -69,4 +64,4 @@ class EncoderProposals(nn.Module):
             content = gather_cells(memory.flatten(2).transpose(1, 2), top).detach()
         else:
             content = reference.new_zeros(*reference.shape[:2], self.hidden_dim)
-        return self.positional(reference), content, reference
+        return self.query_pos(box_sine_embedding(reference, self.hidden_dim)), content, reference

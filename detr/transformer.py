@@ -200,23 +200,3 @@ class Transformer(nn.Module):
         memory_seq, key_mask, pos_seq = _as_sequences(memory, mask, pos_embed)
         return self.decoder(torch.zeros_like(query_pos) if tgt is None else tgt, memory_seq, key_mask, pos_seq,
                             query_pos)
-
-    def decode_refining(self, memory: Tensor, mask: Tensor, pos_embed: Tensor, tgt: Tensor, reference: Tensor,
-                        box_head: nn.Module, positional: nn.Module) -> tuple[Tensor, Tensor]:
-        """The decoder with iterative box refinement (Deformable DETR): each layer's boxes are `box_head`'s
-        offsets (in logit space) from its reference boxes [B,Q,4], and become, detached, the next layer's
-        reference and (through `positional`) its positional queries. Returns every layer's output [L,B,Q,C]
-        and boxes [L,B,Q,4]."""
-        memory_seq, key_mask, pos_seq = _as_sequences(memory, mask, pos_embed)
-        decoder, outputs, boxes = self.decoder, [], []
-        for layer in decoder.layers:
-            tgt = layer(tgt, memory_seq, key_mask, pos_seq, positional(reference))
-            outputs.append(decoder.norm(tgt))
-            boxes.append(boxes_from_reference(box_head(outputs[-1]), reference))
-            reference = boxes[-1].detach()
-        return torch.stack(outputs), torch.stack(boxes)
-
-
-def boxes_from_reference(offsets: Tensor, reference: Tensor) -> Tensor:
-    """Boxes (cxcywh in [0, 1]) as `offsets` added to the reference boxes' logits."""
-    return (offsets + reference.clamp(1e-3, 1 - 1e-3).logit()).sigmoid()

@@ -35,31 +35,6 @@ def test_focal_loss_matches_a_hand_computation():
     assert losses["class_error"].item() == 0.0
 
 
-def varifocal_term(logit: float, quality: float) -> float:
-    """Binary cross-entropy towards `quality`, weighted by it (a match) or by (1 - alpha) p^gamma (the rest)."""
-    p = 1 / (1 + math.exp(-logit))
-    weight = quality if quality > 0 else (1 - ALPHA) * p**GAMMA
-    return -weight * (quality * math.log(p) + (1 - quality) * math.log(1 - p))
-
-
-def test_the_iou_aware_loss_trains_a_match_towards_its_box_iou():
-    # Query 1 is matched to the target with a box of IoU 0.5 (0.3x0.3 inside 0.3x0.6, same centre).
-    logits = torch.tensor([[[0.5, -1.0, 2.0, 9.0], [-0.3, 0.8, 1.5, -9.0]]], requires_grad=True)
-    boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.6, 0.6, 0.3, 0.3]]])
-    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.6, 0.6, 0.3, 0.6]])}]
-    iou_aware = SetCriterion.from_config(DETRConfig(num_classes=3, aux_loss=False,
-                                                    focal=FocalLoss(ALPHA, GAMMA, iou_aware=True)))
-    losses = iou_aware({"pred_logits": logits, "pred_boxes": boxes}, targets)
-    expected = sum(varifocal_term(logits[0, q, c].item(), 0.5 if (q, c) == (1, 2) else 0.0)
-                   for q in range(2) for c in range(3))
-    assert losses["loss_ce"].item() == pytest.approx(expected, rel=1e-5)
-    losses["loss_ce"].backward()
-    # The match's score is pulled to 0.5, not to 1: at p = sigmoid(1.5) = 0.82 its gradient pushes it down.
-    assert logits.grad[0, 1, 2] > 0
-    assert criterion()({"pred_logits": logits, "pred_boxes": boxes}, targets)["loss_ce"].item() != pytest.approx(
-        expected, rel=1e-3)
-
-
 def test_perfect_predictions_give_zero_loss():
     boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])
     logits = torch.full((1, 3, 4), -30.0)
