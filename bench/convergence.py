@@ -142,11 +142,14 @@ def plot(runs: list[RecipeRun], path: Path, threads: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
-        ax.plot([0] + [r["minutes"] for r in run.history], [0] + [r["AP50"] for r in run.history], marker="o",
-                label=f"{run.name} ({run.steps} steps)")
+    for i, run in enumerate(runs):
+        minutes = [0] + [r["minutes"] for r in run.history]
+        ax.plot(minutes, [0] + [r["AP50"] for r in run.history], marker="o", color=f"C{i}",
+                label=f"{run.name} AP50 ({run.steps} steps)")
+        ax.plot(minutes, [0] + [r["AP"] for r in run.history], marker="s", linestyle="--", color=f"C{i}",
+                label=f"{run.name} AP")
     ax.set_xlabel(f"training minutes ({threads} CPU threads)")
-    ax.set_ylabel("COCO AP50, held-out split")
+    ax.set_ylabel("COCO AP50 and AP (0.50:0.95), held-out split")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
