@@ -58,27 +58,27 @@ class ExportPackage:
             raise RaydetrError(f"an export runs in {' or '.join(EXPORT_RUNTIME.values())}, not {runtime!r} "
                                "(the torch runtime needs the checkpoint the export was made from)")
         check_model_runs_in(runtime, DETRConfig.from_dict(self.metadata["config"]))
-        model_file = "model.xml" if runtime == "openvino" and "model.xml" in self.files else "model.onnx"
+        model_file, unpadded = self.graphs(runtime)
         with tempfile.TemporaryDirectory(prefix="raydetr-export-") as folder:
             for name, data in self.files.items():
                 with open(os.path.join(folder, name), "wb") as f:
                     f.write(data)
-            unpadded = next((os.path.join(folder, name) for name in _unpadded_files(runtime) if name in self.files),
-                            None)
-            return file_runner(runtime, os.path.join(folder, model_file), threads, unpadded)
+            return file_runner(runtime, os.path.join(folder, model_file), threads,
+                               unpadded and os.path.join(folder, unpadded))
+
+    def graphs(self, runtime: str) -> tuple[str, str | None]:
+        """The graph `runtime` runs and its graph for unpadded batches (None where the folder has none):
+        OpenVINO's IR where there is one, else the ONNX graphs."""
+        suffix = ".xml" if runtime == "openvino" and "model.xml" in self.files else ".onnx"
+        unpadded = f"model_unpadded{suffix}"
+        return f"model{suffix}", unpadded if unpadded in self.files else None
 
     def for_runtime(self, runtime: str) -> "ExportPackage":
-        """This package with only the files `runtime` reads (OpenVINO's IR where there is one, else the ONNX
-        graph): what is worth shipping to actors."""
-        ir = runtime == "openvino" and "model.xml" in self.files
-        keep = ("model.xml", "model.bin", "model_unpadded.xml", "model_unpadded.bin") if ir else (
-            "model.onnx", "model_unpadded.onnx")
+        """This package with only the files `runtime` reads (`graphs`, and the weights beside an IR): what is
+        worth shipping to actors."""
+        keep = [name for name in self.graphs(runtime) if name is not None]
+        keep += [name.removesuffix(".xml") + ".bin" for name in keep if name.endswith(".xml")]
         return ExportPackage(self.metadata, {name: data for name, data in self.files.items() if name in keep})
-
-
-def _unpadded_files(runtime: str) -> tuple[str, ...]:
-    """The graph for unpadded batches a runtime reads, best first."""
-    return ("model_unpadded.xml", "model_unpadded.onnx") if runtime == "openvino" else ("model_unpadded.onnx",)
 
 
 def read_export_package(folder: str) -> ExportPackage:
