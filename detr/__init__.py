@@ -17,7 +17,7 @@ _EXPORTS = {
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "COCO_CATEGORIES": "coco_categories",
     "PRESETS": "config", "DenseHead": "config", "DETRConfig": "config", "FocalLoss": "config",
-    "MaskHead": "config", "SemanticHead": "config", "TwoStage": "config",
+    "MaskHead": "config", "RoIRefine": "config", "SemanticHead": "config", "TwoStage": "config",
     "SetCriterion": "criterion", "loss_weights": "criterion",
     "RaydetrError": "errors",
     "HungarianMatcher": "matcher",

@@ -93,6 +93,16 @@ class TwoStage:
 
 
 @dataclass(frozen=True)
+class RoIRefine:
+    """Correct each final box from the backbone features inside it (`detr.roi_refine`): `stage`'s output
+    (1: stride 4) pooled `pooled` x `pooled` over the box, an offset predicted from it and the query. The
+    refined boxes are the model's; the decoder's own become an auxiliary output. Part of `recipe: fast`."""
+
+    stage: int = 1
+    pooled: int = 7
+
+
+@dataclass(frozen=True)
 class MaskHead:
     """The paper's mask head (section 4.4) on top of the detector (`detr.segmentation.DETRsegm`): attention
     maps of each decoder output over the encoder memory, then an FPN-like convolutional head; the model also
@@ -121,8 +131,8 @@ class SemanticHead:
     loss_coef: float = 2.0
 
 
-PARTS: dict[str, type] = {"focal": FocalLoss, "dense_head": DenseHead, "two_stage": TwoStage, "mask_head": MaskHead,
-                          "semantic_head": SemanticHead}
+PARTS: dict[str, type] = {"focal": FocalLoss, "dense_head": DenseHead, "two_stage": TwoStage,
+                          "roi_refine": RoIRefine, "mask_head": MaskHead, "semantic_head": SemanticHead}
 """The optional parts of a model: a field of `DETRConfig` each, None when the part is left out."""
 
 
@@ -186,6 +196,7 @@ class DETRConfig:
     focal: FocalLoss | None = None
     dense_head: DenseHead | None = None
     two_stage: TwoStage | None = None
+    roi_refine: RoIRefine | None = None
     mask_head: MaskHead | None = None
     semantic_head: SemanticHead | None = None
 
@@ -258,6 +269,12 @@ class DETRConfig:
                 problems.append(f"two_stage.nms is an IoU threshold in [0, 1), got {self.two_stage.nms}")
             elif self.two_stage.nms_per_class and not self.two_stage.nms:
                 problems.append("two_stage.nms_per_class says how two_stage.nms suppresses: it needs nms > 0")
+        if self.roi_refine is not None:
+            if not 1 <= self.roi_refine.stage <= self.backbone_stages:
+                problems.append(f"roi_refine.stage must be a stage the backbone has (1..{self.backbone_stages}), "
+                                f"got {self.roi_refine.stage}")
+            if self.roi_refine.pooled < 1:
+                problems.append(f"roi_refine.pooled must be >= 1, got {self.roi_refine.pooled}")
         if self.semantic_head is not None and self.semantic_head.loss_coef <= 0:
             problems.append(f"semantic_head.loss_coef must be > 0, got {self.semantic_head.loss_coef}")
         if self.masks and self.hidden_dim >= 1 and self.nheads >= 1:

@@ -26,11 +26,12 @@ from typing import Callable, NamedTuple
 from torch import Tensor, nn
 
 from .backbone import STAGES, Backbone
-from .config import DETRConfig
+from .config import RESNET_STAGE_CHANNELS, DETRConfig
 from .dense_head import DenseEncoderHead
 from .heads import MLP, start_at_focal_prior, start_at_reference
 from .position_encoding import build_position_encoding
 from .proposals import EncoderProposals
+from .roi_refine import RoIBoxRefiner
 from .semantic_cells import SemanticHead
 from .transformer import Transformer
 
@@ -39,7 +40,7 @@ MaskQueries = Tensor | Callable[[dict], Tensor] | None
 TRAINING_ONLY_PREFIXES = ("dense_head.", "semantic_head.")
 """State-dict entries that only training uses (absent from official checkpoints and exports)."""
 
-NON_OFFICIAL_PREFIXES = TRAINING_ONLY_PREFIXES + ("proposals.",)
+NON_OFFICIAL_PREFIXES = TRAINING_ONLY_PREFIXES + ("proposals.", "refiner.")
 """Weights of our parts, absent from official checkpoints: they start fresh when official (or
 detection-only) weights are loaded into a model that has them."""
 
@@ -80,9 +81,11 @@ class DETR(InferenceGuard):
 
     def __init__(self, backbone: Backbone, position_encoding: nn.Module, transformer: Transformer, num_classes: int,
                  num_queries: int, aux_loss: bool = True, proposals: EncoderProposals | None = None,
-                 dense_head: DenseEncoderHead | None = None, semantic_head: SemanticHead | None = None) -> None:
+                 dense_head: DenseEncoderHead | None = None, semantic_head: SemanticHead | None = None,
+                 refiner: RoIBoxRefiner | None = None, refine_features: int = 0) -> None:
         """`proposals` None: the decoder's queries are the learned `query_embed` (the paper's); else they come
-        from the dense head's best cells, and `query_embed` stays (official weights load) untrained."""
+        from the dense head's best cells, and `query_embed` stays (official weights load) untrained. `refiner`
+        corrects the final boxes from the backbone output `features[refine_features]`."""
         super().__init__()
         hidden = transformer.d_model
         self.backbone = backbone
@@ -95,6 +98,7 @@ class DETR(InferenceGuard):
         self.proposals = proposals
         self.dense_head = dense_head
         self.semantic_head = semantic_head
+        self.refiner, self.refine_features = refiner, refine_features
         self.aux_loss = aux_loss
         self.num_queries = num_queries
 
@@ -126,6 +130,11 @@ class DETR(InferenceGuard):
             query_pos, content, reference = self.proposals(memory, src_mask, dense)
             decoded = self.transformer.decode(memory, src_mask, query_pos, pos, tgt=content)
             out = self.predict(decoded, (self.bbox_embed(decoded) + reference.clamp(1e-3, 1 - 1e-3).logit()).sigmoid())
+        if self.refiner is not None:
+            refined = self.refiner(features[self.refine_features], mask, out["pred_boxes"], decoded[-1])
+            if self.aux_loss:
+                out["aux_outputs"].append({"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]})
+            out["pred_boxes"] = refined
         if self.training:
             out.update(self.training_outputs(memory, dense))
         return out, Features(features, masks, src_proj, memory, decoded[-1])
@@ -148,12 +157,15 @@ class DETR(InferenceGuard):
 
 def build_detector(config: DETRConfig) -> DETR:
     """The detector `config` describes, its parts chosen here and nowhere else."""
+    last = f"layer{config.backbone_stages}"
+    refine_stage = config.roi_refine and f"layer{config.roi_refine.stage}"
+    # The mask head also reads the stride-4, 8 and 16 features; the box refiner its stage's.
+    stages = STAGES[: config.backbone_stages] if config.masks else tuple(sorted({refine_stage or last, last}))
     backbone = Backbone(
         config.backbone,
         config.dilation,
         config.train_backbone,
-        # The mask head also reads the stride-4, 8 and 16 features.
-        return_stages=STAGES[: config.backbone_stages] if config.masks else (f"layer{config.backbone_stages}",),
+        return_stages=stages,
         padding_invariant=config.padding_invariant,
         norm=config.backbone_norm,
         train_stem=config.train_backbone_stem,
@@ -172,6 +184,10 @@ def build_detector(config: DETRConfig) -> DETR:
                                                  two_stage.content),
         dense_head=config.dense_head and DenseEncoderHead(hidden, classes, backbone.stride),
         semantic_head=config.semantic_head and SemanticHead(hidden, classes, backbone.stride),
+        refiner=config.roi_refine and RoIBoxRefiner(RESNET_STAGE_CHANNELS[config.backbone][config.roi_refine.stage - 1],
+                                                    hidden, 2 ** (config.roi_refine.stage + 1),
+                                                    config.roi_refine.pooled),
+        refine_features=stages.index(refine_stage) if refine_stage else 0,
     )
     if config.focal is not None:
         start_at_focal_prior(model.class_embed)

@@ -20,14 +20,19 @@ CONFIGS = {
     "tiny_official_padding": detr.DETRConfig.preset("tiny").replace(padding_invariant=False),
     "tiny_panoptic": detr.DETRConfig.preset("tiny_panoptic"),
     "fast_panoptic_stride8": detr.DETRConfig.preset("tiny_panoptic").replace(**FAST_PANOPTIC),
+    "fast_refined_stride8": detr.DETRConfig.preset("tiny").replace(**FAST_PANOPTIC, roi_refine=detr.RoIRefine()),
 }
 
 
 def model_with_statistics(config: detr.DETRConfig, seed: int = 0) -> torch.nn.Module:
-    """A random model whose norms are not the identity (as after pretraining), in eval mode."""
+    """A random model whose norms are not the identity (as after pretraining) and whose box refiner (which
+    starts at zero offsets) moves the boxes, in eval mode."""
     torch.manual_seed(seed)
     model = detr.build_model(config).eval()
     with torch.no_grad():
+        refiner = detr.detector_of(model).refiner
+        if refiner is not None:
+            refiner.delta.layers[-1].weight.normal_(0.0, 0.1)
         for module in detr.detector_of(model).backbone.modules():
             if hasattr(module, "running_var"):
                 module.running_mean.uniform_(-0.5, 0.5)

@@ -1,7 +1,7 @@
 """Exported models in ONNX Runtime and OpenVINO give the PyTorch model's outputs and detections.
 
-For a random tiny model with non-trivial norms, a focal-loss (sigmoid-scored) two-stage model with masks, a
-panoptic model and the official tiny reference (../shared/reference): logits, boxes and masks equal PyTorch's
+For a random tiny model with non-trivial norms, a focal-loss (sigmoid-scored) two-stage model with masks, the
+same detector with the box refiner (roi_align), a panoptic model and the official tiny reference (../shared/reference): logits, boxes and masks equal PyTorch's
 to 1e-4 on a padded batch of two sizes, the post-processed detections match, and an image gives the same
 detections alone as inside the padded batch, in every runtime.
 """
@@ -30,11 +30,11 @@ def official_tiny() -> torch.nn.Module:
                          aux_loss=config["aux_loss"], padding_invariant=True).eval()
 
 
-def two_stage_with_distinct_cells() -> torch.nn.Module:
-    """The fast recipe's panoptic model (focal loss, two-stage queries from the encoder's best cells, NMS among
-    them), its cells scored far apart as a trained model's are: a random one's cell scores tie to 1e-7, and
-    which of two tied cells a runtime's rounding picks first is not a property of the export."""
-    model = model_with_statistics(CONFIGS["fast_panoptic_stride8"])
+def two_stage_with_distinct_cells(name: str = "fast_panoptic_stride8") -> torch.nn.Module:
+    """A fast-recipe model (focal loss, two-stage queries from the encoder's best cells, NMS among them), its
+    cells scored far apart as a trained model's are: a random one's cell scores tie to 1e-7, and which of two
+    tied cells a runtime's rounding picks first is not a property of the export."""
+    model = model_with_statistics(CONFIGS[name])
     with torch.no_grad():
         detr.detector_of(model).dense_head.class_embed.weight.mul_(50.0)
     return model
@@ -43,6 +43,7 @@ def two_stage_with_distinct_cells() -> torch.nn.Module:
 MODELS = {
     "tiny": lambda: model_with_statistics(CONFIGS["tiny"]),
     "fast_panoptic_sigmoid": two_stage_with_distinct_cells,
+    "fast_refined_sigmoid": lambda: two_stage_with_distinct_cells("fast_refined_stride8"),
     "tiny_panoptic": lambda: model_with_statistics(CONFIGS["tiny_panoptic"]),
     "official_tiny_r18": official_tiny,
 }
