@@ -290,7 +290,8 @@ def evaluate(
 
             report = write_analysis_report(scores.analysis, list(categories), source, plots or tmp,
                                            default_score_threshold(detector.config),
-                                           learned_slots=detector.config.two_stage is None)
+                                           learned_slots=detector.config.two_stage is None,
+                                           refined_boxes=detector.config.roi_refine is not None)
             files = list(report.files.values())
             result.analysis = {"files": {name: os.path.basename(path) for name, path in report.files.items()},
                                "skipped": report.skipped, "folder": plots}

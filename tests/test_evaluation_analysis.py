@@ -45,7 +45,7 @@ def _ap_images():
 def test_ap_per_decoder_layer_with_and_without_nms():
     rows = per_layer_ap(_ap_images(), CATEGORIES)
     assert [row["layer"] for row in rows] == [1, 2, 3]
-    assert rows[0] == {"layer": 1, "AP": 0.0, "AP50": 0.0, "AP_nms": 0.0, "AP50_nms": 0.0}
+    assert rows[0] == {"layer": 1, "boxes": "decoder", "AP": 0.0, "AP50": 0.0, "AP_nms": 0.0, "AP50_nms": 0.0}
     # Circles ranked TP 1.0, FP 0.9 (the duplicate), TP 0.8: interpolated precision 1 up to recall 0.5 (51 of COCO's
     # 101 recall points), 2/3 above; squares are perfect. NMS removes the duplicate.
     circle_ap = (51 + 50 * 2 / 3) / 101
@@ -53,6 +53,8 @@ def test_ap_per_decoder_layer_with_and_without_nms():
     assert rows[1]["AP_nms"] == pytest.approx(1.0) and rows[1]["AP50_nms"] == pytest.approx(1.0)
     assert all(rows[2][key] == pytest.approx(1.0) for key in ("AP", "AP50", "AP_nms", "AP50_nms"))
     json.dumps(rows)
+    # A box refiner's output follows the decoder's layers (the model's last per-layer output).
+    assert [row["boxes"] for row in per_layer_ap(_ap_images(), CATEGORIES, refined=1)] == ["decoder"] * 2 + ["refined"]
 
 
 def test_ap_is_nan_without_ground_truth_and_empty_without_images():
@@ -123,7 +125,7 @@ def test_every_plot_is_a_png(tmp_path):
     first = images[0]
     last = first.layers[-1]
     entry = (image, first.gt_boxes, first.gt_labels, last["boxes"], last["scores"], last["labels"], "1: 2 FP, 2 FN")
-    paths = [plot_per_layer_ap(per_layer_ap(_ap_images(), CATEGORIES), str(tmp_path / "layers.png")),
+    paths = [plot_per_layer_ap(per_layer_ap(_ap_images(), CATEGORIES, refined=1), str(tmp_path / "layers.png")),
              plot_slot_boxes(slots, str(tmp_path / "slots.png")),
              plot_slot_boxes({"slots": 0, "boxes": {}}, str(tmp_path / "no_slots.png")),
              plot_missed_by_instance_count(missed_by_instance_count(images, CATEGORIES), CATEGORIES,

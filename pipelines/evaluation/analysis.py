@@ -87,19 +87,23 @@ def _tensor(boxes: np.ndarray) -> torch.Tensor:
 
 
 def per_layer_ap(images: Sequence[ImageAnalysis], categories: Sequence[Mapping[str, Any]],
-                 nms_iou: float = 0.5) -> list[dict[str, float | int]]:
+                 nms_iou: float = 0.5, refined: int = 0) -> list[dict[str, Any]]:
     """COCO AP and AP50 of each decoder layer, without and with class-wise NMS at `nms_iou` (paper Fig. 4).
 
     The paper's point: NMS helps the early layers, whose queries still duplicate each other, and not the last one,
-    which the set loss taught to predict each object once. `[{"layer": 1, "AP", "AP50", "AP_nms", "AP50_nms"}, ...]`,
-    first layer first; NaN where the ground truth has no box of `categories`.
+    which the set loss taught to predict each object once. `[{"layer": 1, "boxes": "decoder", "AP", "AP50",
+    "AP_nms", "AP50_nms"}, ...]`, first layer first; the last `refined` outputs are a box refiner's
+    (`detr.roi_refine`: the decoder's last layer's queries with corrected boxes), marked `"boxes": "refined"`.
+    NaN where the ground truth has no box of `categories`.
     """
     ground_truth = load_coco(_coco_ground_truth(images, categories))
     rows = []
-    for layer in range(_decoder_depth(images)):
+    depth = _decoder_depth(images)
+    for layer in range(depth):
         ap, ap50 = _layer_ap(ground_truth, images, layer, None)
         ap_nms, ap50_nms = _layer_ap(ground_truth, images, layer, nms_iou)
-        rows.append({"layer": layer + 1, "AP": ap, "AP50": ap50, "AP_nms": ap_nms, "AP50_nms": ap50_nms})
+        rows.append({"layer": layer + 1, "boxes": "refined" if layer >= depth - refined else "decoder", "AP": ap,
+                     "AP50": ap50, "AP_nms": ap_nms, "AP50_nms": ap50_nms})
     return rows
 
 

@@ -49,9 +49,10 @@ def plot_per_layer_ap(rows: Sequence[Mapping[str, float]], path: str) -> str:
         ax.plot(layers, [row[metric] for row in rows], color=colour, marker="o", label=metric)
         ax.plot(layers, [row[f"{metric}_nms"] for row in rows], color=colour, marker="o", linestyle="--",
                 label=f"{metric} with NMS")
-    ax.set_xlabel("decoder layer")
+    refined = [row.get("boxes") == "refined" for row in rows]
+    ax.set_xlabel("decoder layer, then the box refiner" if any(refined) else "decoder layer")
     ax.set_ylabel("AP")
-    ax.set_xticks(layers)
+    ax.set_xticks(layers, ["refined" if r else str(layer) for layer, r in zip(layers, refined)])
     ax.set_title("AP after each decoder layer")
     if rows:
         ax.legend(fontsize="small", loc="lower right")

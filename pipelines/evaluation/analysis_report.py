@@ -49,11 +49,13 @@ def _finite(value: Any) -> Any:
 
 
 def write_analysis_report(images: Sequence[A.ImageAnalysis], categories: Sequence[Mapping[str, Any]], source,
-                          folder: str, score_threshold: float = 0.5, learned_slots: bool = True) -> AnalysisReport:
+                          folder: str, score_threshold: float = 0.5, learned_slots: bool = True,
+                          refined_boxes: bool = False) -> AnalysisReport:
     """Compute every analysis of `images` (from `score_detection(..., analysis=True)`), draw it into `folder`
     (created), and write the numbers; `source` is the evaluated `pipelines.sources.Source`, read again only
     for the worst images. `learned_slots`: the queries are learned slots (False: a two-stage model's
-    proposals, ranked by score, whose "slot" is a rank)."""
+    proposals, ranked by score, whose "slot" is a rank). `refined_boxes`: the model's last per-layer output is
+    its box refiner's (`detr.roi_refine`)."""
     os.makedirs(folder, exist_ok=True)
     report = AnalysisReport()
     if not images:
@@ -69,7 +71,7 @@ def write_analysis_report(images: Sequence[A.ImageAnalysis], categories: Sequenc
         return report.files[name]
 
     if len(images[0].layers) > 1:
-        numbers["per_layer_ap"] = A.per_layer_ap(images, categories)
+        numbers["per_layer_ap"] = A.per_layer_ap(images, categories, refined=int(refined_boxes))
         P.plot_per_layer_ap(numbers["per_layer_ap"], path("per_layer_ap.png"))
     else:
         report.skipped["per_layer_ap"] = ("the model gives its last decoder layer's outputs only (aux_loss off, "
