@@ -198,7 +198,7 @@ def main() -> None:
               f"{last['AP50']:6.3f}")
     if len(runs) >= 2:
         base, best = runs[0].history[-1]["AP50"], runs[-1].history[-1]["AP50"]
-        ratio = f"{best / base:.1f}x" if base > 0 else "inf (baseline 0)"
+        ratio = f"{best / base:.1f}x" if base >= 0.001 else f"none (the baseline's AP50 is {base:.3f})"
         print(f"AP50 ratio {runs[-1].name}/{runs[0].name}: {ratio}")
     stem = f"convergence_{args.minutes:g}min"
     plot(runs, args.out / f"{stem}.png", args.threads)

@@ -100,6 +100,17 @@ def test_bfloat16_backbone_stays_close_to_float32():
     assert LABEL_PRECISIONS == tuple(detr.PRECISIONS)
 
 
+def test_a_box_refiner_reads_the_bfloat16_backbones_features_in_float32():
+    # Learned queries: a two-stage model's proposals, near-tied in a random model, may change with the rounding.
+    model = model_with_statistics(CONFIGS["tiny"].replace(backbone_stages=2, roi_refine=detr.RoIRefine()))
+    images, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(images, mask)
+    out = forward_inference(inference_model(model, "bfloat16"), images, mask)
+    assert out["pred_boxes"].dtype == torch.float32
+    assert 0 < (out["pred_boxes"] - expected["pred_boxes"]).abs().max().item() < 0.01
+
+
 def test_original_is_untouched_and_the_copy_cannot_train_or_be_saved():
     model = model_with_statistics(CONFIGS["tiny"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
