@@ -184,9 +184,7 @@ class Backbone(nn.Module):
         self.body = body
         self.return_stages = tuple(return_stages)
         self.num_channels = RESNET_CHANNELS[name] // 2 ** (4 - num_stages)
-        # Input pixels per cell of the last stage: 4 after the stem, doubled by each stage after the first
-        # (a dilated last stage keeps its input's stride).
-        self.stride = 2 ** (num_stages + 1) // (2 if dilation and num_stages == 4 else 1)
+        self.stride = stage_stride(num_stages, dilation)  # input pixels per cell of the last stage
         self.set_trainable(train_backbone, train_stem)
 
     def set_trainable(self, train_backbone: bool, train_stem: bool = False) -> None:
@@ -248,6 +246,12 @@ class Backbone(nn.Module):
             if stage in self.return_stages:
                 features.append(x)
         return features
+
+
+def stage_stride(stage: int, dilation: bool = False) -> int:
+    """Input pixels per cell of ResNet stage `stage` (1-4): 4 after the stem, doubled by each later stage but a
+    dilated stage 4 (DC5), which keeps its input's stride."""
+    return 2 ** (stage + 1) // (2 if dilation and stage == 4 else 1)
 
 
 def downsample_mask(mask: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 
 from torch import Tensor, nn
 
-from .backbone import STAGES, Backbone
+from .backbone import STAGES, Backbone, stage_stride
 from .config import RESNET_STAGE_CHANNELS, DETRConfig
 from .dense_head import DenseEncoderHead
 from .heads import MLP, start_at_focal_prior, start_at_reference
@@ -185,7 +185,7 @@ def build_detector(config: DETRConfig) -> DETR:
         dense_head=config.dense_head and DenseEncoderHead(hidden, classes, backbone.stride),
         semantic_head=config.semantic_head and SemanticHead(hidden, classes, backbone.stride),
         refiner=config.roi_refine and RoIBoxRefiner(RESNET_STAGE_CHANNELS[config.backbone][config.roi_refine.stage - 1],
-                                                    hidden, 2 ** (config.roi_refine.stage + 1),
+                                                    hidden, stage_stride(config.roi_refine.stage, config.dilation),
                                                     config.roi_refine.pooled),
         refine_features=stages.index(refine_stage) if refine_stage else 0,
     )

@@ -103,6 +103,8 @@ def test_official_weights_load_with_a_fresh_refiner_and_bad_settings_are_refused
     model = from_official(path, backbone_stages=4, focal=FocalLoss(), dense_head=DenseHead(2),
                           two_stage=TwoStage(), roi_refine=RoIRefine(stage=2))
     assert model.refiner.stride == 8 and model.backbone.return_stages == ("layer2", "layer4")
+    dc5 = build_model("detr_r50", hidden_dim=64, dilation=True, roi_refine=RoIRefine(stage=4))
+    assert dc5.refiner.stride == dc5.backbone.stride == 16  # a dilated stage 4 keeps stage 3's stride
     torch.testing.assert_close(model.backbone.state_dict(), plain.backbone.state_dict())
     with pytest.raises(ValueError, match=r"roi_refine.stage must be a stage the backbone has \(1..2\), got 3"):
         DETRConfig(**{**FAST, "roi_refine": RoIRefine(stage=3)})
