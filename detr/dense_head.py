@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .batching import image_sizes_from_mask
 from .heads import MLP, start_at_focal_prior, start_at_reference
 
 PADDING_LOGIT = -1e4
@@ -18,9 +19,7 @@ def cell_boxes(memory: Tensor, mask: Tensor) -> Tensor:
     """[B, H*W, 4] cxcywh box of every cell: centred on the cell, two cells wide, in the image's own
     (unpadded) normalised coordinates."""
     batch, _, height, width = memory.shape
-    valid = ~mask
-    valid_h = valid[:, :, 0].sum(1).clamp(min=1).to(memory.dtype)
-    valid_w = valid[:, 0, :].sum(1).clamp(min=1).to(memory.dtype)
+    valid_h, valid_w = image_sizes_from_mask(mask).clamp(min=1).to(memory.dtype).unbind(1)
     ys = (torch.arange(height, device=memory.device, dtype=memory.dtype) + 0.5)[None, :, None] / valid_h[:, None, None]
     xs = (torch.arange(width, device=memory.device, dtype=memory.dtype) + 0.5)[None, None, :] / valid_w[:, None, None]
     cells = torch.stack([xs.expand(batch, height, width), ys.expand(batch, height, width),
